@@ -1,0 +1,104 @@
+"""Model runner: exact against HF's forward in float32; rollback, trees, compaction, unequal batches."""
+from __future__ import annotations
+
+import torch
+
+from orchestrator.engine import tree_attention
+from workers.runner import ModelRunner, _linear
+
+
+def hf_logits(model, ids):
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def test_prefill_and_chain_match_hf(target_model, prompts):
+    runner = ModelRunner(target_model)
+    ids = prompts[1]
+    cache = runner.new_cache(1, capacity=8)              # forces the cache to grow
+    got = runner.forward(cache, torch.tensor([ids[:10]]))[0]
+    got2 = runner.forward(cache, torch.tensor([ids[10:]]))[0]
+    ref = hf_logits(target_model, ids)
+    torch.testing.assert_close(torch.cat([got, got2]), ref, rtol=1e-5, atol=1e-5)
+    assert cache.lengths == [len(ids)]
+
+
+def test_rollback_restores_state(target_model, prompts):
+    runner = ModelRunner(target_model)
+    ids = prompts[2]
+    cache = runner.new_cache(1, 64)
+    runner.forward(cache, torch.tensor([ids]))
+    cache.crop(0, 12)
+    # Overwrite slots 12.. with garbage tokens, roll back again, then continue with the real ones.
+    runner.forward(cache, torch.tensor([[5, 6, 7, 8]]))
+    cache.crop(0, 12)
+    got = runner.forward(cache, torch.tensor([ids[12:]]))[0]
+    torch.testing.assert_close(got, hf_logits(target_model, ids)[12:], rtol=1e-5, atol=1e-5)
+
+
+def test_tree_forward_and_compaction(target_model, prompts):
+    """Each tree node's logits equal the logits of its root-to-node chain; compacting a path
+    leaves exactly the KV a chain forward over that path would have left."""
+    runner = ModelRunner(target_model)
+    prefix = prompts[1][:9]
+    root = prompts[1][9]
+    tokens = [11, 12, 13, 21, 22, 31]
+    parents = [-1, 0, 1, -1, 3, 0]          # two branches from the root, one fork at node 0
+    cache = runner.new_cache(1, 64)
+    runner.forward(cache, torch.tensor([prefix]))
+    mask, depths = tree_attention(parents, "cpu")
+    logits = runner.forward(cache, torch.tensor([[root] + tokens]), depths=depths[None], tree_mask=mask[None])[0]
+
+    def path_to(i):
+        out = []
+        while i >= 0:
+            out.append(tokens[i])
+            i = parents[i]
+        return out[::-1]
+
+    for i in range(len(tokens)):
+        ref = hf_logits(target_model, prefix + [root] + path_to(i))[-1]
+        torch.testing.assert_close(logits[i + 1], ref, rtol=1e-5, atol=1e-5)
+
+    # accept the path root -> node 3 -> node 4, then continue decoding after it
+    cache.keep(0, len(prefix), torch.tensor([0, 4, 5]))
+    assert cache.lengths == [len(prefix) + 3]
+    nxt = runner.forward(cache, torch.tensor([[7]]))[0, -1]
+    ref = hf_logits(target_model, prefix + [root, 21, 22, 7])[-1]
+    torch.testing.assert_close(nxt, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_of_unequal_lengths(target_model, prompts):
+    """Rows with different cached lengths and different numbers of new tokens in one forward."""
+    runner = ModelRunner(target_model)
+    a, b = prompts[0], prompts[2]
+    cache = runner.new_cache(2, 64)
+    # prefill the two rows separately by padding the shorter one
+    t = max(len(a), len(b))
+    pad = lambda s: s + [0] * (t - len(s))  # noqa: E731
+    runner.forward(cache, torch.tensor([pad(a[:-2]), pad(b[:-3])]), num_new=[len(a) - 2, len(b) - 3])
+    assert cache.lengths == [len(a) - 2, len(b) - 3]
+    logits = runner.forward(cache, torch.tensor([a[-2:] + [0], b[-3:]]), num_new=[2, 3])
+    torch.testing.assert_close(logits[0, :2], hf_logits(target_model, a)[-2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[1, :3], hf_logits(target_model, b)[-3:], rtol=1e-5, atol=1e-5)
+    assert cache.lengths == [len(a), len(b)]
+
+
+def test_gemv_kernels_match_linear():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40, bias=True).to(torch.bfloat16)
+    for rows in (1, 5):
+        x = torch.randn(1, rows, 48, dtype=torch.bfloat16)
+        torch.testing.assert_close(_linear(x, layer, True).float(), layer(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    try:
+        ModelRunner(model)
+    except ValueError as e:
+        assert "gpt2" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
