@@ -1,0 +1,74 @@
+"""Draft-length policies: how many tokens to draft next step.
+
+`AdaptiveDraftLength` picks k maximising Leviathan et al.'s expected walltime
+improvement (1 - a^(k+1)) / ((1 - a)(k c + 1)), with the per-token acceptance
+rate a and the cost ratio c (draft time per token / verify time per step)
+estimated online with exponential decay. Cheap drafters (c ~ 0) get long drafts,
+poorly matching ones get short drafts, and k = 0 (plain decoding) is chosen when
+drafting cannot pay for itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DraftLengthPolicy:
+    def next_k(self) -> int:
+        raise NotImplementedError
+
+    def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        """Feedback from one step."""
+
+
+@dataclass
+class FixedDraftLength(DraftLengthPolicy):
+    k: int
+
+    def next_k(self) -> int:
+        return self.k
+
+
+def expected_speedup(alpha: float, k: int, cost_ratio: float) -> float:
+    """Leviathan et al. eq. for expected walltime improvement of drafting k tokens."""
+    alpha = min(max(alpha, 0.0), 0.999)
+    tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * cost_ratio + 1)
+
+
+class AdaptiveDraftLength(DraftLengthPolicy):
+    def __init__(self, k_init: int = 4, k_max: int = 12, k_min: int = 0, decay: float = 0.9,
+                 probe_every: int = 16):
+        self.k_max, self.k_min, self.decay = k_max, k_min, decay
+        self.k = k_init
+        # Pseudo-counts so the first steps behave like alpha = 0.6 with a cheap drafter.
+        self.accepted, self.trials = 0.6 * 5, 5.0
+        self.draft_time, self.drafted = 0.0, 0.0
+        self.verify_time, self.steps = 0.0, 0.0
+        self.probe_every, self._since_draft = probe_every, 0
+
+    def observe(self, drafted, accepted, draft_s, verify_s):
+        d = self.decay
+        if drafted > 0:
+            # Geometric model: each drafted position is a Bernoulli(a) trial until the first
+            # rejection, so a = accepted / (accepted + rejections).
+            rejected = 1 if accepted < drafted else 0
+            self.accepted = d * self.accepted + accepted
+            self.trials = d * self.trials + accepted + rejected
+            self.draft_time = d * self.draft_time + draft_s
+            self.drafted = d * self.drafted + drafted
+        self.verify_time = d * self.verify_time + verify_s
+        self.steps = d * self.steps + 1
+        alpha = self.accepted / self.trials if self.trials else 0.0
+        cost = (self.draft_time / self.drafted) / (self.verify_time / self.steps) if self.drafted and self.verify_time else 0.0
+        best = max(range(self.k_min, self.k_max + 1), key=lambda k: (expected_speedup(alpha, k, cost), -k))
+        if best == 0:
+            # With k = 0 nothing would ever be measured again: probe with one token now and then.
+            self._since_draft += 1
+            if self._since_draft >= self.probe_every:
+                best, self._since_draft = 1, 0
+        else:
+            self._since_draft = 0
+        self.k = best
+
+    def next_k(self) -> int:
+        return self.k

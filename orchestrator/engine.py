@@ -1,0 +1,151 @@
+"""The speculative decoding loop for one request, in one process.
+
+draft (maybe empty) -> one target forward over [pending, draft...] -> verify ->
+roll the target KV back to the accepted prefix (or compact the accepted tree
+path) -> feed the result back to the drafter and the draft-length policy.
+Plain decoding is the same loop with no drafter, so "speedup vs plain" compares
+like with like. Ray actors and the gRPC server call this; it imports neither.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from orchestrator.draft_length import DraftLengthPolicy, FixedDraftLength
+from orchestrator.metrics import RequestStats
+from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
+from orchestrator.verification import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
+from workers.drafters import EMPTY_DRAFT, Draft, Drafter
+from workers.runner import ModelRunner
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]        # generated tokens (prompt excluded)
+    stats: RequestStats
+    finish_reason: str       # "stop" (an end-of-sequence token) or "length"
+
+
+def tree_attention(parents: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask and depths for the input [root, node_0, ..., node_{n-1}].
+
+    Returns mask [n+1, n+1] bool (each input attends itself and its ancestors)
+    and depths [n+1] long (root = 0).
+    """
+    n = len(parents)
+    mask = torch.eye(n + 1, dtype=torch.bool)
+    depths = [0] * (n + 1)
+    mask[:, 0] = True
+    for i, p in enumerate(parents):           # parents precede children, so rows are complete
+        row, parent_row = i + 1, p + 1
+        mask[row] |= mask[parent_row]
+        depths[row] = depths[parent_row] + 1
+    return mask.to(device), torch.tensor(depths, device=device)
+
+
+class SpeculativeEngine:
+    """Runs requests through a target runner with an optional drafter."""
+
+    def __init__(
+        self,
+        target: ModelRunner,
+        drafter: Drafter | None = None,
+        policy_factory: Callable[[], DraftLengthPolicy] | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+        name: str = "plain",
+    ):
+        self.target = target
+        self.drafter = drafter
+        self.policy_factory = policy_factory or (lambda: FixedDraftLength(0))
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.name = name
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        stats = RequestStats(prompt_tokens=len(prompt_ids))
+        generator = make_generator(params.seed, self.target.device)
+        policy = self.policy_factory()
+        t_start = time.perf_counter()
+
+        cache = self.target.new_cache(1, capacity=len(prompt_ids) + max_new_tokens + 16)
+        logits = self.target.prefill(cache, 0, prompt_ids)                  # [vocab]
+        first = int(logits.argmax()) if params.greedy else int(sample(warp_probs(logits, params), generator))
+        stats.prefill_s = stats.ttft_s = time.perf_counter() - t_start
+        out = [first]
+        if on_tokens:
+            on_tokens([first])
+        session = self.drafter.start(prompt_ids, params, generator) if self.drafter else None
+        if session:
+            session.update([first], 0)
+        finish = "stop" if first in self.eos_token_ids else "length"
+
+        try:
+            while finish != "stop" and len(out) < max_new_tokens:
+                remaining = max_new_tokens - len(out)
+                t0 = time.perf_counter()
+                k = min(policy.next_k(), remaining - 1) if session else 0
+                draft = session.propose(k) if k > 0 else EMPTY_DRAFT
+                t1 = time.perf_counter()
+                accepted, next_token = self._verify(cache, out[-1], draft, params, generator)
+                t2 = time.perf_counter()
+
+                new_tokens = accepted + [next_token]
+                emitted = new_tokens[:remaining]
+                for i, tok in enumerate(emitted):
+                    if tok in self.eos_token_ids:
+                        emitted, finish = emitted[: i + 1], "stop"
+                        break
+                out.extend(emitted)
+                stats.observe_step(len(draft), len(accepted), len(emitted), t1 - t0, t2 - t1)
+                policy.observe(len(draft), len(accepted), t1 - t0, t2 - t1)
+                if session:
+                    session.update(new_tokens, len(accepted))
+                if on_tokens:
+                    on_tokens(emitted)
+        finally:
+            if session:
+                session.close()
+        stats.generated_tokens = len(out)
+        stats.total_s = time.perf_counter() - t_start
+        return GenerationResult(tokens=out, stats=stats, finish_reason=finish)
+
+    def _verify(self, cache, pending: int, draft: Draft, params: SamplingParams, generator):
+        """One target forward over [pending, draft], then roll the cache back to the
+        pending token plus the accepted drafts. Returns (accepted tokens, next token)."""
+        target = self.target
+        base = cache.lengths[0]
+        ids = torch.tensor([[pending] + draft.tokens], device=target.device)   # [1, k+1]
+        if draft.parents is None:
+            logits = target.forward(cache, ids)[0]                             # [k+1, vocab]
+            if params.greedy:
+                res = verify_greedy(ids[0, 1:], logits)
+            else:
+                res = verify_chain(ids[0, 1:], draft.probs, warp_probs(logits, params), generator)
+            n = res.num_accepted
+            cache.crop(0, base + 1 + n)
+            return draft.tokens[:n], res.next_token
+
+        mask, depths = tree_attention(draft.parents, target.device)
+        logits = target.forward(cache, ids, depths=depths[None], tree_mask=mask[None])[0]  # [n+1, vocab]
+        tokens, parents = ids[0, 1:], torch.tensor(draft.parents)
+        if params.greedy:
+            res = verify_tree_greedy(tokens, parents, logits)
+        else:
+            res = verify_tree(tokens, parents, warp_probs(logits, params), draft.probs, generator)
+        path = res.accepted_nodes
+        # Keep the root's KV and the accepted path's, contiguously.
+        offsets = torch.tensor([0] + [i + 1 for i in path], device=target.device)
+        cache.keep(0, base, offsets)
+        return [draft.tokens[i] for i in path], res.next_token

@@ -1,0 +1,163 @@
+"""Drafters: one interface, propose then learn from verification feedback.
+
+A `Drafter` is shared (it holds weights or tables); `start()` opens a
+per-request `DraftSession` that holds the request's context and any KV state.
+An empty draft means "decode normally this step".
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.sampling import SamplingParams, sample, warp_probs
+from workers.runner import ModelRunner
+
+
+@dataclass
+class Draft:
+    tokens: list[int]                  # [k] proposed tokens (chain order, or tree nodes in index order)
+    probs: torch.Tensor | None = None  # [k, vocab] q each token was sampled from; None = deterministic
+    parents: list[int] | None = None   # tree drafts: parent node of each token (-1 = root); None = chain
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+EMPTY_DRAFT = Draft(tokens=[])
+
+
+class DraftSession(ABC):
+    """Per-request drafting state. `context` is every committed token, prompt included."""
+
+    def __init__(self, prompt_ids: list[int]):
+        self.context: list[int] = list(prompt_ids)
+
+    @abstractmethod
+    def propose(self, k: int) -> Draft:
+        """Propose up to k tokens continuing `context` (fewer, or none, is allowed)."""
+
+    def update(self, new_tokens: list[int], num_accepted: int) -> None:
+        """Feedback of one step: tokens committed since the last update, of which the
+        first `num_accepted` came from the last draft."""
+        self.context.extend(new_tokens)
+
+    def close(self) -> None:
+        """Free per-request state."""
+
+
+class Drafter(ABC):
+    name: str = "drafter"
+    #: deterministic drafters produce one-hot q (prompt lookup, n-gram tables)
+    deterministic: bool = False
+
+    @abstractmethod
+    def start(self, prompt_ids: list[int], params: SamplingParams,
+              generator: torch.Generator | None) -> DraftSession:
+        ...
+
+
+# ------------------------------------------------------------------ draft model
+class DraftModelDrafter(Drafter):
+    """A small causal LM with the target's tokenizer, drafting autoregressively."""
+
+    def __init__(self, runner: ModelRunner, name: str = "draft-model"):
+        self.runner = runner
+        self.name = name
+
+    def start(self, prompt_ids, params, generator):
+        return _DraftModelSession(self.runner, prompt_ids, params, generator)
+
+
+class _DraftModelSession(DraftSession):
+    def __init__(self, runner: ModelRunner, prompt_ids, params, generator):
+        super().__init__(prompt_ids)
+        self.runner = runner
+        self.params = params
+        self.generator = generator
+        self.cache = runner.new_cache(1, capacity=len(prompt_ids) + 256)
+
+    def propose(self, k: int) -> Draft:
+        if k <= 0:
+            return EMPTY_DRAFT
+        runner, cache = self.runner, self.cache
+        # Feed the committed tokens the drafter has not seen yet (always >= 1: the newest one).
+        feed = self.context[cache.lengths[0]:]
+        ids = torch.tensor([feed], device=runner.device)
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i in range(k):
+            logits = runner.forward(cache, ids, logits_rows=slice(-1, None))[0, -1]  # [vocab]
+            if self.params.greedy:
+                tok = logits.argmax()
+            else:
+                q = warp_probs(logits, self.params)                                # [vocab]
+                probs.append(q)
+                tok = sample(q, self.generator)
+            tokens.append(int(tok))
+            if i + 1 < k:
+                ids = tok.view(1, 1)
+        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+
+    def update(self, new_tokens, num_accepted):
+        committed_before = len(self.context)
+        super().update(new_tokens, num_accepted)
+        # The cache holds the old context plus the drafts fed after it; only the
+        # accepted ones stay valid.
+        valid = min(self.cache.lengths[0], committed_before + num_accepted)
+        self.cache.crop(0, valid)
+
+    def close(self):
+        self.cache = None
+
+
+# ------------------------------------------------------------------ prompt lookup
+class PromptLookupDrafter(Drafter):
+    """Copy the continuation of the latest earlier match of the context's last n-gram."""
+
+    deterministic = True
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, name: str = "prompt-lookup"):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram, self.name = max_ngram, min_ngram, name
+
+    def start(self, prompt_ids, params, generator):
+        return _PromptLookupSession(prompt_ids, self.max_ngram, self.min_ngram)
+
+
+def find_ngram_continuation(context: torch.Tensor, k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """Longest n-gram first; among matches the most recent one. context: [length] long."""
+    length = context.numel()
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        pattern = context[length - n:]                                   # [n]
+        windows = context[: length - 1].unfold(0, n, 1)                  # [length-n, n], excludes the suffix itself
+        hits = (windows == pattern).all(dim=1).nonzero().flatten()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return context[start:start + k].tolist()
+    return []
+
+
+class _PromptLookupSession(DraftSession):
+    def __init__(self, prompt_ids, max_ngram, min_ngram):
+        super().__init__(prompt_ids)
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        # A growing tensor copy of the context so matching is vectorised.
+        self._buf = torch.tensor(prompt_ids + [0] * 256, dtype=torch.long)
+        self._len = len(prompt_ids)
+
+    def update(self, new_tokens, num_accepted):
+        super().update(new_tokens, num_accepted)
+        need = self._len + len(new_tokens)
+        if need > self._buf.numel():
+            self._buf = torch.cat([self._buf, torch.zeros(max(need, self._buf.numel()), dtype=torch.long)])
+        self._buf[self._len:need] = torch.tensor(new_tokens, dtype=torch.long)
+        self._len = need
+
+    def propose(self, k: int) -> Draft:
+        if k <= 0:
+            return EMPTY_DRAFT
+        tokens = find_ngram_continuation(self._buf[: self._len], k, self.max_ngram, self.min_ngram)
+        return Draft(tokens=tokens)
