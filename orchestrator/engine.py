@@ -86,7 +86,9 @@ class SpeculativeEngine:
         out = [first]
         if on_tokens:
             on_tokens([first])
+        t_draft_start = time.perf_counter()
         session = self.drafter.start(prompt_ids, params, generator) if self.drafter else None
+        stats.draft_s += time.perf_counter() - t_draft_start     # drafter prefill
         if session:
             session.update([first], 0)
         finish = "stop" if first in self.eos_token_ids else "length"

@@ -62,21 +62,27 @@ class Drafter(ABC):
 class DraftModelDrafter(Drafter):
     """A small causal LM with the target's tokenizer, drafting autoregressively."""
 
-    def __init__(self, runner: ModelRunner, name: str = "draft-model"):
+    def __init__(self, runner: ModelRunner, name: str = "draft-model", min_confidence: float = 0.0):
+        """min_confidence: stop a draft early after a token the drafter itself gave less than
+        this probability (a draft-side decision, so verification stays lossless)."""
         self.runner = runner
         self.name = name
+        self.min_confidence = min_confidence
 
     def start(self, prompt_ids, params, generator):
-        return _DraftModelSession(self.runner, prompt_ids, params, generator)
+        return _DraftModelSession(self.runner, prompt_ids, params, generator, self.min_confidence)
 
 
 class _DraftModelSession(DraftSession):
-    def __init__(self, runner: ModelRunner, prompt_ids, params, generator):
+    def __init__(self, runner: ModelRunner, prompt_ids, params, generator, min_confidence: float = 0.0):
         super().__init__(prompt_ids)
+        self.min_confidence = min_confidence
         self.runner = runner
         self.params = params
         self.generator = generator
         self.cache = runner.new_cache(1, capacity=len(prompt_ids) + 256)
+        # Prefill now, so a step's draft time is drafting only (the length policy relies on it).
+        runner.forward(self.cache, torch.tensor([prompt_ids], device=runner.device), logits_rows=slice(-1, None))
 
     def propose(self, k: int) -> Draft:
         if k <= 0:
@@ -91,12 +97,16 @@ class _DraftModelSession(DraftSession):
             logits = runner.forward(cache, ids, logits_rows=slice(-1, None))[0, -1]  # [vocab]
             if self.params.greedy:
                 tok = logits.argmax()
+                confidence = torch.softmax(logits, -1)[tok] if self.min_confidence > 0 else None
             else:
                 q = warp_probs(logits, self.params)                                # [vocab]
                 probs.append(q)
                 tok = sample(q, self.generator)
+                confidence = q[tok]
             tokens.append(int(tok))
             if i + 1 < k:
+                if self.min_confidence > 0 and float(confidence) < self.min_confidence:
+                    break
                 ids = tok.view(1, 1)
         return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
 

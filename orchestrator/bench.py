@@ -1,0 +1,174 @@
+"""Benchmark: every configured strategy, plain decoding, and Hugging Face peers, same prompts, same run.
+
+Spec-Bench definitions: speedup = mean tokens/s of a method / mean tokens/s of
+plain decoding over the same prompts; mean accepted tokens counts the target's
+own token per step (plain = 1.00). Methods are interleaved prompt by prompt so
+that drifting machine load affects every row alike. Greedy outputs are compared
+with our plain decoding and mismatches are reported (bf16 multi-token forwards
+can flip near-ties), never hidden.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from orchestrator.build import Built, load_for_decoding
+from orchestrator.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str
+    text: str
+    chat: bool        # Spec-Bench turns go through the chat template; HumanEval is a raw completion
+
+
+def load_prompts(path: str | Path, limit: int | None) -> list[Prompt]:
+    """Read HumanEval or Spec-Bench jsonl; `limit` prompts spread round-robin over categories."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    by_cat: dict[str, list[Prompt]] = defaultdict(list)
+    for r in rows:
+        if "task_id" in r:
+            by_cat["humaneval"].append(Prompt(r["task_id"], "humaneval", r["prompt"], chat=False))
+        elif "turns" in r:
+            # First turn only: later MT-bench turns would need our own previous answer.
+            by_cat[r["category"]].append(Prompt(f"spec_bench/{r['question_id']}", r["category"], r["turns"][0], True))
+        else:
+            raise ValueError(f"{path}: row has neither task_id nor turns: {sorted(r)}")
+    queues = [list(v) for v in by_cat.values()]
+    picked: list[Prompt] = []
+    while any(queues) and (limit is None or len(picked) < limit):
+        for q in queues:
+            if q and (limit is None or len(picked) < limit):
+                picked.append(q.pop(0))
+    return picked
+
+
+def encode(tokenizer, prompt: Prompt) -> list[int]:
+    if prompt.chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(prompt.text).input_ids
+
+
+def _hf_runner(built: Built, kind: str, max_new: int):
+    model, tok = built.target_model, built.tokenizer
+    kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    if kind == "assisted":
+        name = built.config.bench.hf_assistant or next(iter(built.config.models.drafters), None)
+        if name is None:
+            return None
+        if name not in built.drafter_models:
+            spec = built.config.models.drafters[name]
+            built.drafter_models[name] = load_for_decoding(spec.source, spec.dtype, built.device)[0]
+        kwargs["assistant_model"] = built.drafter_models[name]
+    elif kind == "prompt_lookup":
+        kwargs["prompt_lookup_num_tokens"] = built.config.bench.hf_prompt_lookup_tokens
+
+    def run(ids: list[int]):
+        x = torch.tensor([ids], device=built.device)
+        t0 = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), **kwargs)
+        seconds = time.perf_counter() - t0
+        return out[0, len(ids):].tolist(), seconds, None
+    return run
+
+
+def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=print) -> dict:
+    methods = {}
+    for name, engine in built.engines.items():
+        methods[name] = (lambda e: lambda ids: _engine_run(e, ids, max_new_tokens))(engine)
+    for kind in built.config.bench.hf_peers:
+        run = _hf_runner(built, kind, max_new_tokens)
+        if run is not None:
+            methods[f"hf-{kind}"] = run
+
+    encoded = [(p, encode(built.tokenizer, p)) for p in prompts]
+    # Warm-up: first calls pay one-off costs (allocator, kernels) that are not the method's.
+    for run in methods.values():
+        run(encoded[0][1][:32])
+
+    records: dict[str, list[dict]] = defaultdict(list)
+    for i, (p, ids) in enumerate(encoded):
+        reference = None
+        for name, run in methods.items():
+            tokens, seconds, stats = run(ids)
+            if name == "plain":
+                reference = tokens
+            rec = {"id": p.id, "category": p.category, "prompt_tokens": len(ids), "new_tokens": len(tokens),
+                   "seconds": seconds, "tokens_per_s": len(tokens) / seconds if seconds > 0 else 0.0,
+                   "equals_plain": tokens == reference,
+                   "first_divergence": _first_divergence(tokens, reference)}
+            if stats is not None:
+                rec.update(steps=stats.steps, step_tokens=stats.step_tokens, drafted=stats.drafted_tokens,
+                           accepted=stats.accepted_tokens, draft_s=stats.draft_s, verify_s=stats.verify_s,
+                           ttft_s=stats.ttft_s, mean_accepted_tokens=stats.mean_accepted_tokens)
+            records[name].append(rec)
+        log(f"[{i + 1}/{len(encoded)}] {p.id} ({p.category}): " + ", ".join(
+            f"{n} {records[n][-1]['tokens_per_s']:.2f}" for n in methods) + " tok/s")
+    return summarise(records)
+
+
+def _engine_run(engine, ids, max_new):
+    res = engine.generate(ids, max_new, SamplingParams())
+    return res.tokens, res.stats.total_s, res.stats
+
+
+def _first_divergence(a, b):
+    if b is None or a == b:
+        return None
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def summarise(records: dict[str, list[dict]]) -> dict:
+    cats = sorted({r["category"] for recs in records.values() for r in recs})
+    table = []
+    for scope in cats + ["overall"]:
+        sel = {m: [r for r in recs if scope == "overall" or r["category"] == scope] for m, recs in records.items()}
+        mean_tps = {m: statistics.fmean(r["tokens_per_s"] for r in rs) for m, rs in sel.items() if rs}
+        for m, rs in sel.items():
+            if not rs:
+                continue
+            steps = sum(r.get("steps", 0) for r in rs)
+            table.append({
+                "scope": scope, "method": m, "prompts": len(rs),
+                "tokens_per_s": mean_tps[m],
+                "speedup_vs_plain": mean_tps[m] / mean_tps["plain"] if "plain" in mean_tps else None,
+                "speedup_vs_hf_plain": mean_tps[m] / mean_tps["hf-plain"] if "hf-plain" in mean_tps else None,
+                "mean_accepted_tokens": (sum(r["step_tokens"] for r in rs) / steps) if steps else None,
+                "acceptance_rate": (sum(r["accepted"] for r in rs) / max(1, sum(r["drafted"] for r in rs)))
+                if steps else None,
+                "outputs_equal_plain": sum(r["equals_plain"] for r in rs),
+            })
+    return {"records": records, "table": table}
+
+
+def markdown(table: list[dict]) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| scope | method | prompts | tokens/s | vs plain | vs HF plain | mean accepted | acceptance | = plain |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        lines.append(f"| {r['scope']} | {r['method']} | {r['prompts']} | {r['tokens_per_s']:.2f} | "
+                     f"{fmt(r['speedup_vs_plain'], '.2f')}x | {fmt(r['speedup_vs_hf_plain'], '.2f')}x | "
+                     f"{fmt(r['mean_accepted_tokens'], '.2f')} | {fmt(r['acceptance_rate'], '.2f')} | "
+                     f"{r['outputs_equal_plain']}/{r['prompts']} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "processor": platform.processor(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

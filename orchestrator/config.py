@@ -1,0 +1,135 @@
+"""Typed configuration, validated at the edge (unknown keys are errors).
+
+This is the engine part of a cluster config: which models, which strategies,
+how to run locally. Errors name the file and the dotted key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    source: str = Field(description="Embedded model name (e.g. qwen2.5-coder-1.5b), a HF directory, or a .gguf file")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights and compute dtype")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="Weight-only int8 (drafters only: lowers acceptance a little, never changes output)")
+
+
+class FixedLength(_Strict):
+    policy: Literal["fixed"] = "fixed"
+    k: int = Field(4, ge=1, le=64, description="Tokens drafted per step")
+
+
+class AdaptiveLength(_Strict):
+    policy: Literal["adaptive"]
+    k_init: int = Field(4, ge=1, le=64, description="Draft length before anything is measured")
+    k_max: int = Field(12, ge=1, le=64, description="Upper bound on the draft length")
+
+
+DraftLength = Annotated[Union[FixedLength, AdaptiveLength], Field(discriminator="policy")]
+
+
+class DraftModelStrategy(_Strict):
+    name: str = Field(description="Row name in reports and the value of a request's strategy override")
+    kind: Literal["draft_model"]
+    drafter: str = Field(description="Key of models.drafters")
+    min_confidence: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Stop a draft after a token the drafter gave less than this probability (0 = off)"))
+    draft_length: DraftLength = Field(default_factory=FixedLength)
+
+
+class PromptLookupStrategy(_Strict):
+    name: str
+    kind: Literal["prompt_lookup"]
+    max_ngram: int = Field(3, ge=1, le=16, description="Longest context n-gram to match")
+    min_ngram: int = Field(1, ge=1, le=16)
+    draft_length: DraftLength = Field(default_factory=lambda: FixedLength(k=8))
+
+
+Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy], Field(discriminator="kind")]
+
+
+class ModelsConfig(_Strict):
+    target: ModelSpec
+    drafters: dict[str, ModelSpec] = Field(default_factory=dict)
+
+
+class RuntimeConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default)")
+
+
+class BenchConfig(_Strict):
+    hf_peers: list[Literal["plain", "assisted", "prompt_lookup"]] = Field(
+        default_factory=lambda: ["plain", "assisted", "prompt_lookup"],
+        description="Hugging Face generate() rows measured in the same run")
+    hf_assistant: str | None = Field(None, description="models.drafters key used for HF assisted generation")
+    hf_prompt_lookup_tokens: int = Field(10, ge=1, description="prompt_lookup_num_tokens for the HF peer row")
+
+
+class EngineConfig(_Strict):
+    name: str = "local"
+    models: ModelsConfig
+    strategies: list[Strategy] = Field(default_factory=list)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    @model_validator(mode="after")
+    def _references(self):
+        if self.models.target.quantize != "none":
+            raise ValueError("models.target.quantize: only drafters may be quantized (the target defines the output)")
+        names = [s.name for s in self.strategies]
+        if "plain" in names or len(set(names)) != len(names):
+            raise ValueError(f"strategy names must be unique and not 'plain': {names}")
+        for i, s in enumerate(self.strategies):
+            if isinstance(s, DraftModelStrategy) and s.drafter not in self.models.drafters:
+                raise ValueError(
+                    f"strategies.{i}.drafter: {s.drafter!r} is not a key of models.drafters "
+                    f"({sorted(self.models.drafters)})")
+        if self.bench.hf_assistant and self.bench.hf_assistant not in self.models.drafters:
+            raise ValueError(f"bench.hf_assistant: {self.bench.hf_assistant!r} is not a key of models.drafters")
+        if self.bench.hf_assistant and self.models.drafters[self.bench.hf_assistant].quantize != "none":
+            raise ValueError("bench.hf_assistant: HF generate() needs an unquantized drafter")
+        return self
+
+    def strategy(self, name: str):
+        for s in self.strategies:
+            if s.name == name:
+                return s
+        raise KeyError(f"unknown strategy {name!r} (configured: {['plain'] + [s.name for s in self.strategies]})")
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> EngineConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return EngineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: invalid config\n{_format_errors(e)}") from None

@@ -1,0 +1,57 @@
+"""Config validation: shipped configs load; errors name the file and the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "ci-tiny.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "cluster_configs" / name)
+    assert cfg.models.target.source
+    assert cfg.strategies
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = write(tmp_path, "models: {target: {source: x, dtpye: float32}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "models.target.dtpye" in str(e.value)
+
+
+def test_bad_strategy_reference_is_named(tmp_path):
+    p = write(tmp_path, """
+models: {target: {source: x}}
+strategies:
+  - {name: a, kind: draft_model, drafter: missing}
+""")
+    with pytest.raises(ConfigError, match="strategies.0.drafter"):
+        load_config(p)
+
+
+def test_bad_values(tmp_path):
+    p = write(tmp_path, """
+models: {target: {source: x}}
+strategies:
+  - {name: a, kind: prompt_lookup, draft_length: {policy: fixed, k: 0}}
+""")
+    with pytest.raises(ConfigError, match=r"strategies\.0\.prompt_lookup\.draft_length\.fixed\.k"):
+        load_config(p)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(write(tmp_path, "models: [unclosed\n"))
