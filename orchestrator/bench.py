@@ -95,7 +95,9 @@ def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=prin
 
     encoded = [(p, encode(built.tokenizer, p)) for p in prompts]
     # Warm-up: first calls pay one-off costs (allocator, kernels) that are not the method's.
-    for run in methods.values():
+    warm = {name: (_hf_runner(built, name[3:], 8) if name.startswith("hf-") else
+                   (lambda e: lambda ids: _engine_run(e, ids, 8))(built.engines[name])) for name in methods}
+    for run in warm.values():
         run(encoded[0][1][:32])
 
     records: dict[str, list[dict]] = defaultdict(list)

@@ -91,7 +91,7 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                 runners[s.drafter] = ModelRunner(dmodel, device)
             drafter = DraftModelDrafter(runners[s.drafter], name=s.drafter, min_confidence=s.min_confidence)
         elif isinstance(s, PromptLookupStrategy):
-            drafter = PromptLookupDrafter(max_ngram=s.max_ngram, min_ngram=s.min_ngram)
+            drafter = PromptLookupDrafter(max_ngram=s.max_ngram, min_ngram=s.min_ngram, num_candidates=s.num_candidates)
         else:  # pragma: no cover - the config union is closed
             raise TypeError(type(s))
         built.engines[s.name] = SpeculativeEngine(target, drafter, policy_factory(s.draft_length),

@@ -55,6 +55,7 @@ class PromptLookupStrategy(_Strict):
     kind: Literal["prompt_lookup"]
     max_ngram: int = Field(3, ge=1, le=16, description="Longest context n-gram to match")
     min_ngram: int = Field(1, ge=1, le=16)
+    num_candidates: int = Field(1, ge=1, le=16, description="Matches merged into a tree draft (1 = a chain)")
     draft_length: DraftLength = Field(default_factory=lambda: FixedLength(k=8))
 
 

@@ -110,8 +110,9 @@ class SpeculativeEngine:
                         emitted, finish = emitted[: i + 1], "stop"
                         break
                 out.extend(emitted)
-                stats.observe_step(len(draft), len(accepted), len(emitted), t1 - t0, t2 - t1)
-                policy.observe(len(draft), len(accepted), t1 - t0, t2 - t1)
+                # For tree drafts "drafted" is the depth: the positions that could be accepted.
+                stats.observe_step(draft.depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
+                policy.observe(draft.depth, len(accepted), t1 - t0, t2 - t1)
                 if session:
                     session.update(new_tokens, len(accepted))
                 if on_tokens:

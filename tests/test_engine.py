@@ -32,6 +32,7 @@ def strategies(target_model, draft_model):
         "self-draft": DraftModelDrafter(ModelRunner(target_model)),        # every draft accepted
         "noisy-draft": DraftModelDrafter(ModelRunner(noisy_copy(target_model, 0.3, 5))),
         "prompt-lookup": PromptLookupDrafter(max_ngram=3),
+        "prompt-lookup-tree": PromptLookupDrafter(max_ngram=2, num_candidates=4),
     }
     out = {}
     for name, drafter in drafters.items():
@@ -96,3 +97,57 @@ def test_seeded_sampling_is_reproducible(target_model, draft_model, prompts):
 def test_empty_prompt_rejected(target_model, bad):
     with pytest.raises((ValueError, TypeError)):
         SpeculativeEngine(ModelRunner(target_model)).generate(bad, 5)
+
+
+def test_int8_bf16_drafter_keeps_float32_target_exact(target_model, prompts):
+    """A quantized low-precision drafter changes acceptance only, never the output."""
+    from workers.hugepages import move_to_hugepages
+    from workers.quantize import quantize_model_int8
+
+    drafter_model = copy.deepcopy(target_model).to(torch.bfloat16)
+    quantize_model_int8(drafter_model)
+    move_to_hugepages(drafter_model, min_bytes=0)
+    target = ModelRunner(target_model)
+    plain = SpeculativeEngine(target)
+    for min_conf in (0.0, 0.5):
+        engine = SpeculativeEngine(target, DraftModelDrafter(ModelRunner(drafter_model), min_confidence=min_conf),
+                                   lambda: AdaptiveDraftLength(k_init=4, k_max=8))
+        for prompt in prompts:
+            res = engine.generate(prompt, MAX_NEW)
+            assert res.tokens == plain.generate(prompt, MAX_NEW).tokens
+            assert res.stats.accepted_tokens > 0
+
+
+def test_hugepage_move_preserves_weights_and_ties(family):
+    from tests.conftest import tiny_model
+    from workers.hugepages import move_to_hugepages
+
+    model = tiny_model(family, seed=3)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    move_to_hugepages(model, min_bytes=0)
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, before[n]), n
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_tree_drafts_are_verified_and_compacted(target_model, prompts):
+    """Prompt lookup with several candidates builds tree drafts; output stays plain decoding's."""
+    from workers.drafters import find_ngram_continuations, merge_into_trie
+
+    ctx = torch.tensor([1, 2, 3, 9, 1, 2, 4, 8, 1, 2, 3, 7, 1, 2])
+    found = find_ngram_continuations(ctx, 3, max_ngram=2, min_ngram=1, num_candidates=3)
+    assert found == [[3, 7, 1], [4, 8, 1], [3, 9, 1]]          # most recent first, distinct
+    tree = merge_into_trie(found)
+    assert tree.tokens == [3, 7, 1, 4, 8, 1, 9, 1] and tree.parents == [-1, 0, 1, -1, 3, 4, 0, 6]
+    assert tree.depth == 3
+
+    target = ModelRunner(target_model)
+    engine = SpeculativeEngine(target, PromptLookupDrafter(max_ngram=2, num_candidates=4), lambda: FixedDraftLength(4))
+    plain = SpeculativeEngine(target)
+    trees = 0
+    for prompt in prompts:
+        res = engine.generate(prompt, MAX_NEW)
+        assert res.tokens == plain.generate(prompt, MAX_NEW).tokens
+        trees += res.stats.drafted_tokens
+    assert trees > 0

@@ -54,6 +54,7 @@ CASES = {
     "draft-model-t1": ("draft-model", SamplingParams(temperature=1.0)),
     "draft-model-t0.7-topk-topp": ("draft-model", SamplingParams(temperature=0.7, top_k=5, top_p=0.9)),
     "prompt-lookup-t1": ("prompt-lookup", SamplingParams(temperature=1.0)),
+    "prompt-lookup-tree-t1": ("prompt-lookup-tree", SamplingParams(temperature=1.0)),
 }
 
 
@@ -64,7 +65,11 @@ def test_speculative_sampling_matches_target_distribution(case):
     prompt = [3, 5, 3, 5, 3]
     exact = exact_sequence_probs(target_model, prompt, params)               # [V, V, V, V]
     target = ModelRunner(target_model)
-    drafter = DraftModelDrafter(ModelRunner(small_vocab_model(1))) if kind == "draft-model" else PromptLookupDrafter(2)
+    drafter = {
+        "draft-model": lambda: DraftModelDrafter(ModelRunner(small_vocab_model(1))),
+        "prompt-lookup": lambda: PromptLookupDrafter(2),
+        "prompt-lookup-tree": lambda: PromptLookupDrafter(2, num_candidates=3),
+    }[kind]()
     engine = SpeculativeEngine(target, drafter, lambda: FixedDraftLength(3))
     gen = torch.Generator().manual_seed(0)
     outs = torch.empty(SAMPLES, N_NEW, dtype=torch.long)

@@ -24,6 +24,16 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def depth(self) -> int:
+        """Longest root-to-leaf path: the most tokens this draft can get accepted."""
+        if self.parents is None:
+            return len(self.tokens)
+        depths: list[int] = []
+        for p in self.parents:
+            depths.append(1 if p < 0 else depths[p] + 1)
+        return max(depths, default=0)
+
 
 EMPTY_DRAFT = Draft(tokens=[])
 
@@ -124,36 +134,69 @@ class _DraftModelSession(DraftSession):
 
 # ------------------------------------------------------------------ prompt lookup
 class PromptLookupDrafter(Drafter):
-    """Copy the continuation of the latest earlier match of the context's last n-gram."""
+    """Copy the continuation of earlier matches of the context's last n-gram.
+
+    With num_candidates > 1 the continuations of several matches (most recent
+    first) are merged into a trie and verified together as a tree.
+    """
 
     deterministic = True
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, name: str = "prompt-lookup"):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_candidates: int = 1,
+                 name: str = "prompt-lookup"):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         self.max_ngram, self.min_ngram, self.name = max_ngram, min_ngram, name
+        self.num_candidates = num_candidates
 
     def start(self, prompt_ids, params, generator):
-        return _PromptLookupSession(prompt_ids, self.max_ngram, self.min_ngram)
+        return _PromptLookupSession(prompt_ids, self.max_ngram, self.min_ngram, self.num_candidates)
 
 
-def find_ngram_continuation(context: torch.Tensor, k: int, max_ngram: int, min_ngram: int) -> list[int]:
-    """Longest n-gram first; among matches the most recent one. context: [length] long."""
+def find_ngram_continuations(context: torch.Tensor, k: int, max_ngram: int, min_ngram: int,
+                             num_candidates: int = 1) -> list[list[int]]:
+    """Continuations of the longest matching suffix n-gram, most recent match first,
+    distinct, at most num_candidates. context: [length] long."""
     length = context.numel()
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         pattern = context[length - n:]                                   # [n]
         windows = context[: length - 1].unfold(0, n, 1)                  # [length-n, n], excludes the suffix itself
         hits = (windows == pattern).all(dim=1).nonzero().flatten()
         if hits.numel():
-            start = int(hits[-1]) + n
-            return context[start:start + k].tolist()
+            out: list[list[int]] = []
+            for start in (hits.flip(0)[: 4 * num_candidates] + n).tolist():
+                cont = context[start:start + k].tolist()
+                if cont and cont not in out:
+                    out.append(cont)
+                    if len(out) == num_candidates:
+                        break
+            return out
     return []
 
 
+def merge_into_trie(sequences: list[list[int]]) -> Draft:
+    """Merge candidate continuations into one tree draft (shared prefixes become one node)."""
+    index: dict[tuple[int, int], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    for seq in sequences:
+        parent = -1
+        for tok in seq:
+            key = (parent, tok)
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(tok)
+                parents.append(parent)
+            parent = index[key]
+    return Draft(tokens=tokens, parents=parents)
+
+
 class _PromptLookupSession(DraftSession):
-    def __init__(self, prompt_ids, max_ngram, min_ngram):
+    def __init__(self, prompt_ids, max_ngram, min_ngram, num_candidates=1):
         super().__init__(prompt_ids)
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_ngram, self.min_ngram, self.num_candidates = max_ngram, min_ngram, num_candidates
         # A growing tensor copy of the context so matching is vectorised.
         self._buf = torch.tensor(prompt_ids + [0] * 256, dtype=torch.long)
         self._len = len(prompt_ids)
@@ -169,5 +212,8 @@ class _PromptLookupSession(DraftSession):
     def propose(self, k: int) -> Draft:
         if k <= 0:
             return EMPTY_DRAFT
-        tokens = find_ngram_continuation(self._buf[: self._len], k, self.max_ngram, self.min_ngram)
-        return Draft(tokens=tokens)
+        found = find_ngram_continuations(self._buf[: self._len], k, self.max_ngram, self.min_ngram,
+                                         self.num_candidates)
+        if len(found) <= 1:
+            return Draft(tokens=found[0] if found else [])
+        return merge_into_trie(found)
