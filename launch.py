@@ -27,6 +27,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", nargs="*", default=None, help="subset of configured strategy names")
 
 
+def cmd_dry_run(args) -> int:
+    """Print the placement plan and exit; starts nothing (works on a laptop for any cluster config)."""
+    from orchestrator.config import load_config
+    from placement.plan import plan_placement
+
+    cfg = load_config(args.cluster)
+    plan = plan_placement(cfg)
+    print(f"placement plan for {cfg.name} ({args.cluster}):\n{plan.table()}")
+    print(f"\n{len(plan.shards)} Ray placement-group bundles: {json.dumps(plan.bundles())}")
+    return 0
+
+
 def cmd_main(args) -> int:
     from orchestrator.bench import Prompt, encode
     from orchestrator.build import build_engines
@@ -100,19 +112,25 @@ def main(argv=None) -> int:
     parser.add_argument("--cluster", help="config file for the main job")
     parser.add_argument("--strategies", nargs="*", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dry-run", action="store_true", help="print the placement plan and exit")
     args = parser.parse_args(argv)
     if args.command is None:
         if not args.cluster:
             parser.error("--cluster is required")
-        return cmd_main(args)
+        return cmd_dry_run(args) if args.dry_run else cmd_main(args)
     return args.func(args)
 
 
 if __name__ == "__main__":
     from orchestrator.config import ConfigError
+    from placement.plan import PlacementError
 
     try:
         sys.exit(main())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except PlacementError as e:
+        print(f"placement error ({sys.argv[sys.argv.index('--cluster') + 1] if '--cluster' in sys.argv else ''}): {e}",
+              file=sys.stderr)
         sys.exit(2)

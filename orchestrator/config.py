@@ -23,6 +23,8 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     source: str = Field(description="Embedded model name (e.g. qwen2.5-coder-1.5b), a HF directory, or a .gguf file")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights and compute dtype")
+    size_hint: tuple[int, int] | None = Field(
+        None, description="(parameters, layers) for planning a model that is not on this machine")
     quantize: Literal["none", "int8"] = Field(
         "none", description="Weight-only int8 (drafters only: lowers acceptance a little, never changes output)")
 
@@ -80,12 +82,54 @@ class BenchConfig(_Strict):
     hf_prompt_lookup_tokens: int = Field(10, ge=1, description="prompt_lookup_num_tokens for the HF peer row")
 
 
+class ClusterSection(_Strict):
+    address: str | None = Field(None, description="Address of an existing Ray cluster; None starts a local head")
+    dashboard_host: str = Field("127.0.0.1", description="Ray dashboard bind address")
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+
+
+class NodePool(_Strict):
+    name: str
+    count: int = Field(1, ge=1, description="Nodes in the pool")
+    cpus: int = Field(ge=1, description="CPU cores per node")
+    memory_gb: float = Field(gt=0, description="Host memory per node")
+    accelerator: str | None = Field(None, description="Device name from placement/hardware.py (e.g. A100-80GB)")
+    accelerators_per_node: int = Field(0, ge=0)
+    accelerator_memory_gb: float | None = Field(None, gt=0, description="Override the table's device memory")
+    memory_bw_gbs: float | None = Field(None, gt=0, description="Device (or, for CPU pools, host) memory bandwidth")
+    bf16_tflops: float | None = Field(None, gt=0)
+    network_gbs: float = Field(12.5, gt=0, description="Node-to-node bandwidth (100 Gb/s = 12.5 GB/s)")
+
+
+class TargetPlacement(_Strict):
+    pool: str = Field(description="node_pools name")
+    device: Literal["gpu", "cpu"] = "gpu"
+    tensor_parallel: int = Field(1, ge=1, description="Devices per tensor-parallel group")
+    pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages (contiguous layer ranges)")
+
+
+class DrafterPlacement(_Strict):
+    pool: str
+    device: Literal["gpu", "cpu"] = "cpu"
+    replicas: int = Field(1, ge=1)
+    cpus: int = Field(1, ge=1, description="CPU cores per drafter actor")
+
+
+class PlacementSection(_Strict):
+    target: TargetPlacement
+    drafters: dict[str, DrafterPlacement] = Field(default_factory=dict, description="Keyed by models.drafters")
+    memory_headroom: float = Field(0.2, ge=0, lt=1, description="Fraction of each device kept for KV cache and activations")
+
+
 class EngineConfig(_Strict):
     name: str = "local"
     models: ModelsConfig
     strategies: list[Strategy] = Field(default_factory=list)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    node_pools: list[NodePool] = Field(default_factory=list)
+    placement: PlacementSection | None = None
 
     @model_validator(mode="after")
     def _references(self):
@@ -101,6 +145,15 @@ class EngineConfig(_Strict):
                     f"({sorted(self.models.drafters)})")
         if self.bench.hf_assistant and self.bench.hf_assistant not in self.models.drafters:
             raise ValueError(f"bench.hf_assistant: {self.bench.hf_assistant!r} is not a key of models.drafters")
+        pools = {p.name for p in self.node_pools}
+        if self.placement is not None:
+            if self.placement.target.pool not in pools:
+                raise ValueError(f"placement.target.pool: {self.placement.target.pool!r} is not in node_pools ({sorted(pools)})")
+            for key, d in self.placement.drafters.items():
+                if key not in self.models.drafters:
+                    raise ValueError(f"placement.drafters.{key}: not a key of models.drafters")
+                if d.pool not in pools:
+                    raise ValueError(f"placement.drafters.{key}.pool: {d.pool!r} is not in node_pools ({sorted(pools)})")
         if self.bench.hf_assistant and self.models.drafters[self.bench.hf_assistant].quantize != "none":
             raise ValueError("bench.hf_assistant: HF generate() needs an unquantized drafter")
         return self
