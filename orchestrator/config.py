@@ -121,6 +121,15 @@ class PlacementSection(_Strict):
     memory_headroom: float = Field(0.2, ge=0, lt=1, description="Fraction of each device kept for KV cache and activations")
 
 
+class ServerSection(_Strict):
+    host: str = Field("127.0.0.1", description="gRPC bind address (loopback unless set otherwise)")
+    port: int = Field(50051, ge=0, le=65535, description="0 = pick a free port")
+    default_strategy: str = Field("plain", description="Strategy used when a request names none")
+    max_new_tokens: int = Field(2048, ge=1, description="Upper limit on a request's max_new_tokens")
+    max_batch: int = Field(64, ge=1, description="Most requests in one GenerateBatch")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="gRPC send/receive message size limit")
+
+
 class EngineConfig(_Strict):
     name: str = "local"
     models: ModelsConfig
@@ -130,6 +139,7 @@ class EngineConfig(_Strict):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     node_pools: list[NodePool] = Field(default_factory=list)
     placement: PlacementSection | None = None
+    server: ServerSection = Field(default_factory=ServerSection)
 
     @model_validator(mode="after")
     def _references(self):
@@ -145,6 +155,8 @@ class EngineConfig(_Strict):
                     f"({sorted(self.models.drafters)})")
         if self.bench.hf_assistant and self.bench.hf_assistant not in self.models.drafters:
             raise ValueError(f"bench.hf_assistant: {self.bench.hf_assistant!r} is not a key of models.drafters")
+        if self.server.default_strategy != "plain" and self.server.default_strategy not in names:
+            raise ValueError(f"server.default_strategy: {self.server.default_strategy!r} is not a configured strategy")
         pools = {p.name for p in self.node_pools}
         if self.placement is not None:
             if self.placement.target.pool not in pools:

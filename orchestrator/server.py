@@ -1,0 +1,229 @@
+"""gRPC front door (grpc.aio): Generate (streaming), GenerateBatch, GetStats, health, reflection.
+
+Servicer methods are thin: validate (orchestrator/validation.py), run the engine
+in a worker thread, stream tokens back. This server runs the engines in its own
+process; Ray placement of the workers and the global verifier (batching
+verification across requests) are the distributed runtime's job and are not
+built yet, so requests are decoded one at a time in arrival order.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator.build import Built
+from orchestrator.metrics import AggregateStats, RequestStats
+from orchestrator.validation import RequestError, ValidRequest, validate_request
+from proto import specorch_pb2 as pb
+from proto import specorch_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecDecode"].full_name
+
+
+class _Stop(Exception):
+    """Raised inside the decode loop when the client went away or the deadline passed."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def stats_message(strategy: str, finish: str, s: RequestStats) -> pb.RequestStats:
+    return pb.RequestStats(
+        strategy=strategy, finish_reason=finish, prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens,
+        steps=s.steps, mean_accepted_tokens=s.mean_accepted_tokens, acceptance_rate=s.acceptance_rate,
+        tokens_per_s=s.tokens_per_s, ttft_s=s.ttft_s, total_s=s.total_s, draft_s=s.draft_s, verify_s=s.verify_s,
+        accepted_per_position=s.accepted_per_position)
+
+
+class _TextStream:
+    """Incremental detokenisation: emit only text that can no longer change."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.sent = tokenizer, [], 0
+
+    def push(self, new: list[int], final: bool = False) -> str:
+        self.tokens.extend(new)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):       # an incomplete multi-byte character
+            return ""
+        out, self.sent = text[self.sent:], len(text)
+        return out
+
+
+class SpecDecodeService(pb_grpc.SpecDecodeServicer):
+    def __init__(self, built: Built):
+        self.built = built
+        self.cfg = built.config.server
+        self.tokenizer = built.tokenizer
+        # One decode at a time: the engines share one target model and its runner.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
+        self.failed = self.cancelled = 0
+        self.max_context = getattr(built.target_model.config, "max_position_embeddings", 1 << 30)
+
+    # ------------------------------------------------------------ helpers
+    def _validate(self, req, prefix: str = "") -> ValidRequest:
+        return validate_request(req, strategies=set(self.built.engines), default_strategy=self.cfg.default_strategy,
+                                max_new_tokens_limit=self.cfg.max_new_tokens, prefix=prefix)
+
+    def _encode(self, v: ValidRequest, prefix: str = "") -> list[int]:
+        if v.chat is not None:
+            ids = self.tokenizer.apply_chat_template(v.chat, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = self.tokenizer(v.prompt).input_ids
+        if len(ids) + v.max_new_tokens > self.max_context:
+            raise RequestError("OUT_OF_RANGE", prefix + ("chat" if v.chat is not None else "prompt"),
+                               f"{len(ids)} prompt tokens + max_new_tokens {v.max_new_tokens} exceed the model's "
+                               f"context of {self.max_context}")
+        return ids
+
+    async def _abort(self, context, err: RequestError):
+        await context.abort(getattr(grpc.StatusCode, err.code), str(err))
+
+    def _run(self, v: ValidRequest, ids: list[int], on_tokens):
+        engine = self.built.engines[v.strategy]
+        return engine.generate(ids, v.max_new_tokens, v.sampling, on_tokens=on_tokens)
+
+    async def _generate(self, v: ValidRequest, ids: list[int], context):
+        """Run one request in the decode thread; yields ("tokens", list) then ("done", GenerationResult)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()
+        remaining = context.time_remaining() if context is not None else None
+        deadline = time.monotonic() + remaining if remaining is not None else None
+
+        def on_tokens(tokens):
+            if gone.is_set():
+                raise _Stop(grpc.StatusCode.CANCELLED, "client cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise _Stop(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded during decoding")
+            loop.call_soon_threadsafe(queue.put_nowait, ("tokens", list(tokens)))
+
+        future = loop.run_in_executor(self.executor, self._run, v, ids, on_tokens)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, ("done", f)))
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "tokens":
+                    yield kind, value
+                else:
+                    result = value.result()          # re-raises _Stop or the engine's error
+                    self.stats[v.strategy].add(result.stats)
+                    yield kind, result
+                    return
+        finally:
+            gone.set()      # the decode thread stops at its next step and frees the request's KV cache
+            # Nobody reads the queue any more: retrieve the thread's outcome so it is not logged as lost.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    # ------------------------------------------------------------ RPCs
+    async def Generate(self, request, context):
+        try:
+            v = self._validate(request)
+            ids = self._encode(v)
+        except RequestError as err:
+            await self._abort(context, err)
+            return
+        text = _TextStream(self.tokenizer)
+        try:
+            async for kind, value in self._generate(v, ids, context):
+                if kind == "tokens":
+                    yield pb.GenerateResponse(request_id=v.request_id, chunk=pb.TokenChunk(
+                        token_ids=value, text=text.push(value)))
+                else:
+                    result = value
+        except _Stop as stop:
+            self.cancelled += 1
+            await context.abort(stop.code, str(stop))
+            return
+        except asyncio.CancelledError:  # the client went away
+            self.cancelled += 1
+            raise
+        except Exception as exc:  # a failed request never takes the server down
+            self.failed += 1
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
+            return
+        tail = text.push([], final=True)
+        if tail:
+            yield pb.GenerateResponse(request_id=v.request_id, chunk=pb.TokenChunk(token_ids=[], text=tail))
+        yield pb.GenerateResponse(request_id=v.request_id,
+                                  stats=stats_message(v.strategy, result.finish_reason, result.stats))
+
+    async def GenerateBatch(self, request, context):
+        if len(request.requests) > self.cfg.max_batch:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"requests: {len(request.requests)} exceeds the batch limit of {self.cfg.max_batch}")
+            return
+        if not request.requests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty")
+            return
+        try:  # validate everything before decoding anything
+            jobs = []
+            for i, r in enumerate(request.requests):
+                v = self._validate(r, prefix=f"requests[{i}].")
+                jobs.append((v, self._encode(v, prefix=f"requests[{i}].")))
+        except RequestError as err:
+            await self._abort(context, err)
+            return
+
+        results = []
+        try:
+            for v, ids in jobs:
+                async for kind, res in self._generate(v, ids, context):
+                    pass        # the last item is ("done", result)
+                results.append(pb.GenerateResult(
+                    request_id=v.request_id, token_ids=res.tokens,
+                    text=self.tokenizer.decode(res.tokens, skip_special_tokens=True),
+                    stats=stats_message(v.strategy, res.finish_reason, res.stats)))
+        except _Stop as stop:
+            self.cancelled += 1
+            await context.abort(stop.code, str(stop))
+            return
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        except Exception as exc:
+            self.failed += 1
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
+            return
+        return pb.GenerateBatchResponse(results=results)
+
+    async def GetStats(self, request, context):
+        out = pb.GetStatsResponse(default_strategy=self.cfg.default_strategy, requests_failed=self.failed,
+                                  requests_cancelled=self.cancelled)
+        for name, agg in sorted(self.stats.items()):
+            s = agg.summary()
+            out.strategies.append(pb.StrategyStats(
+                strategy=name, requests=s["requests"], generated_tokens=s["generated_tokens"],
+                mean_tokens_per_s=s["mean_tokens_per_s"], mean_accepted_tokens=s["mean_accepted_tokens"],
+                acceptance_rate=s["acceptance_rate"]))
+            out.requests_total += s["requests"]
+        return out
+
+
+async def start_server(built: Built, host: str | None = None, port: int | None = None):
+    """Start serving; returns (server, bound port, service)."""
+    cfg = built.config.server
+    limit = cfg.max_message_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)])
+    service = SpecDecodeService(built)
+    pb_grpc.add_SpecDecodeServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host or cfg.host}:{cfg.port if port is None else port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, service
