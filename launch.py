@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Command line entry point.
 
-  python launch.py --cluster cluster_configs/local.yaml            # main job: sample batch, outputs + speedups
+  python launch.py --cluster cluster_configs/local.yaml            # main job: serve, submit a sample batch
+                                                                   # through the client, print outputs + speedups
+  python launch.py --cluster cluster_configs/8xA100.yaml --dry-run # placement plan only
+  python launch.py serve --cluster cluster_configs/local.yaml      # serve gRPC until SIGINT/SIGTERM
   python launch.py bench --cluster cluster_configs/local.yaml --data ../shared/data/humaneval_dev.jsonl \
       --limit 20 --max-new-tokens 128 --out result.json
 """
@@ -39,33 +42,61 @@ def cmd_dry_run(args) -> int:
     return 0
 
 
-def cmd_main(args) -> int:
-    from orchestrator.bench import Prompt, encode
+def run_demo(address: str, engines: list[str], max_new_tokens: int, tokenizer_chat: bool = True) -> None:
+    """Submit the sample batch through the gRPC client once per strategy; print outputs and speedups."""
+    from orchestrator.client import Client
+
+    prompts = [[{"role": "user", "content": text}] if chat else text for _, chat, text in SAMPLE_PROMPTS]
+    means: dict[str, float] = {}
+    reference = None
+    with Client(address, timeout=3600) as client:
+        for name in engines:
+            results = client.generate_batch(prompts, strategy=name, max_new_tokens=max_new_tokens, concurrency=1)
+            if name == "plain":
+                reference = [r.token_ids for r in results]
+                for (cat, _, _), r in zip(SAMPLE_PROMPTS, results):
+                    print(f"\n=== {cat} ===\n{r.text}\n")
+            same = sum(r.token_ids == ref for r, ref in zip(results, reference or []))
+            means[name] = sum(r.stats.tokens_per_s for r in results) / len(results)
+            acc = sum(r.stats.mean_accepted_tokens for r in results) / len(results)
+            print(f"  {name:>24}: {means[name]:6.2f} tok/s, mean accepted {acc:.2f}, "
+                  f"{same}/{len(results)} outputs equal plain decoding")
+    print("\nspeedup vs plain decoding over the sample batch:")
+    for name, tps in means.items():
+        print(f"  {name:>24}: {tps / means['plain']:.2f}x")
+
+
+def cmd_serve(args, demo: bool) -> int:
+    import asyncio
+    import signal
+
     from orchestrator.build import build_engines
     from orchestrator.config import load_config
+    from orchestrator.server import start_server
 
     cfg = load_config(args.cluster)
     built = build_engines(cfg, only=args.strategies)
-    print(f"target {cfg.models.target.source} on {built.device}; strategies: {', '.join(built.engines)}")
-    prompts = [Prompt(f"sample-{i}", cat, text, chat) for i, (cat, chat, text) in enumerate(SAMPLE_PROMPTS)]
-    totals: dict[str, list[float]] = {name: [] for name in built.engines}
-    for p in prompts:
-        ids = encode(built.tokenizer, p)
-        reference = None
-        for name, engine in built.engines.items():
-            res = engine.generate(ids, args.max_new_tokens)
-            totals[name].append(res.stats.tokens_per_s)
-            if name == "plain":
-                reference = res.tokens
-                print(f"\n=== {p.id} ({p.category}) ===\n{built.tokenizer.decode(res.tokens)}\n")
-            same = "same as plain" if res.tokens == reference else "DIFFERS from plain (see docs/benchmarks.md)"
-            print(f"  {name:>24}: {res.stats.tokens_per_s:6.2f} tok/s, mean accepted "
-                  f"{res.stats.mean_accepted_tokens:.2f}, {same}")
-    plain = sum(totals["plain"]) / len(totals["plain"])
-    print("\nmean over the sample batch:")
-    for name, tps in totals.items():
-        mean = sum(tps) / len(tps)
-        print(f"  {name:>24}: {mean:6.2f} tok/s  speedup vs plain {mean / plain:.2f}x")
+    host = cfg.server.host
+    port = args.port if args.port is not None else (0 if demo else cfg.server.port)
+
+    async def serve() -> None:
+        server, bound, _ = await start_server(built, host, port)
+        print(f"gRPC endpoint: {host}:{bound}  (strategies: {', '.join(built.engines)})", flush=True)
+        print("Ray dashboard: not started (engines run in this process; Ray placement is not built yet)", flush=True)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if demo:
+            task = loop.run_in_executor(None, run_demo, f"{host}:{bound}", list(built.engines), args.max_new_tokens)
+            task.add_done_callback(lambda _f: stop.set())
+        await stop.wait()
+        await server.stop(grace=5)
+        if demo:
+            task.result()
+        print("server stopped", flush=True)
+
+    asyncio.run(serve())
     return 0
 
 
@@ -108,16 +139,21 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default=None, help="JSON result path (a .md table is written beside it)")
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() rows")
     bench.set_defaults(func=cmd_bench)
+    serve = sub.add_parser("serve", help="serve the gRPC front door until SIGINT/SIGTERM")
+    _common(serve)
+    serve.add_argument("--port", type=int, default=None, help="override server.port (0 = any free port)")
+    serve.set_defaults(func=lambda a: cmd_serve(a, demo=False))
 
     parser.add_argument("--cluster", help="config file for the main job")
     parser.add_argument("--strategies", nargs="*", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dry-run", action="store_true", help="print the placement plan and exit")
+    parser.add_argument("--port", type=int, default=None, help="gRPC port for the main job (default: any free port)")
     args = parser.parse_args(argv)
     if args.command is None:
         if not args.cluster:
             parser.error("--cluster is required")
-        return cmd_dry_run(args) if args.dry_run else cmd_main(args)
+        return cmd_dry_run(args) if args.dry_run else cmd_serve(args, demo=True)
     return args.func(args)
 
 

@@ -28,6 +28,15 @@ class Result:
     text: str = ""
     stats: pb.RequestStats | None = None
 
+    def add(self, response: pb.GenerateResponse) -> None:
+        """Fold one streamed response (a token chunk or the final stats) into the result."""
+        self.request_id = response.request_id
+        if response.HasField("chunk"):
+            self.token_ids.extend(response.chunk.token_ids)
+            self.text += response.chunk.text
+        else:
+            self.stats = response.stats
+
 
 def build_request(prompt: str | list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, seed: int | None = None, strategy: str = "",
@@ -48,12 +57,7 @@ def build_request(prompt: str | list[dict], *, max_new_tokens: int = 128, temper
 def _collect(responses) -> Result:
     res = Result(request_id="")
     for r in responses:
-        res.request_id = r.request_id
-        if r.HasField("chunk"):
-            res.token_ids.extend(r.chunk.token_ids)
-            res.text += r.chunk.text
-        else:
-            res.stats = r.stats
+        res.add(r)
     return res
 
 
@@ -126,12 +130,7 @@ class AsyncClient:
     async def generate(self, prompt, **kwargs) -> Result:
         res = Result(request_id="")
         async for r in self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout):
-            res.request_id = r.request_id
-            if r.HasField("chunk"):
-                res.token_ids.extend(r.chunk.token_ids)
-                res.text += r.chunk.text
-            else:
-                res.stats = r.stats
+            res.add(r)
         return res
 
     async def stats(self) -> pb.GetStatsResponse:

@@ -182,3 +182,18 @@ def test_cancel_and_deadline_free_the_request(served):
             Client(served.address, timeout=0.001).generate("abc", max_new_tokens=60)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert len(client.generate("abc", max_new_tokens=4).token_ids) == 4
+
+
+def test_async_client(served):
+    from orchestrator.client import AsyncClient
+
+    async def go():
+        async with AsyncClient(served.address, timeout=60) as client:
+            res = await client.generate("abcabc", max_new_tokens=10, strategy="pld")
+            streamed = [t async for c in client.stream("abcabc", max_new_tokens=10) for t in c.token_ids]
+            return res, streamed, await client.stats()
+
+    res, streamed, stats = asyncio.run(go())
+    with Client(served.address, timeout=60) as client:
+        assert res.token_ids == client.generate("abcabc", max_new_tokens=10).token_ids == streamed
+    assert res.stats.strategy == "pld" and stats.requests_total >= 2

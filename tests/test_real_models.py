@@ -86,7 +86,38 @@ def test_launch_main_and_bench_on_ci_tiny(tmp_path):
     main = subprocess.run([sys.executable, "launch.py", "--cluster", "cluster_configs/ci-tiny.yaml",
                            "--max-new-tokens", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert main.returncode == 0, main.stderr[-3000:]
-    assert "speedup vs plain" in main.stdout and "DIFFERS" not in main.stdout
+    assert "gRPC endpoint: 127.0.0.1:" in main.stdout and "speedup vs plain" in main.stdout
+    for name in ("plain", "sd-self-k3", "pld-k6"):
+        line = next(ln for ln in main.stdout.splitlines() if ln.strip().startswith(name + ":") and "tok/s" in ln)
+        assert "3/3 outputs equal plain decoding" in line, line
+    assert "server stopped" in main.stdout
+
+
+def test_serve_answers_client_and_stops_on_sigterm():
+    import signal
+
+    from orchestrator.client import Client
+
+    proc = subprocess.Popen([sys.executable, "launch.py", "serve", "--cluster", "cluster_configs/ci-tiny.yaml",
+                             "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        address = None
+        for line in proc.stdout:
+            if line.startswith("gRPC endpoint:"):
+                address = line.split()[2]
+                break
+        assert address, proc.stderr.read()[-3000:]
+        with Client(address, timeout=120) as client:
+            plain = client.generate(PROMPTS[0], max_new_tokens=24)
+            for strategy in ("sd-self-k3", "pld-k6"):
+                assert client.generate(PROMPTS[0], max_new_tokens=24, strategy=strategy).token_ids == plain.token_ids
+            assert client.stats().requests_total == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "server stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_config_error_exits_cleanly(tmp_path):
