@@ -5,12 +5,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orchestrator.config import AdaptiveLength, DraftModelStrategy, EngineConfig, PromptLookupStrategy
+from orchestrator.config import (AdaptiveLength, DraftModelStrategy, EasySpecStrategy, EngineConfig,
+                                 PromptLookupStrategy)
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.engine import SpeculativeEngine
 from workers.hugepages import move_to_hugepages
 from workers.quantize import quantize_model_int8
 from workers.drafters import DraftModelDrafter, PromptLookupDrafter
+from workers.easyspec import EasySpecDrafter
 from workers.model_store import load_model
 from workers.runner import ModelRunner
 
@@ -80,7 +82,7 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
     for s in config.strategies:
         if only is not None and s.name not in only:
             continue
-        if isinstance(s, DraftModelStrategy):
+        if isinstance(s, (DraftModelStrategy, EasySpecStrategy)):
             if s.drafter not in runners:
                 spec = config.models.drafters[s.drafter]
                 dmodel, _ = load_for_decoding(spec.source, spec.dtype, device, spec.quantize)
@@ -89,7 +91,11 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                     raise ValueError(f"models.drafters.{s.drafter}: vocabulary size differs from the target's")
                 built.drafter_models[s.drafter] = dmodel
                 runners[s.drafter] = ModelRunner(dmodel, device)
-            drafter = DraftModelDrafter(runners[s.drafter], name=s.drafter, min_confidence=s.min_confidence)
+            if isinstance(s, EasySpecStrategy):
+                drafter = EasySpecDrafter(runners[s.drafter], degree=s.degree, mode=s.mode,
+                                          calibration=s.calibration, groups=s.groups, name=s.name)
+            else:
+                drafter = DraftModelDrafter(runners[s.drafter], name=s.drafter, min_confidence=s.min_confidence)
         elif isinstance(s, PromptLookupStrategy):
             drafter = PromptLookupDrafter(max_ngram=s.max_ngram, min_ngram=s.min_ngram, num_candidates=s.num_candidates)
         else:  # pragma: no cover - the config union is closed

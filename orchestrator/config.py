@@ -61,7 +61,18 @@ class PromptLookupStrategy(_Strict):
     draft_length: DraftLength = Field(default_factory=lambda: FixedLength(k=8))
 
 
-Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy], Field(discriminator="kind")]
+class EasySpecStrategy(_Strict):
+    name: str
+    kind: Literal["easyspec"]
+    drafter: str = Field(description="Key of models.drafters: the model whose layers are grouped")
+    degree: int = Field(2, ge=1, le=16, description="Layers per fused group (the parallel degree)")
+    mode: Literal["attn_only", "direct_mlp"] = "attn_only"
+    calibration: Literal["never", "prefill_only", "every_round", "every_mismatch"] = "every_mismatch"
+    groups: list[list[int]] | None = Field(None, description="Explicit layer groups (default: the paper's)")
+    draft_length: DraftLength = Field(default_factory=FixedLength)
+
+
+Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy, EasySpecStrategy], Field(discriminator="kind")]
 
 
 class ModelsConfig(_Strict):
@@ -149,7 +160,7 @@ class EngineConfig(_Strict):
         if "plain" in names or len(set(names)) != len(names):
             raise ValueError(f"strategy names must be unique and not 'plain': {names}")
         for i, s in enumerate(self.strategies):
-            if isinstance(s, DraftModelStrategy) and s.drafter not in self.models.drafters:
+            if isinstance(s, (DraftModelStrategy, EasySpecStrategy)) and s.drafter not in self.models.drafters:
                 raise ValueError(
                     f"strategies.{i}.drafter: {s.drafter!r} is not a key of models.drafters "
                     f"({sorted(self.models.drafters)})")

@@ -58,6 +58,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class _Step:
+    """What every layer of one forward shares."""
+
+    cache: "KVCache"
+    cos: torch.Tensor          # [batch, 1, T, head_dim]
+    sin: torch.Tensor          # [batch, 1, T, head_dim]
+    mask: torch.Tensor         # [batch, 1, T, end] bool
+    starts: list[int]
+    end: int
+    t: int
+    slots: torch.Tensor        # [batch, T] cache slot of each new token
+    batch_idx: torch.Tensor    # [batch, 1]
+    uniform: bool              # every row starts at the same slot
+
+
+@dataclass
 class KVCache:
     """Preallocated keys/values for `batch` rows; `lengths[r]` slots of row r are valid."""
 
@@ -154,6 +170,8 @@ class ModelRunner:
         depths: torch.Tensor | None = None,  # [batch, T] long, tree depth of each new token (chain: 0..T-1)
         tree_mask: torch.Tensor | None = None,  # [batch, T, T] bool, new token i may attend new token j
         logits_rows: slice | torch.Tensor | None = None,  # which of the T positions need logits (None = all)
+        layer_groups: list[list[int]] | None = None,  # EasySpec: layers of a group see the same input
+        group_mode: str = "attn_only",               # "attn_only" or "direct_mlp" (workers/easyspec.py)
     ) -> torch.Tensor:
         """Append T new tokens per row and return logits [batch, T', vocab] (float32).
 
@@ -189,47 +207,84 @@ class ModelRunner:
 
         hidden = self.embed(input_ids)                                    # [batch, T, hidden]
         cos, sin = self.rotary(hidden, position_ids)                      # [batch, T, head_dim]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        batch_idx = torch.arange(batch, device=dev).view(batch, 1)
-        uniform = all(s == starts[0] for s in starts)
-        gemv = self.gemv
+        ctx = _Step(cache, cos.unsqueeze(1), sin.unsqueeze(1), mask, starts, end, t, slots,
+                    torch.arange(batch, device=dev).view(batch, 1), all(s == starts[0] for s in starts))
 
-        for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q = _linear(x, attn.q_proj, gemv).view(batch, t, -1, self.head_dim)
-            k = _linear(x, attn.k_proj, gemv).view(batch, t, -1, self.head_dim)
-            v = _linear(x, attn.v_proj, gemv).view(batch, t, -1, self.head_dim)
-            if self.has_qk_norm:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, T, hd]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            kc, vc = cache.keys[li], cache.values[li]
-            if uniform:  # common case: one contiguous write for all rows
-                kc[:, :, starts[0]:starts[0] + t] = k
-                vc[:, :, starts[0]:starts[0] + t] = v
-            else:
-                kc[batch_idx, :, slots] = k.transpose(1, 2)
-                vc[batch_idx, :, slots] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask,
-                scale=attn.scaling, enable_gqa=self.num_kv_heads != self.num_heads,
-            )                                                             # [batch, heads, T, hd]
-            out = out.transpose(1, 2).reshape(batch, t, -1)
-            hidden = residual + _linear(out, attn.o_proj, gemv)
-            x = layer.post_attention_layernorm(hidden)
-            mlp = layer.mlp
-            x = mlp.act_fn(_linear(x, mlp.gate_proj, gemv)) * _linear(x, mlp.up_proj, gemv)
-            hidden = hidden + _linear(x, mlp.down_proj, gemv)
+        if layer_groups is None:
+            for li in range(self.num_layers):
+                hidden = hidden + self._attention(li, hidden, ctx)
+                hidden = hidden + self._mlp(li, hidden)
+        else:
+            hidden = self._grouped_layers(hidden, ctx, layer_groups, group_mode)
 
         for r in range(batch):
             cache.lengths[r] = starts[r] + num_new[r]
         if logits_rows is not None:
             hidden = hidden[:, logits_rows]
         hidden = self.norm(hidden)
-        return _linear(hidden, self.lm_head, gemv).float()
+        return _linear(hidden, self.lm_head, self.gemv).float()
+
+    def _attention(self, li: int, hidden: torch.Tensor, ctx: "_Step") -> torch.Tensor:
+        """Layer li's attention block on `hidden` (norm -> qkv -> rope -> KV write -> sdpa -> o_proj)."""
+        layer, gemv, cache = self.layers[li], self.gemv, ctx.cache
+        attn = layer.self_attn
+        batch, t = hidden.shape[:2]
+        x = layer.input_layernorm(hidden)
+        q = _linear(x, attn.q_proj, gemv).view(batch, t, -1, self.head_dim)
+        k = _linear(x, attn.k_proj, gemv).view(batch, t, -1, self.head_dim)
+        v = _linear(x, attn.v_proj, gemv).view(batch, t, -1, self.head_dim)
+        if self.has_qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, T, hd]
+        q = q * ctx.cos + _rotate_half(q) * ctx.sin
+        k = k * ctx.cos + _rotate_half(k) * ctx.sin
+        kc, vc = cache.keys[li], cache.values[li]
+        if ctx.uniform:  # common case: one contiguous write for all rows
+            s0 = ctx.starts[0]
+            kc[:, :, s0:s0 + t] = k
+            vc[:, :, s0:s0 + t] = v
+        else:
+            kc[ctx.batch_idx, :, ctx.slots] = k.transpose(1, 2)
+            vc[ctx.batch_idx, :, ctx.slots] = v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, kc[:, :, :ctx.end], vc[:, :, :ctx.end], attn_mask=ctx.mask,
+            scale=attn.scaling, enable_gqa=self.num_kv_heads != self.num_heads,
+        )                                                                 # [batch, heads, T, hd]
+        return _linear(out.transpose(1, 2).reshape(batch, t, -1), attn.o_proj, gemv)
+
+    def _mlp(self, li: int, hidden: torch.Tensor) -> torch.Tensor:
+        layer, gemv = self.layers[li], self.gemv
+        x = layer.post_attention_layernorm(hidden)
+        mlp = layer.mlp
+        x = mlp.act_fn(_linear(x, mlp.gate_proj, gemv)) * _linear(x, mlp.up_proj, gemv)
+        return _linear(x, mlp.down_proj, gemv)
+
+    def _grouped_layers(self, hidden, ctx, groups, mode):
+        """EasySpec's layer-parallel approximation (ALGORITHMS.md section 1), computed in one process.
+
+        Members of a group compute their attention on the same group input; with
+        "attn_only" the MLPs then run in layer order on the running sum, with
+        "direct_mlp" each member's MLP sees only its own attention output.
+        """
+        for group in groups:
+            if len(group) == 1:
+                li = group[0]
+                hidden = hidden + self._attention(li, hidden, ctx)
+                hidden = hidden + self._mlp(li, hidden)
+            elif mode == "attn_only":
+                attn_outs = [self._attention(li, hidden, ctx) for li in group]   # what parallel workers compute
+                for li, a in zip(group, attn_outs):
+                    hidden = hidden + a
+                    hidden = hidden + self._mlp(li, hidden)
+            elif mode == "direct_mlp":
+                total = 0
+                for li in group:
+                    a = self._attention(li, hidden, ctx)
+                    total = total + a + self._mlp(li, hidden + a)
+                hidden = hidden + total
+            else:
+                raise ValueError(f"unknown group_mode {mode!r}")
+        return hidden
 
     # ------------------------------------------------------------- helpers
     def prefill(self, cache: KVCache, row: int, token_ids: list[int]) -> torch.Tensor:
