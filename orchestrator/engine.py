@@ -98,7 +98,12 @@ class SpeculativeEngine:
                 remaining = max_new_tokens - len(out)
                 t0 = time.perf_counter()
                 k = min(policy.next_k(), remaining - 1) if session else 0
-                draft = session.propose(k) if k > 0 else EMPTY_DRAFT
+                draft = EMPTY_DRAFT
+                if k > 0:
+                    try:
+                        draft = session.propose(k)
+                    except Exception as exc:  # a failed drafter costs speed, never the request
+                        session = self._drop_drafter(session, stats, exc)
                 t1 = time.perf_counter()
                 accepted, next_token = self._verify(cache, out[-1], draft, params, generator)
                 t2 = time.perf_counter()
@@ -114,7 +119,10 @@ class SpeculativeEngine:
                 stats.observe_step(draft.depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
                 policy.observe(draft.depth, len(accepted), t1 - t0, t2 - t1)
                 if session:
-                    session.update(new_tokens, len(accepted))
+                    try:
+                        session.update(new_tokens, len(accepted))
+                    except Exception as exc:
+                        session = self._drop_drafter(session, stats, exc)
                 if on_tokens:
                     on_tokens(emitted)
         finally:
@@ -123,6 +131,16 @@ class SpeculativeEngine:
         stats.generated_tokens = len(out)
         stats.total_s = time.perf_counter() - t_start
         return GenerationResult(tokens=out, stats=stats, finish_reason=finish)
+
+    @staticmethod
+    def _drop_drafter(session, stats: RequestStats, exc: Exception):
+        stats.events.append(f"drafter failed before step {stats.steps + 1} ({type(exc).__name__}: {exc}); "
+                            "target-only decoding from there")
+        try:
+            session.close()
+        except Exception:  # noqa: BLE001 - the drafter is already broken; its cleanup must not fail the request
+            pass
+        return None
 
     def _verify(self, cache, pending: int, draft: Draft, params: SamplingParams, generator):
         """One target forward over [pending, draft], then roll the cache back to the

@@ -151,3 +151,32 @@ def test_tree_drafts_are_verified_and_compacted(target_model, prompts):
         assert res.tokens == plain.generate(prompt, MAX_NEW).tokens
         trees += res.stats.drafted_tokens
     assert trees > 0
+
+
+def test_failing_drafter_falls_back_to_target_only(target_model, prompts):
+    """A drafter that dies mid-request: the output is still plain decoding's, and the stats say why."""
+    from workers.drafters import Drafter
+
+    class Flaky(Drafter):
+        def __init__(self, inner, fail_after):
+            self.inner, self.fail_after = inner, fail_after
+
+        def start(self, prompt_ids, params, generator):
+            session = self.inner.start(prompt_ids, params, generator)
+            calls = {"n": 0}
+            real = session.propose
+
+            def propose(k):
+                calls["n"] += 1
+                if calls["n"] > self.fail_after:
+                    raise RuntimeError("drafter worker died")
+                return real(k)
+            session.propose = propose
+            return session
+
+    target = ModelRunner(target_model)
+    engine = SpeculativeEngine(target, Flaky(DraftModelDrafter(target), 2), lambda: FixedDraftLength(3))
+    res = engine.generate(prompts[0], MAX_NEW)
+    assert res.tokens == SpeculativeEngine(target).generate(prompts[0], MAX_NEW).tokens
+    assert res.stats.accepted_tokens == 6          # two full drafts before the failure
+    assert len(res.stats.events) == 1 and "drafter worker died" in res.stats.events[0]
