@@ -40,7 +40,7 @@ def stats_message(strategy: str, finish: str, s: RequestStats) -> pb.RequestStat
         strategy=strategy, finish_reason=finish, prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens,
         steps=s.steps, mean_accepted_tokens=s.mean_accepted_tokens, acceptance_rate=s.acceptance_rate,
         tokens_per_s=s.tokens_per_s, ttft_s=s.ttft_s, total_s=s.total_s, draft_s=s.draft_s, verify_s=s.verify_s,
-        accepted_per_position=s.accepted_per_position)
+        accepted_per_position=s.accepted_per_position, events=s.events)
 
 
 class _TextStream:

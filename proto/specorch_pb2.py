@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/specorch.proto\x12\x0bspecorch.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.specorch.v1.ChatMessage\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.specorch.v1.ChatH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specorch.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x10\n\x08strategy\x18\x06 \x01(\tB\x07\n\x05input\"\xa7\x02\n\x0cRequestStats\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x1c\n\x14mean_accepted_tokens\x18\x06 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x07 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x0e\n\x06ttft_s\x18\t \x01(\x01\x12\x0f\n\x07total_s\x18\n \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\x0b \x01(\x01\x12\x10\n\x08verify_s\x18\x0c \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\r \x03(\r\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.specorch.v1.TokenChunkH\x00\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x19.specorch.v1.RequestStatsH\x00\x42\x06\n\x04kind\"F\n\x14GenerateBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.specorch.v1.GenerateRequest\"o\n\x0eGenerateResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.specorch.v1.RequestStats\"E\n\x15GenerateBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.specorch.v1.GenerateResult\"\x11\n\x0fGetStatsRequest\"\x9f\x01\n\rStrategyStats\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x04\x12\x19\n\x11mean_tokens_per_s\x18\x04 \x01(\x01\x12\x1c\n\x14mean_accepted_tokens\x18\x05 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x01\"\xa9\x01\n\x10GetStatsResponse\x12.\n\nstrategies\x18\x01 \x03(\x0b\x32\x1a.specorch.v1.StrategyStats\x12\x16\n\x0erequests_total\x18\x02 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x04 \x01(\x04\x12\x18\n\x10\x64\x65\x66\x61ult_strategy\x18\x05 \x01(\t2\xf8\x01\n\nSpecDecode\x12I\n\x08Generate\x12\x1c.specorch.v1.GenerateRequest\x1a\x1d.specorch.v1.GenerateResponse0\x01\x12V\n\rGenerateBatch\x12!.specorch.v1.GenerateBatchRequest\x1a\".specorch.v1.GenerateBatchResponse\x12G\n\x08GetStats\x12\x1c.specorch.v1.GetStatsRequest\x1a\x1d.specorch.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/specorch.proto\x12\x0bspecorch.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.specorch.v1.ChatMessage\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.specorch.v1.ChatH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specorch.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x10\n\x08strategy\x18\x06 \x01(\tB\x07\n\x05input\"\xb7\x02\n\x0cRequestStats\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x1c\n\x14mean_accepted_tokens\x18\x06 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x07 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x0e\n\x06ttft_s\x18\t \x01(\x01\x12\x0f\n\x07total_s\x18\n \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\x0b \x01(\x01\x12\x10\n\x08verify_s\x18\x0c \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\r \x03(\r\x12\x0e\n\x06\x65vents\x18\x0e \x03(\t\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.specorch.v1.TokenChunkH\x00\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x19.specorch.v1.RequestStatsH\x00\x42\x06\n\x04kind\"F\n\x14GenerateBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.specorch.v1.GenerateRequest\"o\n\x0eGenerateResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.specorch.v1.RequestStats\"E\n\x15GenerateBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.specorch.v1.GenerateResult\"\x11\n\x0fGetStatsRequest\"\x9f\x01\n\rStrategyStats\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x04\x12\x19\n\x11mean_tokens_per_s\x18\x04 \x01(\x01\x12\x1c\n\x14mean_accepted_tokens\x18\x05 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x01\"\xa9\x01\n\x10GetStatsResponse\x12.\n\nstrategies\x18\x01 \x03(\x0b\x32\x1a.specorch.v1.StrategyStats\x12\x16\n\x0erequests_total\x18\x02 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x04 \x01(\x04\x12\x18\n\x10\x64\x65\x66\x61ult_strategy\x18\x05 \x01(\t2\xf8\x01\n\nSpecDecode\x12I\n\x08Generate\x12\x1c.specorch.v1.GenerateRequest\x1a\x1d.specorch.v1.GenerateResponse0\x01\x12V\n\rGenerateBatch\x12!.specorch.v1.GenerateBatchRequest\x1a\".specorch.v1.GenerateBatchResponse\x12G\n\x08GetStats\x12\x1c.specorch.v1.GetStatsRequest\x1a\x1d.specorch.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=285
   _globals['_GENERATEREQUEST']._serialized_end=473
   _globals['_REQUESTSTATS']._serialized_start=476
-  _globals['_REQUESTSTATS']._serialized_end=771
-  _globals['_TOKENCHUNK']._serialized_start=773
-  _globals['_TOKENCHUNK']._serialized_end=818
-  _globals['_GENERATERESPONSE']._serialized_start=821
-  _globals['_GENERATERESPONSE']._serialized_end=953
-  _globals['_GENERATEBATCHREQUEST']._serialized_start=955
-  _globals['_GENERATEBATCHREQUEST']._serialized_end=1025
-  _globals['_GENERATERESULT']._serialized_start=1027
-  _globals['_GENERATERESULT']._serialized_end=1138
-  _globals['_GENERATEBATCHRESPONSE']._serialized_start=1140
-  _globals['_GENERATEBATCHRESPONSE']._serialized_end=1209
-  _globals['_GETSTATSREQUEST']._serialized_start=1211
-  _globals['_GETSTATSREQUEST']._serialized_end=1228
-  _globals['_STRATEGYSTATS']._serialized_start=1231
-  _globals['_STRATEGYSTATS']._serialized_end=1390
-  _globals['_GETSTATSRESPONSE']._serialized_start=1393
-  _globals['_GETSTATSRESPONSE']._serialized_end=1562
-  _globals['_SPECDECODE']._serialized_start=1565
-  _globals['_SPECDECODE']._serialized_end=1813
+  _globals['_REQUESTSTATS']._serialized_end=787
+  _globals['_TOKENCHUNK']._serialized_start=789
+  _globals['_TOKENCHUNK']._serialized_end=834
+  _globals['_GENERATERESPONSE']._serialized_start=837
+  _globals['_GENERATERESPONSE']._serialized_end=969
+  _globals['_GENERATEBATCHREQUEST']._serialized_start=971
+  _globals['_GENERATEBATCHREQUEST']._serialized_end=1041
+  _globals['_GENERATERESULT']._serialized_start=1043
+  _globals['_GENERATERESULT']._serialized_end=1154
+  _globals['_GENERATEBATCHRESPONSE']._serialized_start=1156
+  _globals['_GENERATEBATCHRESPONSE']._serialized_end=1225
+  _globals['_GETSTATSREQUEST']._serialized_start=1227
+  _globals['_GETSTATSREQUEST']._serialized_end=1244
+  _globals['_STRATEGYSTATS']._serialized_start=1247
+  _globals['_STRATEGYSTATS']._serialized_end=1406
+  _globals['_GETSTATSRESPONSE']._serialized_start=1409
+  _globals['_GETSTATSRESPONSE']._serialized_end=1578
+  _globals['_SPECDECODE']._serialized_start=1581
+  _globals['_SPECDECODE']._serialized_end=1829
 # @@protoc_insertion_point(module_scope)
