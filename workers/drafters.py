@@ -84,6 +84,8 @@ class DraftModelDrafter(Drafter):
 
 
 class _DraftModelSession(DraftSession):
+    """Autoregressive drafting with a model; subclasses change how the forwards are computed."""
+
     def __init__(self, runner: ModelRunner, prompt_ids, params, generator, min_confidence: float = 0.0):
         super().__init__(prompt_ids)
         self.min_confidence = min_confidence
@@ -92,19 +94,30 @@ class _DraftModelSession(DraftSession):
         self.generator = generator
         self.cache = runner.new_cache(1, capacity=len(prompt_ids) + 256)
         # Prefill now, so a step's draft time is drafting only (the length policy relies on it).
-        runner.forward(self.cache, torch.tensor([prompt_ids], device=runner.device), logits_rows=slice(-1, None))
+        self._prefill(list(prompt_ids))
+
+    def _logits(self, tokens: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+        """Feed tokens [1, n]; logits of the last one [vocab]."""
+        return self.runner.forward(self.cache, tokens, logits_rows=slice(-1, None), **forward_kwargs)[0, -1]
+
+    def _prefill(self, prompt_ids: list[int]) -> None:
+        self._logits(torch.tensor([prompt_ids], device=self.runner.device))
+
+    def _first_logits(self) -> torch.Tensor:
+        # Feed the committed tokens the drafter has not seen yet (always >= 1: the newest one).
+        feed = self.context[self.cache.lengths[0]:]
+        return self._logits(torch.tensor([feed], device=self.runner.device))
+
+    def _next_logits(self, token: torch.Tensor) -> torch.Tensor:
+        return self._logits(token.view(1, 1))
 
     def propose(self, k: int) -> Draft:
         if k <= 0:
             return EMPTY_DRAFT
-        runner, cache = self.runner, self.cache
-        # Feed the committed tokens the drafter has not seen yet (always >= 1: the newest one).
-        feed = self.context[cache.lengths[0]:]
-        ids = torch.tensor([feed], device=runner.device)
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        logits = self._first_logits()                                             # [vocab]
         for i in range(k):
-            logits = runner.forward(cache, ids, logits_rows=slice(-1, None))[0, -1]  # [vocab]
             if self.params.greedy:
                 tok = logits.argmax()
                 confidence = torch.softmax(logits, -1)[tok] if self.min_confidence > 0 else None
@@ -117,7 +130,7 @@ class _DraftModelSession(DraftSession):
             if i + 1 < k:
                 if self.min_confidence > 0 and float(confidence) < self.min_confidence:
                     break
-                ids = tok.view(1, 1)
+                logits = self._next_logits(tok)
         return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
 
     def update(self, new_tokens, num_accepted):

@@ -20,8 +20,7 @@ from enum import Enum
 
 import torch
 
-from orchestrator.sampling import sample, warp_probs
-from workers.drafters import EMPTY_DRAFT, Draft, Drafter, DraftSession
+from workers.drafters import Draft, Drafter, _DraftModelSession
 from workers.runner import ModelRunner
 
 
@@ -64,62 +63,52 @@ class EasySpecDrafter(Drafter):
         return _EasySpecSession(self, prompt_ids, params, generator)
 
 
-class _EasySpecSession(DraftSession):
+class _EasySpecSession(_DraftModelSession):
+    """Draft-model drafting whose forwards are layer-parallel, with KV calibration."""
+
     def __init__(self, drafter: EasySpecDrafter, prompt_ids, params, generator):
-        super().__init__(prompt_ids)
-        self.d, self.params, self.generator = drafter, params, generator
-        self.runner = drafter.runner
-        self.cache = self.runner.new_cache(1, capacity=len(prompt_ids) + 256)
-        exact_prefill = drafter.calibration != Calibration.NEVER
-        self._forward(list(prompt_ids), exact=exact_prefill)
-        self.exact_len = len(prompt_ids) if exact_prefill else 0   # KV of context[:exact_len] is exact
+        self.d = drafter
         self.mismatch = False
         self.last_k = 0
+        super().__init__(drafter.runner, prompt_ids, params, generator)
+        self.exact_len = len(prompt_ids) if self._exact_prefill else 0   # KV of context[:exact_len] is exact
 
-    def _forward(self, tokens: list[int], exact: bool) -> torch.Tensor:
-        ids = torch.tensor([tokens], device=self.runner.device)
-        groups = None if exact else self.d.groups
-        return self.runner.forward(self.cache, ids, logits_rows=slice(-1, None), layer_groups=groups,
-                                   group_mode=self.d.mode)[0, -1]
+    @property
+    def _exact_prefill(self) -> bool:
+        return self.d.calibration != Calibration.NEVER
 
-    def _calibrate_now(self) -> bool:
+    def _approx(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._logits(tokens, layer_groups=self.d.groups, group_mode=self.d.mode)
+
+    def _prefill(self, prompt_ids):
+        ids = torch.tensor([prompt_ids], device=self.runner.device)
+        if self._exact_prefill:
+            self._logits(ids)
+        else:
+            self._approx(ids)
+
+    def _first_logits(self):
         c = self.d.calibration
-        return c == Calibration.EVERY_ROUND or (c == Calibration.EVERY_MISMATCH and self.mismatch)
-
-    def propose(self, k: int) -> Draft:
-        if k <= 0:
-            return EMPTY_DRAFT
-        if self._calibrate_now() and self.exact_len < len(self.context):
+        calibrate = c == Calibration.EVERY_ROUND or (c == Calibration.EVERY_MISMATCH and self.mismatch)
+        self.mismatch = False
+        if calibrate and self.exact_len < len(self.context):
             # Crop to the last exact point; recompute since then in layer order, fused with the first draft step.
             self.cache.crop(0, self.exact_len)
-            logits = self._forward(self.context[self.exact_len:], exact=True)
+            logits = self._logits(torch.tensor([self.context[self.exact_len:]], device=self.runner.device))
             self.exact_len = len(self.context)
-        else:
-            logits = self._forward(self.context[self.cache.lengths[0]:], exact=False)
-        self.mismatch = False
-        tokens: list[int] = []
-        probs: list[torch.Tensor] = []
-        for i in range(k):
-            if self.params.greedy:
-                tok = logits.argmax()
-            else:
-                q = warp_probs(logits, self.params)                        # [vocab]
-                probs.append(q)
-                tok = sample(q, self.generator)
-            tokens.append(int(tok))
-            if i + 1 < k:
-                logits = self._forward([int(tok)], exact=False)
-        self.last_k = len(tokens)
-        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+            return logits
+        return self._approx(torch.tensor([self.context[self.cache.lengths[0]:]], device=self.runner.device))
+
+    def _next_logits(self, token):
+        return self._approx(token.view(1, 1))
+
+    def propose(self, k: int) -> Draft:
+        draft = super().propose(k)
+        self.last_k = len(draft)
+        return draft
 
     def update(self, new_tokens, num_accepted):
-        committed_before = len(self.context)
         super().update(new_tokens, num_accepted)
-        valid = min(self.cache.lengths[0], committed_before + num_accepted)
-        self.cache.crop(0, valid)
-        self.exact_len = min(self.exact_len, valid)
+        self.exact_len = min(self.exact_len, self.cache.lengths[0])
         self.mismatch = self.mismatch or num_accepted < self.last_k   # a draft token was rejected
         self.last_k = 0
-
-    def close(self):
-        self.cache = None
