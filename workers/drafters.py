@@ -114,7 +114,7 @@ class _DraftModelSession(DraftSession):
     def propose(self, k: int) -> Draft:
         if k <= 0:
             return EMPTY_DRAFT
-        tokens: list[int] = []
+        tokens: list[torch.Tensor] = []   # kept on the device: one host sync per draft, not per token
         probs: list[torch.Tensor] = []
         logits = self._first_logits()                                             # [vocab]
         for i in range(k):
@@ -126,12 +126,12 @@ class _DraftModelSession(DraftSession):
                 probs.append(q)
                 tok = sample(q, self.generator)
                 confidence = q[tok]
-            tokens.append(int(tok))
+            tokens.append(tok)
             if i + 1 < k:
                 if self.min_confidence > 0 and float(confidence) < self.min_confidence:
                     break
                 logits = self._next_logits(tok)
-        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+        return Draft(tokens=torch.stack(tokens).tolist(), probs=torch.stack(probs) if probs else None)
 
     def update(self, new_tokens, num_accepted):
         committed_before = len(self.context)
