@@ -20,14 +20,15 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     gpu = c.add_node(num_cpus=32, num_gpus=4, resources=node_resources("gpu", "A100-80GB"))
     cpu = c.add_node(num_cpus=64, num_gpus=0, resources=node_resources("cpu"))
+    a100 = c.add_node(num_cpus=64, num_gpus=8, resources=node_resources("a100", "A100-80GB"))
     ray.init(address=c.address, log_to_driver=False)
-    yield c, gpu.node_id, cpu.node_id
+    yield c, gpu.node_id, cpu.node_id, a100.node_id
     ray.shutdown()
     c.shutdown()
 
 
 def test_2node_hetero_bundles_land_on_their_pools(cluster):
-    _, gpu_node, cpu_node = cluster
+    _, gpu_node, cpu_node, _ = cluster
     plan = plan_placement(load_config(ROOT / "cluster_configs/2node-hetero.yaml"))
     pg = create_placement_group(plan, "2node-hetero")
     nodes = bundle_nodes(pg)
@@ -46,7 +47,21 @@ def test_2node_hetero_bundles_land_on_their_pools(cluster):
     ray.util.remove_placement_group(pg)
 
 
+def test_8xa100_plan_fits_its_node(cluster):
+    a100_node = cluster[3]
+    plan = plan_placement(load_config(ROOT / "cluster_configs/8xA100.yaml"))
+    pg = create_placement_group(plan, "8xA100")
+    assert set(bundle_nodes(pg).values()) == {a100_node}
+    ray.util.remove_placement_group(pg)
+
+
 def test_unschedulable_plan_fails_naming_bundles(cluster):
-    plan = plan_placement(load_config(ROOT / "cluster_configs/8xA100.yaml"))   # needs pool:a100, absent here
+    cfg = load_config(ROOT / "cluster_configs/8xA100.yaml")
+    # same plan, but the 8 GPUs are asked of a pool no Ray node advertises
+    pools = [p.model_copy(update={"name": "elsewhere"}) for p in cfg.node_pools]
+    placement = cfg.placement.model_copy(update={
+        "target": cfg.placement.target.model_copy(update={"pool": "elsewhere"}),
+        "drafters": {k: d.model_copy(update={"pool": "elsewhere"}) for k, d in cfg.placement.drafters.items()}})
+    plan = plan_placement(cfg.model_copy(update={"node_pools": pools, "placement": placement}))
     with pytest.raises(PlacementError, match="target-shard-0"):
-        create_placement_group(plan, "8xA100", timeout_s=3)
+        create_placement_group(plan, "nowhere", timeout_s=3)
