@@ -44,17 +44,24 @@ def stats_message(strategy: str, finish: str, s: RequestStats) -> pb.RequestStat
 
 
 class _TextStream:
-    """Incremental detokenisation: emit only text that can no longer change."""
+    """Incremental detokenisation: emit only text that can no longer change.
+
+    Only the tokens since the last emitted newline are decoded again (a window that
+    restarts at line ends, as HF's TextStreamer does), so streaming stays linear in
+    the output length.
+    """
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.sent = tokenizer, [], 0
+        self.tokenizer, self.window, self.sent = tokenizer, [], 0
 
     def push(self, new: list[int], final: bool = False) -> str:
-        self.tokens.extend(new)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.window.extend(new)
+        text = self.tokenizer.decode(self.window, skip_special_tokens=True)
         if not final and text.endswith("\ufffd"):       # an incomplete multi-byte character
             return ""
         out, self.sent = text[self.sent:], len(text)
+        if text.endswith("\n"):
+            self.window, self.sent = [], 0
         return out
 
 

@@ -197,3 +197,18 @@ def test_async_client(served):
     with Client(served.address, timeout=60) as client:
         assert res.token_ids == client.generate("abcabc", max_new_tokens=10).token_ids == streamed
     assert res.stats.strategy == "pld" and stats.requests_total >= 2
+
+
+def test_text_stream_equals_full_decode_across_line_ends():
+    from orchestrator.server import _TextStream
+
+    class CharTokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    tok = CharTokenizer()
+    ids = [ord(c) for c in "def f(x):\n    return x\n\nprint(f(1))"]
+    stream = _TextStream(tok)
+    pieces = [stream.push(ids[i:i + 3]) for i in range(0, len(ids), 3)] + [stream.push([], final=True)]
+    assert "".join(pieces) == tok.decode(ids)
+    assert len(stream.window) < len(ids)          # the decode window restarted at a line end
