@@ -84,20 +84,22 @@ def _hf_runner(built: Built, kind: str, max_new: int):
     return run
 
 
-def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=print) -> dict:
-    methods = {}
-    for name, engine in built.engines.items():
-        methods[name] = (lambda e: lambda ids: _engine_run(e, ids, max_new_tokens))(engine)
+def _methods(built: Built, max_new_tokens: int) -> dict:
+    """name -> run(ids) for our engines and the configured HF peers."""
+    methods = {name: (lambda e: lambda ids: _engine_run(e, ids, max_new_tokens))(engine)
+               for name, engine in built.engines.items()}
     for kind in built.config.bench.hf_peers:
         run = _hf_runner(built, kind, max_new_tokens)
         if run is not None:
             methods[f"hf-{kind}"] = run
+    return methods
 
+
+def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=print) -> dict:
+    methods = _methods(built, max_new_tokens)
     encoded = [(p, encode(built.tokenizer, p)) for p in prompts]
     # Warm-up: first calls pay one-off costs (allocator, kernels) that are not the method's.
-    warm = {name: (_hf_runner(built, name[3:], 8) if name.startswith("hf-") else
-                   (lambda e: lambda ids: _engine_run(e, ids, 8))(built.engines[name])) for name in methods}
-    for run in warm.values():
+    for run in _methods(built, 8).values():
         run(encoded[0][1][:32])
 
     records: dict[str, list[dict]] = defaultdict(list)
