@@ -106,9 +106,14 @@ def cmd_bench(args) -> int:
     from orchestrator.config import load_config
 
     cfg = load_config(args.cluster)
+    limits = args.limit or [None]
+    if len(limits) not in (1, len(args.data)):
+        print(f"error: --limit takes one value or one per --data file ({len(args.data)}), got {len(limits)}",
+              file=sys.stderr)
+        return 2
     prompts = []
-    for path in args.data:
-        prompts += load_prompts(path, args.limit)
+    for i, path in enumerate(args.data):
+        prompts += load_prompts(path, limits[i] if len(limits) > 1 else limits[0])
     built = build_engines(cfg, only=args.strategies)
     if args.no_hf:
         cfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"hf_peers": []})})
@@ -134,7 +139,8 @@ def main(argv=None) -> int:
     bench = sub.add_parser("bench", help="benchmark strategies vs plain decoding and HF generate()")
     _common(bench)
     bench.add_argument("--data", action="append", required=True, help="jsonl prompt file (repeatable)")
-    bench.add_argument("--limit", type=int, default=None, help="prompts per data file, spread over categories")
+    bench.add_argument("--limit", type=int, nargs="+", default=None,
+                       help="prompts per data file, spread over categories (one value, or one per --data)")
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--out", default=None, help="JSON result path (a .md table is written beside it)")
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() rows")

@@ -11,7 +11,7 @@ from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.engine import SpeculativeEngine
 from workers.hugepages import move_to_hugepages
 from workers.quantize import quantize_model_int8
-from workers.drafters import DraftModelDrafter, PromptLookupDrafter
+from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
 from workers.easyspec import EasySpecDrafter
 from workers.model_store import load_model
 from workers.runner import ModelRunner
@@ -95,7 +95,11 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                 drafter = EasySpecDrafter(runners[s.drafter], degree=s.degree, mode=s.mode,
                                           calibration=s.calibration, groups=s.groups, name=s.name)
             else:
-                drafter = DraftModelDrafter(runners[s.drafter], name=s.drafter, min_confidence=s.min_confidence)
+                drafter = DraftModelDrafter(runners[s.drafter], name=s.drafter, min_confidence=s.min_confidence,
+                                            draft_vocab=s.draft_vocab)
+                if s.lookup_first is not None:
+                    lf = s.lookup_first
+                    drafter = LookupThenModelDrafter(PromptLookupDrafter(lf.max_ngram, lf.min_ngram), drafter, lf.k)
         elif isinstance(s, PromptLookupStrategy):
             drafter = PromptLookupDrafter(max_ngram=s.max_ngram, min_ngram=s.min_ngram, num_candidates=s.num_candidates)
         else:  # pragma: no cover - the config union is closed

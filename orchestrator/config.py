@@ -43,12 +43,29 @@ class AdaptiveLength(_Strict):
 DraftLength = Annotated[Union[FixedLength, AdaptiveLength], Field(discriminator="policy")]
 
 
+class LookupFirst(_Strict):
+    """Copy from the context when its suffix n-gram occurred before; draft with the model otherwise."""
+    max_ngram: int = Field(3, ge=1, le=16, description="Longest context n-gram to match")
+    min_ngram: int = Field(2, ge=1, le=16, description="Shorter matches fall through to the model")
+    k: int = Field(10, ge=1, le=64, description="Tokens copied per lookup draft")
+
+    @model_validator(mode="after")
+    def _ngram_range(self):
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+        return self
+
+
 class DraftModelStrategy(_Strict):
     name: str = Field(description="Row name in reports and the value of a request's strategy override")
     kind: Literal["draft_model"]
     drafter: str = Field(description="Key of models.drafters")
     min_confidence: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Stop a draft after a token the drafter gave less than this probability (0 = off)"))
+    draft_vocab: int = Field(0, ge=0, description=(
+        "> 0: the drafter scores only the draft_vocab lowest token ids plus the prompt's tokens "
+        "(a cheaper output head; output unchanged, acceptance may drop). 0 = full vocabulary"))
+    lookup_first: LookupFirst | None = Field(None, description="Prompt lookup before the model (a hybrid)")
     draft_length: DraftLength = Field(default_factory=FixedLength)
 
 

@@ -46,6 +46,14 @@ def tree_attention(parents: list[int], device) -> tuple[torch.Tensor, torch.Tens
     return mask.to(device), torch.tensor(depths, device=device)
 
 
+def _clip(draft: Draft, limit: int) -> Draft:
+    """A chain draft cut to `limit` tokens (no point verifying past max_new_tokens)."""
+    if draft.parents is not None or len(draft) <= limit:
+        return draft
+    probs = draft.probs[:limit] if draft.probs is not None else None
+    return Draft(tokens=draft.tokens[:limit], probs=probs, source=draft.source)
+
+
 class SpeculativeEngine:
     """Runs requests through a target runner with an optional drafter."""
 
@@ -97,11 +105,12 @@ class SpeculativeEngine:
             while finish != "stop" and len(out) < max_new_tokens:
                 remaining = max_new_tokens - len(out)
                 t0 = time.perf_counter()
-                k = min(policy.next_k(), remaining - 1) if session else 0
+                k = min(policy.next_k(), remaining - 1)
                 draft = EMPTY_DRAFT
-                if k > 0:
+                if session and remaining > 1:
+                    # k may be 0 (the policy's "decode normally"); a hybrid may still copy from the context.
                     try:
-                        draft = session.propose(k)
+                        draft = _clip(session.propose(k), remaining - 1)
                     except Exception as exc:  # a failed drafter costs speed, never the request
                         session = self._drop_drafter(session, stats, exc)
                 t1 = time.perf_counter()
@@ -117,7 +126,8 @@ class SpeculativeEngine:
                 out.extend(emitted)
                 # For tree drafts "drafted" is the depth: the positions that could be accepted.
                 stats.observe_step(draft.depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
-                policy.observe(draft.depth, len(accepted), t1 - t0, t2 - t1)
+                if draft.source != "lookup":   # free context copies would skew the model's cost and acceptance
+                    policy.observe(draft.depth, len(accepted), t1 - t0, t2 - t1)
                 if session:
                     try:
                         session.update(new_tokens, len(accepted))

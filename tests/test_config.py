@@ -55,3 +55,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="YAML"):
         load_config(write(tmp_path, "models: [unclosed\n"))
+
+
+def test_lookup_first_ngram_range_is_checked(tmp_path):
+    p = write(tmp_path, """
+models: {target: {source: x}, drafters: {d: {source: y}}}
+strategies:
+  - {name: a, kind: draft_model, drafter: d, lookup_first: {max_ngram: 2, min_ngram: 3}}
+""")
+    with pytest.raises(ConfigError, match=r"strategies\.0\.draft_model\.lookup_first"):
+        load_config(p)

@@ -9,7 +9,7 @@ import torch
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.sampling import SamplingParams
-from workers.drafters import DraftModelDrafter, PromptLookupDrafter
+from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
 from workers.runner import ModelRunner
 
 MAX_NEW = 40
@@ -33,6 +33,10 @@ def strategies(target_model, draft_model):
         "noisy-draft": DraftModelDrafter(ModelRunner(noisy_copy(target_model, 0.3, 5))),
         "prompt-lookup": PromptLookupDrafter(max_ngram=3),
         "prompt-lookup-tree": PromptLookupDrafter(max_ngram=2, num_candidates=4),
+        # logits for ids < 40 plus the prompt's tokens only (the tiny vocabulary is 96)
+        "draft-vocab": DraftModelDrafter(ModelRunner(draft_model), draft_vocab=40),
+        "lookup-then-model": LookupThenModelDrafter(PromptLookupDrafter(3, 2),
+                                                    DraftModelDrafter(ModelRunner(draft_model)), lookup_k=6),
     }
     out = {}
     for name, drafter in drafters.items():

@@ -16,7 +16,7 @@ from orchestrator.draft_length import FixedDraftLength
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.sampling import SamplingParams, warp_probs
 from tests.test_verification import chi_square_p_value
-from workers.drafters import DraftModelDrafter, PromptLookupDrafter
+from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
 from workers.runner import ModelRunner
 
 V = 8
@@ -55,6 +55,9 @@ CASES = {
     "draft-model-t0.7-topk-topp": ("draft-model", SamplingParams(temperature=0.7, top_k=5, top_p=0.9)),
     "prompt-lookup-t1": ("prompt-lookup", SamplingParams(temperature=1.0)),
     "prompt-lookup-tree-t1": ("prompt-lookup-tree", SamplingParams(temperature=1.0)),
+    # q is zero outside ids {0..3} + the prompt's {3, 5}: the target's other tokens come from the residual
+    "draft-vocab-t1": ("draft-vocab", SamplingParams(temperature=1.0)),
+    "lookup-then-model-t1": ("lookup-then-model", SamplingParams(temperature=1.0)),
 }
 
 
@@ -69,6 +72,9 @@ def test_speculative_sampling_matches_target_distribution(case):
         "draft-model": lambda: DraftModelDrafter(ModelRunner(small_vocab_model(1))),
         "prompt-lookup": lambda: PromptLookupDrafter(2),
         "prompt-lookup-tree": lambda: PromptLookupDrafter(2, num_candidates=3),
+        "draft-vocab": lambda: DraftModelDrafter(ModelRunner(small_vocab_model(1)), draft_vocab=4),
+        "lookup-then-model": lambda: LookupThenModelDrafter(
+            PromptLookupDrafter(3, 3), DraftModelDrafter(ModelRunner(small_vocab_model(1))), lookup_k=3),
     }[kind]()
     engine = SpeculativeEngine(target, drafter, lambda: FixedDraftLength(3))
     gen = torch.Generator().manual_seed(0)

@@ -13,6 +13,7 @@ import torch
 
 from orchestrator.sampling import SamplingParams, sample, warp_probs
 from workers.runner import ModelRunner
+from workers.vocab_trim import TrimmedHead, kept_token_ids
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Draft:
     tokens: list[int]                  # [k] proposed tokens (chain order, or tree nodes in index order)
     probs: torch.Tensor | None = None  # [k, vocab] q each token was sampled from; None = deterministic
     parents: list[int] | None = None   # tree drafts: parent node of each token (-1 = root); None = chain
+    source: str = ""                   # which drafter of a hybrid made it ("lookup" drafts skip the length policy)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -72,24 +74,32 @@ class Drafter(ABC):
 class DraftModelDrafter(Drafter):
     """A small causal LM with the target's tokenizer, drafting autoregressively."""
 
-    def __init__(self, runner: ModelRunner, name: str = "draft-model", min_confidence: float = 0.0):
+    def __init__(self, runner: ModelRunner, name: str = "draft-model", min_confidence: float = 0.0,
+                 draft_vocab: int = 0):
         """min_confidence: stop a draft early after a token the drafter itself gave less than
-        this probability (a draft-side decision, so verification stays lossless)."""
+        this probability (a draft-side decision, so verification stays lossless).
+        draft_vocab: > 0 computes the drafter's logits only for the draft_vocab lowest token
+        ids plus the prompt's tokens (workers/vocab_trim.py)."""
         self.runner = runner
         self.name = name
         self.min_confidence = min_confidence
+        self.draft_vocab = draft_vocab
 
     def start(self, prompt_ids, params, generator):
-        return _DraftModelSession(self.runner, prompt_ids, params, generator, self.min_confidence)
+        return _DraftModelSession(self.runner, prompt_ids, params, generator, self.min_confidence,
+                                  self.draft_vocab)
 
 
 class _DraftModelSession(DraftSession):
     """Autoregressive drafting with a model; subclasses change how the forwards are computed."""
 
-    def __init__(self, runner: ModelRunner, prompt_ids, params, generator, min_confidence: float = 0.0):
+    def __init__(self, runner: ModelRunner, prompt_ids, params, generator, min_confidence: float = 0.0,
+                 draft_vocab: int = 0):
         super().__init__(prompt_ids)
         self.min_confidence = min_confidence
         self.runner = runner
+        self.head = (TrimmedHead(runner.lm_head, kept_token_ids(runner.vocab_size, draft_vocab, prompt_ids))
+                     if draft_vocab > 0 else None)
         self.params = params
         self.generator = generator
         self.cache = runner.new_cache(1, capacity=len(prompt_ids) + 256)
@@ -98,7 +108,9 @@ class _DraftModelSession(DraftSession):
 
     def _logits(self, tokens: torch.Tensor, **forward_kwargs) -> torch.Tensor:
         """Feed tokens [1, n]; logits of the last one [vocab]."""
-        return self.runner.forward(self.cache, tokens, logits_rows=slice(-1, None), **forward_kwargs)[0, -1]
+        logits = self.runner.forward(self.cache, tokens, logits_rows=slice(-1, None), lm_head=self.head,
+                                     **forward_kwargs)[0, -1]
+        return logits if self.head is None else self.head.expand(logits)
 
     def _prefill(self, prompt_ids: list[int]) -> None:
         self._logits(torch.tensor([prompt_ids], device=self.runner.device))
@@ -230,3 +242,43 @@ class _PromptLookupSession(DraftSession):
         if len(found) <= 1:
             return Draft(tokens=found[0] if found else [])
         return merge_into_trie(found)
+
+
+# ------------------------------------------------------------------ hybrid
+class LookupThenModelDrafter(Drafter):
+    """Prompt lookup when the context's suffix n-gram has occurred before, the model otherwise.
+
+    Copying from the context costs nothing and, on code, is often right for many
+    tokens; the model covers the steps where there is nothing to copy. The model
+    session catches up on the tokens it skipped in its next forward.
+    """
+
+    def __init__(self, lookup: PromptLookupDrafter, model: Drafter, lookup_k: int = 10):
+        self.lookup, self.model, self.lookup_k = lookup, model, lookup_k
+        self.name = f"{lookup.name}+{model.name}"
+
+    def start(self, prompt_ids, params, generator):
+        return _LookupThenModelSession(self.lookup.start(prompt_ids, params, generator),
+                                       self.model.start(prompt_ids, params, generator), self.lookup_k)
+
+
+class _LookupThenModelSession(DraftSession):
+    def __init__(self, lookup: DraftSession, model: DraftSession, lookup_k: int):
+        super().__init__([])
+        self.lookup, self.model, self.lookup_k = lookup, model, lookup_k
+
+    def propose(self, k: int) -> Draft:
+        # The lookup length is its own: the engine's length policy sizes model drafts only.
+        draft = self.lookup.propose(self.lookup_k)
+        if len(draft):
+            draft.source = "lookup"
+            return draft
+        return self.model.propose(k)
+
+    def update(self, new_tokens, num_accepted):
+        self.lookup.update(new_tokens, num_accepted)
+        self.model.update(new_tokens, num_accepted)
+
+    def close(self):
+        self.lookup.close()
+        self.model.close()

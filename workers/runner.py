@@ -172,6 +172,7 @@ class ModelRunner:
         logits_rows: slice | torch.Tensor | None = None,  # which of the T positions need logits (None = all)
         layer_groups: list[list[int]] | None = None,  # EasySpec: layers of a group see the same input
         group_mode: str = "attn_only",               # "attn_only" or "direct_mlp" (workers/easyspec.py)
+        lm_head: torch.nn.Module | None = None,      # replaces the output head (workers/vocab_trim.py)
     ) -> torch.Tensor:
         """Append T new tokens per row and return logits [batch, T', vocab] (float32).
 
@@ -222,7 +223,7 @@ class ModelRunner:
         if logits_rows is not None:
             hidden = hidden[:, logits_rows]
         hidden = self.norm(hidden)
-        return _linear(hidden, self.lm_head, self.gemv).float()
+        return _linear(hidden, lm_head if lm_head is not None else self.lm_head, self.gemv).float()
 
     def _attention(self, li: int, hidden: torch.Tensor, ctx: "_Step") -> torch.Tensor:
         """Layer li's attention block on `hidden` (norm -> qkv -> rope -> KV write -> sdpa -> o_proj)."""
