@@ -75,14 +75,34 @@ def cmd_serve(args, demo: bool) -> int:
     from orchestrator.server import start_server
 
     cfg = load_config(args.cluster)
-    built = build_engines(cfg, only=args.strategies)
+    runtime, dashboard = None, None
+    if args.in_process:
+        built = build_engines(cfg, only=args.strategies)
+    else:
+        import ray
+
+        from orchestrator.ray_runtime import place, start_ray
+        from placement.plan import plan_placement
+
+        plan = plan_placement(cfg)                 # an infeasible plan fails here, before Ray starts
+        print(f"placement plan for {cfg.name}:\n{plan.table()}", flush=True)
+        dashboard = start_ray(cfg)
+        try:
+            built, runtime = place(cfg, plan, only=args.strategies)
+        except BaseException:
+            ray.shutdown()
+            raise
     host = cfg.server.host
     port = args.port if args.port is not None else (0 if demo else cfg.server.port)
 
     async def serve() -> None:
-        server, bound, _ = await start_server(built, host, port)
+        server, bound, service = await start_server(built, host, port)
         print(f"gRPC endpoint: {host}:{bound}  (strategies: {', '.join(built.engines)})", flush=True)
-        print("Ray dashboard: not started (engines run in this process; Ray placement is not built yet)", flush=True)
+        if runtime is not None:
+            print(f"Ray dashboard: {dashboard or 'not started (joined an existing cluster: see its head)'}; "
+                  f"actors: {', '.join(runtime.actors)}", flush=True)
+        else:
+            print("Ray: not used (--in-process: every model runs in this process)", flush=True)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,11 +112,20 @@ def cmd_serve(args, demo: bool) -> int:
             task.add_done_callback(lambda _f: stop.set())
         await stop.wait()
         await server.stop(grace=5)
+        service.close()
         if demo:
             task.result()
         print("server stopped", flush=True)
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        if runtime is not None:     # no orphaned actors: kill ours, then leave (or stop) Ray
+            import ray
+
+            runtime.shutdown()
+            ray.shutdown()
+            print("Ray actors stopped", flush=True)
     return 0
 
 
@@ -148,6 +177,8 @@ def main(argv=None) -> int:
     serve = sub.add_parser("serve", help="serve the gRPC front door until SIGINT/SIGTERM")
     _common(serve)
     serve.add_argument("--port", type=int, default=None, help="override server.port (0 = any free port)")
+    serve.add_argument("--in-process", action="store_true",
+                       help="run every model in this process instead of Ray actors")
     serve.set_defaults(func=lambda a: cmd_serve(a, demo=False))
 
     parser.add_argument("--cluster", help="config file for the main job")
@@ -155,6 +186,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dry-run", action="store_true", help="print the placement plan and exit")
     parser.add_argument("--port", type=int, default=None, help="gRPC port for the main job (default: any free port)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every model in this process instead of Ray actors")
     args = parser.parse_args(argv)
     if args.command is None:
         if not args.cluster:

@@ -40,8 +40,9 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def load_for_decoding(source: str, dtype: str, device: torch.device, quantize: str = "none"):
-    model, tokenizer = load_model(source, DTYPES[dtype], device)
+def load_for_decoding(source: str, dtype: str, device: torch.device, quantize: str = "none",
+                      with_tokenizer: bool = True):
+    model, tokenizer = load_model(source, DTYPES[dtype], device, with_tokenizer=with_tokenizer)
     if quantize == "int8":
         if device.type != "cpu":
             raise ValueError("quantize: int8 is implemented for CPU drafters only")
@@ -91,19 +92,26 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                     raise ValueError(f"models.drafters.{s.drafter}: vocabulary size differs from the target's")
                 built.drafter_models[s.drafter] = dmodel
                 runners[s.drafter] = ModelRunner(dmodel, device)
-            if isinstance(s, EasySpecStrategy):
-                drafter = EasySpecDrafter(runners[s.drafter], degree=s.degree, mode=s.mode,
-                                          calibration=s.calibration, groups=s.groups, name=s.name)
-            else:
-                drafter = DraftModelDrafter(runners[s.drafter], name=s.drafter, min_confidence=s.min_confidence,
-                                            draft_vocab=s.draft_vocab)
-                if s.lookup_first is not None:
-                    lf = s.lookup_first
-                    drafter = LookupThenModelDrafter(PromptLookupDrafter(lf.max_ngram, lf.min_ngram), drafter, lf.k)
-        elif isinstance(s, PromptLookupStrategy):
-            drafter = PromptLookupDrafter(max_ngram=s.max_ngram, min_ngram=s.min_ngram, num_candidates=s.num_candidates)
-        else:  # pragma: no cover - the config union is closed
-            raise TypeError(type(s))
+            drafter = make_drafter(s, runners[s.drafter])
+        else:
+            drafter = make_drafter(s, None)
         built.engines[s.name] = SpeculativeEngine(target, drafter, policy_factory(s.draft_length),
                                                   eos_token_ids=eos, name=s.name)
     return built
+
+
+def make_drafter(s, runner: ModelRunner | None):
+    """The drafter a strategy config describes; `runner` runs its draft model (None for prompt lookup)."""
+    if isinstance(s, EasySpecStrategy):
+        return EasySpecDrafter(runner, degree=s.degree, mode=s.mode, calibration=s.calibration, groups=s.groups,
+                               name=s.name)
+    if isinstance(s, DraftModelStrategy):
+        drafter = DraftModelDrafter(runner, name=s.drafter, min_confidence=s.min_confidence,
+                                    draft_vocab=s.draft_vocab)
+        if s.lookup_first is not None:
+            lf = s.lookup_first
+            drafter = LookupThenModelDrafter(PromptLookupDrafter(lf.max_ngram, lf.min_ngram), drafter, lf.k)
+        return drafter
+    if isinstance(s, PromptLookupStrategy):
+        return PromptLookupDrafter(max_ngram=s.max_ngram, min_ngram=s.min_ngram, num_candidates=s.num_candidates)
+    raise TypeError(type(s))  # pragma: no cover - the config union is closed

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -90,6 +90,7 @@ class EasySpecStrategy(_Strict):
 
 
 Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy, EasySpecStrategy], Field(discriminator="kind")]
+StrategyAdapter = TypeAdapter(Strategy)   # validates one strategy dict (e.g. inside a Ray actor)
 
 
 class ModelsConfig(_Strict):
@@ -156,6 +157,10 @@ class ServerSection(_Strict):
     max_new_tokens: int = Field(2048, ge=1, description="Upper limit on a request's max_new_tokens")
     max_batch: int = Field(64, ge=1, description="Most requests in one GenerateBatch")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="gRPC send/receive message size limit")
+    concurrency: int = Field(8, ge=1, description="Requests decoded at the same time (one thread each)")
+    batch_verification: bool = Field(True, description=(
+        "Batch the target forwards of concurrent requests into one (the global verifier)"))
+    max_verify_batch: int = Field(16, ge=1, description="Most requests in one batched target forward")
 
 
 class EngineConfig(_Strict):

@@ -138,6 +138,9 @@ class SpeculativeEngine:
         finally:
             if session:
                 session.close()
+            release = getattr(cache, "release", None)   # KV held by remote shards (orchestrator/ray_runtime.py)
+            if release:
+                release()
         stats.generated_tokens = len(out)
         stats.total_s = time.perf_counter() - t_start
         return GenerationResult(tokens=out, stats=stats, finish_reason=finish)

@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.build import Built
+from orchestrator.engine import SpeculativeEngine
+from orchestrator.global_verifier import GlobalVerifier
 from orchestrator.metrics import AggregateStats, RequestStats
 from orchestrator.validation import RequestError, ValidRequest, validate_request
 from proto import specorch_pb2 as pb
@@ -70,8 +72,16 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         self.built = built
         self.cfg = built.config.server
         self.tokenizer = built.tokenizer
-        # One decode at a time: the engines share one target model and its runner.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        # Each request decodes in its own thread; with batch_verification their target forwards
+        # meet in the global verifier and run as one batch.
+        self.executor = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="decode")
+        self.verifier = None
+        self.engines = dict(built.engines)
+        if self.cfg.batch_verification and self.cfg.concurrency > 1:
+            self.verifier = GlobalVerifier(built.target, max_batch=self.cfg.max_verify_batch)
+            self.engines = {name: SpeculativeEngine(self.verifier, e.drafter, e.policy_factory,
+                                                    tuple(e.eos_token_ids), e.name)
+                            for name, e in built.engines.items()}
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
         self.failed = self.cancelled = 0
         self.max_context = getattr(built.target_model.config, "max_position_embeddings", 1 << 30)
@@ -97,7 +107,7 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         await context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
     def _run(self, v: ValidRequest, ids: list[int], on_tokens):
-        engine = self.built.engines[v.strategy]
+        engine = self.engines[v.strategy]
         return engine.generate(ids, v.max_new_tokens, v.sampling, on_tokens=on_tokens)
 
     async def _generate(self, v: ValidRequest, ids: list[int], context):
@@ -182,15 +192,17 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             await self._abort(context, err)
             return
 
-        results = []
-        try:
-            for v, ids in jobs:
-                async for kind, res in self._generate(v, ids, context):
-                    pass        # the last item is ("done", result)
-                results.append(pb.GenerateResult(
-                    request_id=v.request_id, token_ids=res.tokens,
-                    text=self.tokenizer.decode(res.tokens, skip_special_tokens=True),
-                    stats=stats_message(v.strategy, res.finish_reason, res.stats)))
+        async def one(v, ids):
+            async for _kind, res in self._generate(v, ids, context):
+                pass            # the last item is ("done", result)
+            return pb.GenerateResult(
+                request_id=v.request_id, token_ids=res.tokens,
+                text=self.tokenizer.decode(res.tokens, skip_special_tokens=True),
+                stats=stats_message(v.strategy, res.finish_reason, res.stats))
+
+        tasks = [asyncio.ensure_future(one(v, ids)) for v, ids in jobs]
+        try:   # up to server.concurrency of them decode at once (the executor's size)
+            results = await asyncio.gather(*tasks)
         except _Stop as stop:
             self.cancelled += 1
             await context.abort(stop.code, str(stop))
@@ -202,7 +214,15 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             self.failed += 1
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
             return
+        finally:
+            for t in tasks:    # after a failure the others stop at their next step and free their state
+                t.cancel()
         return pb.GenerateBatchResponse(results=results)
+
+    def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def GetStats(self, request, context):
         out = pb.GetStatsResponse(default_strategy=self.cfg.default_strategy, requests_failed=self.failed,

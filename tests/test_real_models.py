@@ -91,6 +91,8 @@ def test_launch_main_and_bench_on_ci_tiny(tmp_path):
         line = next(ln for ln in main.stdout.splitlines() if ln.strip().startswith(name + ":") and "tok/s" in ln)
         assert "3/3 outputs equal plain decoding" in line, line
     assert "server stopped" in main.stdout
+    assert "Ray dashboard: http" in main.stdout and "target-shard-0" in main.stdout   # served by Ray actors
+    assert "Ray actors stopped" in main.stdout
 
 
 def test_serve_answers_client_and_stops_on_sigterm():
@@ -114,7 +116,8 @@ def test_serve_answers_client_and_stops_on_sigterm():
             assert client.stats().requests_total == 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert "server stopped" in proc.stdout.read()
+        rest = proc.stdout.read()
+        assert "server stopped" in rest and "Ray actors stopped" in rest
     finally:
         if proc.poll() is None:
             proc.kill()

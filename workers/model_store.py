@@ -333,7 +333,7 @@ def resolve_model_path(spec: str, dtype: torch.dtype = torch.bfloat16, cache_dir
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-               cache_dir: Path | str | None = None):
+               cache_dir: Path | str | None = None, with_tokenizer: bool = True):
     """(model, tokenizer) for ``spec``; the model is in eval mode on ``device``.
 
     For GGUF-backed specs the cache is per dtype, so asking for float32 converts a float32 copy
@@ -343,5 +343,5 @@ def load_model(spec: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
 
     path = resolve_model_path(spec, dtype, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if with_tokenizer else None
     return model.eval().to(device), tokenizer

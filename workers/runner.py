@@ -62,8 +62,6 @@ class _Step:
     """What every layer of one forward shares."""
 
     cache: "KVCache"
-    cos: torch.Tensor          # [batch, 1, T, head_dim]
-    sin: torch.Tensor          # [batch, 1, T, head_dim]
     mask: torch.Tensor         # [batch, 1, T, end] bool
     starts: list[int]
     end: int
@@ -71,6 +69,9 @@ class _Step:
     slots: torch.Tensor        # [batch, T] cache slot of each new token
     batch_idx: torch.Tensor    # [batch, 1]
     uniform: bool              # every row starts at the same slot
+    position_ids: torch.Tensor  # [batch, T]
+    cos: torch.Tensor | None = None  # [batch, 1, T, head_dim], set once the input is embedded
+    sin: torch.Tensor | None = None
 
 
 @dataclass
@@ -123,7 +124,10 @@ class KVCache:
 class ModelRunner:
     """Runs a decoder-only HF causal LM (Llama / Qwen2 / Mistral / Qwen3 family)."""
 
-    def __init__(self, model, device: str | torch.device | None = None):
+    def __init__(self, model, device: str | torch.device | None = None, layer_range: tuple[int, int] | None = None):
+        """layer_range (start, end): run only these decoder layers, a pipeline stage. The first
+        stage embeds token ids, later stages take the previous stage's hidden states; the last
+        stage returns logits, the others hidden states [batch, T, hidden]."""
         arch = model.config.model_type
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -136,7 +140,13 @@ class ModelRunner:
         self.dtype = model.model.embed_tokens.weight.dtype
         inner = model.model
         self.embed = inner.embed_tokens
-        self.layers = list(inner.layers)
+        total = len(inner.layers)
+        start, end = layer_range if layer_range is not None else (0, total)
+        if not 0 <= start < end <= total:
+            raise ValueError(f"layer_range {layer_range} outside the model's {total} layers")
+        self.layer_range = (start, end)
+        self.first_stage, self.last_stage = start == 0, end == total
+        self.layers = list(inner.layers)[start:end]
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
         self.lm_head = model.lm_head
@@ -181,9 +191,32 @@ class ModelRunner:
         the new tokens, those allowed by tree_mask (default: causal chain).
         Padded tokens (i >= num_new[r]) are computed but never become valid.
         """
-        batch, t = input_ids.shape
+        batch, t = input_ids.shape[:2]
         num_new = num_new if num_new is not None else [t] * batch
-        starts = cache.lengths
+        ctx = self._step(cache, batch, t, depths, tree_mask)
+        # A later pipeline stage receives hidden states [batch, T, hidden] instead of ids.
+        hidden = self.embed(input_ids) if self.first_stage else input_ids.to(self.dtype)
+        cos, sin = self.rotary(hidden, ctx.position_ids)                  # [batch, T, head_dim]
+        ctx.cos, ctx.sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if layer_groups is None:
+            for li in range(self.num_layers):
+                hidden = hidden + self._attention(li, hidden, ctx)
+                hidden = hidden + self._mlp(li, hidden)
+        else:
+            hidden = self._grouped_layers(hidden, ctx, layer_groups, group_mode)
+
+        for r in range(batch):
+            cache.lengths[r] = ctx.starts[r] + num_new[r]
+        if not self.last_stage:
+            return hidden
+        if logits_rows is not None:
+            hidden = hidden[:, logits_rows]
+        hidden = self.norm(hidden)
+        return _linear(hidden, lm_head if lm_head is not None else self.lm_head, self.gemv).float()
+
+    def _step(self, cache: KVCache, batch: int, t: int, depths, tree_mask) -> _Step:
+        """Positions, cache slots and the attention mask of T new tokens per row."""
+        starts = list(cache.lengths)
         end = max(s + t for s in starts)
         cache.ensure_capacity(end)
         dev = self.device
@@ -205,29 +238,63 @@ class ModelRunner:
             tree_mask, 2, rel.clamp(0, t - 1).expand(batch, t, end)
         ) & in_new
         mask = (prefix_ok | new_ok).unsqueeze(1)                          # [batch, 1, T, end]
+        return _Step(cache, mask, starts, end, t, slots, torch.arange(batch, device=dev).view(batch, 1),
+                     all(s == starts[0] for s in starts), position_ids)
 
-        hidden = self.embed(input_ids)                                    # [batch, T, hidden]
-        cos, sin = self.rotary(hidden, position_ids)                      # [batch, T, head_dim]
-        ctx = _Step(cache, cos.unsqueeze(1), sin.unsqueeze(1), mask, starts, end, t, slots,
-                    torch.arange(batch, device=dev).view(batch, 1), all(s == starts[0] for s in starts))
+    @torch.inference_mode()
+    def forward_many(self, requests: list[tuple]) -> list[torch.Tensor]:
+        """One forward for several independent sequences, each with its own batch-1 cache.
 
-        if layer_groups is None:
-            for li in range(self.num_layers):
-                hidden = hidden + self._attention(li, hidden, ctx)
-                hidden = hidden + self._mlp(li, hidden)
-        else:
-            hidden = self._grouped_layers(hidden, ctx, layer_groups, group_mode)
+        requests: (cache, input_ids [1, T_i], depths [1, T_i] | None, tree_mask [1, T_i, T_i] | None,
+        logits_rows | None). The linear layers, which stream every weight from memory,
+        run once on all rows padded to the longest T; attention runs per sequence on
+        its own cache. Returns each request's logits [1, T_i', vocab] (float32), equal
+        to what forward() gives that request alone (hidden states [1, T_i, hidden] from a
+        pipeline stage that is not the last).
+        """
+        lengths = [int(r[1].shape[1]) for r in requests]
+        t_max = max(lengths)
+        if self.first_stage:
+            ids = torch.zeros(len(requests), t_max, dtype=torch.long, device=self.device)   # [B, T_max], 0 = pad
+        else:   # a later pipeline stage: inputs are hidden states [1, T_i, hidden]
+            hidden = torch.zeros(len(requests), t_max, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        ctxs = []
+        for i, (cache, inputs, depths, tree_mask, _rows) in enumerate(requests):
+            if cache.batch != 1:
+                raise ValueError("forward_many takes batch-1 caches")
+            if self.first_stage:
+                ids[i, : lengths[i]] = inputs[0]
+            else:
+                hidden[i, : lengths[i]] = inputs[0]
+            ctxs.append(self._step(cache, 1, lengths[i], depths, tree_mask))
+        if self.first_stage:
+            hidden = self.embed(ids)                                      # [B, T_max, hidden]
+        for i, ctx in enumerate(ctxs):
+            cos, sin = self.rotary(hidden[i:i + 1, : lengths[i]], ctx.position_ids)
+            ctx.cos, ctx.sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for li in range(self.num_layers):
+            q, k, v = self._qkv(li, hidden)                                # [B, heads, T_max, hd]
+            out = torch.zeros_like(q)
+            for i, (ctx, n) in enumerate(zip(ctxs, lengths)):
+                out[i:i + 1, :, :n] = self._attend(li, q[i:i + 1, :, :n], k[i:i + 1, :, :n], v[i:i + 1, :, :n], ctx)
+            attn = self.layers[li].self_attn
+            hidden = hidden + _linear(out.transpose(1, 2).reshape(len(requests), t_max, -1), attn.o_proj, self.gemv)
+            hidden = hidden + self._mlp(li, hidden)
+        results = []
+        for i, (_cache, _ids, _d, _m, rows) in enumerate(requests):
+            h = hidden[i:i + 1, : lengths[i]]
+            if not self.last_stage:
+                results.append(h)
+                continue
+            h = h[:, rows] if rows is not None else h
+            results.append(_linear(self.norm(h), self.lm_head, self.gemv).float())
+        for ctx, n in zip(ctxs, lengths):      # only now: a failed forward leaves every cache as it was
+            ctx.cache.lengths[0] = ctx.starts[0] + n
+        return results
 
-        for r in range(batch):
-            cache.lengths[r] = starts[r] + num_new[r]
-        if logits_rows is not None:
-            hidden = hidden[:, logits_rows]
-        hidden = self.norm(hidden)
-        return _linear(hidden, lm_head if lm_head is not None else self.lm_head, self.gemv).float()
-
-    def _attention(self, li: int, hidden: torch.Tensor, ctx: "_Step") -> torch.Tensor:
-        """Layer li's attention block on `hidden` (norm -> qkv -> rope -> KV write -> sdpa -> o_proj)."""
-        layer, gemv, cache = self.layers[li], self.gemv, ctx.cache
+    def _qkv(self, li: int, hidden: torch.Tensor):
+        """Layer li's projected q, k, v before rotary embedding: each [batch, heads, T, hd]."""
+        layer, gemv = self.layers[li], self.gemv
         attn = layer.self_attn
         batch, t = hidden.shape[:2]
         x = layer.input_layernorm(hidden)
@@ -236,7 +303,17 @@ class ModelRunner:
         v = _linear(x, attn.v_proj, gemv).view(batch, t, -1, self.head_dim)
         if self.has_qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, T, hd]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _attention(self, li: int, hidden: torch.Tensor, ctx: "_Step") -> torch.Tensor:
+        """Layer li's attention block on `hidden` (norm -> qkv -> rope -> KV write -> sdpa -> o_proj)."""
+        batch, t = hidden.shape[:2]
+        out = self._attend(li, *self._qkv(li, hidden), ctx)               # [batch, heads, T, hd]
+        return _linear(out.transpose(1, 2).reshape(batch, t, -1), self.layers[li].self_attn.o_proj, self.gemv)
+
+    def _attend(self, li: int, q, k, v, ctx: "_Step") -> torch.Tensor:
+        """Rotary, KV write into ctx.cache, attention over the cache. q/k/v [batch, heads, T, hd]."""
+        attn, cache, t = self.layers[li].self_attn, ctx.cache, q.shape[2]
         q = q * ctx.cos + _rotate_half(q) * ctx.sin
         k = k * ctx.cos + _rotate_half(k) * ctx.sin
         kc, vc = cache.keys[li], cache.values[li]
@@ -251,7 +328,7 @@ class ModelRunner:
             q, kc[:, :, :ctx.end], vc[:, :, :ctx.end], attn_mask=ctx.mask,
             scale=attn.scaling, enable_gqa=self.num_kv_heads != self.num_heads,
         )                                                                 # [batch, heads, T, hd]
-        return _linear(out.transpose(1, 2).reshape(batch, t, -1), attn.o_proj, gemv)
+        return out
 
     def _mlp(self, li: int, hidden: torch.Tensor) -> torch.Tensor:
         layer, gemv = self.layers[li], self.gemv

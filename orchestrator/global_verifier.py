@@ -1,0 +1,144 @@
+"""The global verifier: one target forward for the verification steps of all live requests.
+
+Every request decodes in its own thread with its own `SpeculativeEngine.generate`
+loop and drafter session. Their target forwards (prefill and verification) go
+through `GlobalVerifier`, which looks like a `ModelRunner` to the engine: each call
+queues the request's input and blocks; a single verifier thread takes whatever is
+queued (up to `max_batch`), runs `ModelRunner.forward_many` once, and hands each
+request its logits. A request joins at its next step and leaves when it finishes,
+so batches change between steps (continuous batching). The target's weights are
+streamed from memory once per batch instead of once per request, which is what
+a memory-bound decode step pays for.
+
+Long prompts (prefill) run in batches of their own, so a 2,000-token prompt
+does not pad a batch of one-token steps. A forward that raises is retried
+request by request, so one bad request fails alone.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.runner import KVCache, ModelRunner
+
+PREFILL_TOKENS = 32   # inputs longer than this are batched only with each other
+
+
+@dataclass(eq=False)          # identity comparison: items hold tensors
+class _Item:
+    cache: KVCache
+    input_ids: torch.Tensor          # [1, T]
+    depths: torch.Tensor | None      # [1, T]
+    tree_mask: torch.Tensor | None   # [1, T, T]
+    logits_rows: object
+    future: Future = field(default_factory=Future)
+
+    @property
+    def long(self) -> bool:
+        return self.input_ids.shape[1] > PREFILL_TOKENS
+
+    def as_request(self) -> tuple:
+        return (self.cache, self.input_ids, self.depths, self.tree_mask, self.logits_rows)
+
+
+@dataclass
+class VerifierStats:
+    batches: int = 0
+    rows: int = 0
+    max_rows: int = 0
+    busy_s: float = 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.rows / self.batches if self.batches else 0.0
+
+
+class GlobalVerifier:
+    """A ModelRunner stand-in that batches concurrent callers' forwards (see module doc)."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int = 16):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.runner, self.max_batch = runner, max_batch
+        self.device, self.vocab_size = runner.device, runner.vocab_size
+        self.stats = VerifierStats()
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._held: list[_Item] = []        # taken from the queue but kept for the next batch
+        self._thread = threading.Thread(target=self._loop, name="global-verifier", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------- runner interface
+    def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
+        return self.runner.new_cache(batch, capacity)
+
+    def forward(self, cache: KVCache, input_ids: torch.Tensor, num_new=None, depths=None, tree_mask=None,
+                logits_rows=None, **unsupported) -> torch.Tensor:
+        if unsupported or num_new is not None or input_ids.shape[0] != 1 or cache.batch != 1:
+            raise ValueError("GlobalVerifier.forward takes one sequence per call (batch-1 cache, no extra options)")
+        item = _Item(cache, input_ids, depths, tree_mask, logits_rows)
+        self._queue.put(item)
+        return item.future.result()
+
+    def prefill(self, cache: KVCache, row: int, token_ids: list[int]) -> torch.Tensor:
+        cache.crop(row, 0)
+        ids = torch.tensor([token_ids], device=self.device)
+        return self.forward(cache, ids, logits_rows=slice(-1, None))[0, -1]
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # ---------------------------------------------------------------- loop
+    def _next_batch(self) -> list[_Item] | None:
+        pending = self._held or []
+        self._held = []
+        if not pending:
+            first = self._queue.get()
+            if first is None:
+                return None
+            pending = [first]
+        while True:                                   # everything queued right now
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)
+                break
+            pending.append(item)
+        kind = pending[0].long
+        batch = [it for it in pending if it.long == kind][: self.max_batch]
+        chosen = {id(it) for it in batch}
+        self._held = [it for it in pending if id(it) not in chosen]
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                for it in self._held:
+                    it.future.set_exception(RuntimeError("global verifier stopped"))
+                return
+            t0 = time.perf_counter()
+            try:
+                outs = self.runner.forward_many([it.as_request() for it in batch])
+                for it, out in zip(batch, outs):
+                    it.future.set_result(out)
+            except Exception:  # noqa: BLE001 - isolate the failing request, the others go on
+                for it in batch:
+                    if it.future.done():
+                        continue
+                    try:
+                        it.future.set_result(self.runner.forward_many([it.as_request()])[0])
+                    except Exception as exc:  # noqa: BLE001
+                        it.future.set_exception(exc)
+            s = self.stats
+            s.batches += 1
+            s.rows += len(batch)
+            s.max_rows = max(s.max_rows, len(batch))
+            s.busy_s += time.perf_counter() - t0

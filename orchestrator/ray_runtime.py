@@ -1,0 +1,239 @@
+"""Ray plumbing: start or join the cluster, place the plan's actors, and wrap them so
+`SpeculativeEngine` and the gRPC server use them exactly like in-process parts.
+
+- `PipelineTarget` looks like a `ModelRunner`: a forward runs through the
+  `target-shard-i` actors in layer order, each stage's output ObjectRef passed
+  straight to the next stage; KV caches live in the actors, the engine holds a
+  `RemoteCache` that mirrors their lengths and forwards crop/keep to them.
+- `RemoteDrafter` looks like a `Drafter`: sessions live in a `drafter-*` actor.
+Cache edits and drafter updates are fire-and-forget: Ray runs one caller's calls
+to an actor in submission order, so the next forward sees them.
+"""
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import ray
+import torch
+
+from orchestrator.build import Built, eos_ids, pick_device, policy_factory
+from orchestrator.config import DraftModelStrategy, EasySpecStrategy, EngineConfig
+from orchestrator.engine import SpeculativeEngine
+from placement.plan import Plan, PlacementError
+from placement.ray_groups import create_placement_group, shard_strategy
+from workers.actors import DrafterWorker, TargetShard
+from workers.drafters import Draft, Drafter, DraftSession, PromptLookupDrafter
+
+
+# ------------------------------------------------------------------ target
+class RemoteCache:
+    """The engine's handle on one request's KV state, held by every target shard actor."""
+
+    def __init__(self, shards, capacity: int):
+        self.rid = uuid.uuid4().hex
+        self.shards = shards
+        self.lengths = [0]
+        for s in shards:
+            s.open.remote(self.rid, capacity)
+
+    @property
+    def batch(self) -> int:
+        return 1
+
+    def crop(self, row: int, length: int) -> None:
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"crop length {length} outside [0, {self.lengths[row]}]")
+        self.lengths[row] = length
+        for s in self.shards:
+            s.crop.remote(self.rid, length)
+
+    def keep(self, row: int, start: int, offsets: torch.Tensor) -> None:
+        offsets = offsets.cpu()
+        self.lengths[row] = start + int(offsets.numel())
+        for s in self.shards:
+            s.keep.remote(self.rid, start, offsets)
+
+    def release(self) -> None:
+        for s in self.shards:
+            s.close.remote(self.rid)
+
+
+class PipelineTarget:
+    """A ModelRunner stand-in over pipeline-stage actors (see module doc)."""
+
+    def __init__(self, shards: list, vocab_size: int, device: torch.device = torch.device("cpu")):
+        self.shards, self.vocab_size, self.device = shards, vocab_size, device
+
+    def new_cache(self, batch: int = 1, capacity: int = 256) -> RemoteCache:
+        if batch != 1:
+            raise ValueError("PipelineTarget keeps one sequence per cache")
+        return RemoteCache(self.shards, capacity)
+
+    def forward(self, cache: RemoteCache, input_ids: torch.Tensor, num_new=None, depths=None, tree_mask=None,
+                logits_rows=None, **unsupported) -> torch.Tensor:
+        if unsupported or num_new is not None:
+            raise ValueError(f"PipelineTarget.forward does not take {sorted(unsupported) or 'num_new'}")
+        ref = input_ids.cpu()
+        d = depths.cpu() if depths is not None else None
+        m = tree_mask.cpu() if tree_mask is not None else None
+        for shard in self.shards:
+            ref = shard.forward.remote(cache.rid, ref, d, m, logits_rows)
+        out = ray.get(ref)
+        cache.lengths[0] += int(input_ids.shape[1])
+        return out.to(self.device)
+
+    def forward_many(self, requests: list[tuple]) -> list[torch.Tensor]:
+        rids = [r[0].rid for r in requests]
+        extras = [(r[2].cpu() if r[2] is not None else None, r[3].cpu() if r[3] is not None else None, r[4])
+                  for r in requests]
+        ref = [r[1].cpu() for r in requests]
+        for shard in self.shards:
+            ref = shard.forward_many.remote(rids, ref, extras)
+        outs = ray.get(ref)
+        for r in requests:
+            r[0].lengths[0] += int(r[1].shape[1])
+        return [o.to(self.device) for o in outs]
+
+    def prefill(self, cache: RemoteCache, row: int, token_ids: list[int]) -> torch.Tensor:
+        cache.crop(row, 0)
+        return self.forward(cache, torch.tensor([token_ids]), logits_rows=slice(-1, None))[0, -1]
+
+
+# ------------------------------------------------------------------ drafter
+class RemoteDrafter(Drafter):
+    """A strategy's drafter running in drafter actors (requests spread round-robin over replicas)."""
+
+    def __init__(self, workers: list, strategy: str):
+        self.workers, self.name = workers, strategy
+        self._next = itertools.cycle(workers)
+
+    def start(self, prompt_ids, params, generator):
+        return _RemoteSession(next(self._next), self.name, prompt_ids, params)
+
+
+class _RemoteSession(DraftSession):
+    def __init__(self, worker, strategy: str, prompt_ids, params):
+        super().__init__([])
+        self.worker, self.sid = worker, uuid.uuid4().hex
+        ray.get(worker.start.remote(self.sid, strategy, list(prompt_ids), params))
+
+    def propose(self, k: int) -> Draft:
+        return ray.get(self.worker.propose.remote(self.sid, k))
+
+    def update(self, new_tokens, num_accepted):
+        self.worker.update.remote(self.sid, list(new_tokens), num_accepted)
+
+    def close(self):
+        self.worker.close.remote(self.sid)
+
+
+# ------------------------------------------------------------------ cluster
+@dataclass
+class RayRuntime:
+    plan: Plan
+    placement_group: object
+    actors: dict[str, object]          # actor name -> handle
+    dashboard_url: str | None
+
+    def shutdown(self) -> None:
+        for handle in self.actors.values():
+            ray.kill(handle)
+        ray.util.remove_placement_group(self.placement_group)
+
+
+def start_ray(config: EngineConfig, namespace: str = "specorch") -> str | None:
+    """Join `cluster.address` or start a local head with the dashboard; returns the dashboard URL."""
+    c = config.cluster
+    if ray.is_initialized():
+        return None
+    kwargs = dict(namespace=namespace, log_to_driver=True)
+    if c.address:
+        ctx = ray.init(address=c.address, **kwargs)
+    else:
+        # A local head advertises the first node pool's resources, so the plan's bundles fit.
+        pool = config.node_pools[0] if config.node_pools else None
+        resources = {f"pool:{pool.name}": 1000.0} if pool else {}
+        ctx = ray.init(include_dashboard=True, dashboard_host=c.dashboard_host, dashboard_port=c.dashboard_port,
+                       num_cpus=max(pool.cpus, len(config.strategies) + 2) if pool else None,
+                       resources=resources, **kwargs)
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
+          name: str = "specorch") -> tuple[Built, RayRuntime]:
+    """Create the placement group, start the shard and drafter actors, and build engines over them."""
+    pg = create_placement_group(plan, name=f"{name}-{config.name}")
+    threads = config.runtime.threads
+    actors: dict[str, object] = {}
+    targets = [s for s in plan.shards if s.role == "target"]
+    if any(s.tp_size > 1 for s in targets):
+        raise PlacementError("tensor-parallel target shards are planned but not executed yet; "
+                             "use placement.target.pipeline_parallel")
+    t = config.models.target
+    for s in sorted(targets, key=lambda s: s.layers[0]):
+        opts = dict(name=s.name, num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=shard_strategy(pg, plan, s.name))
+        actors[s.name] = ray.remote(TargetShard).options(**opts).remote(
+            t.source, t.dtype, tuple(s.layers), "cuda" if s.device == "gpu" else "cpu", threads or s.cpus)
+    shards = [actors[s.name] for s in sorted(targets, key=lambda s: s.layers[0])]
+
+    chosen = [s for s in config.strategies if only is None or s.name in only]
+    drafter_actors: dict[str, list] = {}
+    for s in plan.shards:
+        if s.role != "drafter":
+            continue
+        uses = [st.model_dump() for st in chosen
+                if isinstance(st, (DraftModelStrategy, EasySpecStrategy)) and st.drafter == s.model]
+        if not uses:
+            continue
+        opts = dict(name=s.name, num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=shard_strategy(pg, plan, s.name))
+        actors[s.name] = ray.remote(DrafterWorker).options(**opts).remote(
+            config.models.drafters[s.model].model_dump(), uses, "cuda" if s.device == "gpu" else "cpu",
+            threads or s.cpus)
+        drafter_actors.setdefault(s.model, []).append(actors[s.name])
+
+    vocab = ray.get(shards[-1].vocab_size.remote())
+    for model_key, handles in drafter_actors.items():
+        if ray.get(handles[0].vocab_size.remote()) != vocab:
+            raise ValueError(f"models.drafters.{model_key}: vocabulary size differs from the target's")
+
+    device = pick_device(config.runtime.device)
+    target = PipelineTarget(shards, vocab)
+    tokenizer, meta = _tokenizer_and_meta(t.source, t.dtype)
+    eos = eos_ids(meta, tokenizer)
+    built = Built(config, device, meta, tokenizer, target,
+                  {"plain": SpeculativeEngine(target, None, eos_token_ids=eos, name="plain")})
+    for st in chosen:
+        if isinstance(st, (DraftModelStrategy, EasySpecStrategy)):
+            if st.drafter not in drafter_actors:
+                raise PlacementError(f"strategy {st.name!r}: drafter {st.drafter!r} has no placement "
+                                     f"(add placement.drafters.{st.drafter})")
+            drafter = RemoteDrafter(drafter_actors[st.drafter], st.name)
+        else:   # prompt lookup is a table scan: it stays beside the engine
+            drafter = PromptLookupDrafter(st.max_ngram, st.min_ngram, st.num_candidates)
+        built.engines[st.name] = SpeculativeEngine(target, drafter, policy_factory(st.draft_length),
+                                                   eos_token_ids=eos, name=st.name)
+    return built, RayRuntime(plan, pg, actors, None)
+
+
+def _tokenizer_and_meta(source: str, dtype: str):
+    """The target's tokenizer and config without loading its weights into this process."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from orchestrator.build import DTYPES
+    from workers.model_store import resolve_model_path
+
+    path = resolve_model_path(source, DTYPES[dtype])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None      # tiny test models have no tokenizer; token-id requests still work
+    try:
+        gen = GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:
+        gen = None
+    return tokenizer, SimpleNamespace(config=AutoConfig.from_pretrained(path, local_files_only=True),
+                                      generation_config=gen)

@@ -1,0 +1,122 @@
+"""Serving measurements through Ray + gRPC (issue: distributed runtime).
+
+1. Batch-1 overhead: tokens/s of a strategy in-process (`build_engines`, no Ray, no gRPC)
+   vs the same strategy served by `launch.py`'s path (Ray actors + gRPC + the global
+   verifier), prompt by prompt, alternating the two.
+2. Throughput at several client concurrencies through gRPC: total generated tokens / wall time.
+
+    .venv/bin/python scripts/serving_bench.py --strategies plain sd-0.5b-int8-hybrid \
+        --max-new-tokens 64 --concurrency 1 4 16 --out bench_out/serving.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+
+from launch import SAMPLE_PROMPTS  # noqa: E402
+from orchestrator.bench import Prompt, encode, load_prompts  # noqa: E402
+from orchestrator.build import build_engines  # noqa: E402
+from orchestrator.client import Client  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
+from orchestrator.ray_runtime import place, start_ray  # noqa: E402
+from orchestrator.server import start_server  # noqa: E402
+from placement.plan import plan_placement  # noqa: E402
+
+
+def serve_in_thread(built):
+    loop = asyncio.new_event_loop()
+    ready, box = threading.Event(), {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+        box["server"], box["port"], box["service"] = loop.run_until_complete(start_server(built, "127.0.0.1", 0))
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    ready.wait(120)
+    return loop, box
+
+
+def as_request(p: Prompt):
+    return [{"role": "user", "content": p.text}] if p.chat else p.text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cluster", default="cluster_configs/local.yaml")
+    ap.add_argument("--strategies", nargs="+", default=["plain", "sd-0.5b-int8-hybrid"])
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16])
+    ap.add_argument("--data", default="../shared/data/humaneval_dev.jsonl", help="prompts for the throughput runs")
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    cfg = load_config(args.cluster)
+    only = [s for s in args.strategies if s != "plain"]
+    start_ray(cfg)
+    built, runtime = place(cfg, plan_placement(cfg), only=only)
+    loop, box = serve_in_thread(built)
+    address = f"127.0.0.1:{box['port']}"
+    out = {"overhead": [], "throughput": [], "server": cfg.server.model_dump()}
+    try:
+        if not args.skip_overhead:
+            local = build_engines(cfg, only=only)
+            prompts = [Prompt(str(i), c, t, chat) for i, (c, chat, t) in enumerate(SAMPLE_PROMPTS)]
+            print("| strategy | in-process tok/s | Ray + gRPC tok/s (client wall time) | ratio |\n|---|---:|---:|---:|")
+            with Client(address, timeout=3600) as client:
+                for name in args.strategies:
+                    a, b = [], []
+                    for p in prompts:
+                        res = local.engines[name].generate(encode(local.tokenizer, p), args.max_new_tokens)
+                        a.append(res.stats.tokens_per_s)
+                        t0 = time.perf_counter()
+                        r = client.generate(as_request(p), max_new_tokens=args.max_new_tokens, strategy=name)
+                        b.append(len(r.token_ids) / (time.perf_counter() - t0))
+                    ia, rb = sum(a) / len(a), sum(b) / len(b)
+                    out["overhead"].append({"strategy": name, "in_process": ia, "ray_grpc": rb, "ratio": rb / ia})
+                    print(f"| {name} | {ia:.2f} | {rb:.2f} | {rb / ia:.3f} |", flush=True)
+            del local
+
+        pool = load_prompts(args.data, max(args.concurrency))
+        print("\n| strategy | concurrency | requests | tokens | wall s | tokens/s | mean verify batch |\n"
+              "|---|---:|---:|---:|---:|---:|---:|")
+        with Client(address, timeout=3600) as client:
+            for name in args.strategies:
+                for c in args.concurrency:
+                    batch = [as_request(p) for p in pool[:c]]
+                    verifier = box["service"].verifier
+                    before = (verifier.stats.batches, verifier.stats.rows) if verifier else (0, 0)
+                    t0 = time.perf_counter()
+                    results = client.generate_batch(batch, progress=False, concurrency=c, strategy=name,
+                                                    max_new_tokens=args.max_new_tokens)
+                    wall = time.perf_counter() - t0
+                    tokens = sum(len(r.token_ids) for r in results)
+                    mean_batch = ((verifier.stats.rows - before[1]) / max(1, verifier.stats.batches - before[0])
+                                  if verifier else 1.0)
+                    out["throughput"].append({"strategy": name, "concurrency": c, "requests": len(batch),
+                                              "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                                              "mean_verify_batch": mean_batch})
+                    print(f"| {name} | {c} | {len(batch)} | {tokens} | {wall:.1f} | {tokens / wall:.2f} | "
+                          f"{mean_batch:.2f} |", flush=True)
+    finally:
+        asyncio.run_coroutine_threadsafe(box["server"].stop(None), loop).result(30)
+        box["service"].close()
+        runtime.shutdown()
+        ray.shutdown()
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

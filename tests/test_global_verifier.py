@@ -1,0 +1,108 @@
+"""Continuous batching of verification: forward_many equals per-request forwards; concurrent
+requests through the GlobalVerifier produce exactly their one-at-a-time outputs."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from orchestrator.draft_length import FixedDraftLength
+from orchestrator.engine import SpeculativeEngine, tree_attention
+from orchestrator.global_verifier import GlobalVerifier
+from workers.drafters import DraftModelDrafter, PromptLookupDrafter
+from workers.runner import ModelRunner
+
+
+def test_forward_many_equals_forward_alone(target_model, prompts):
+    runner = ModelRunner(target_model)
+    mask, depths = tree_attention([-1, -1, 0, 2], runner.device)                 # [5, 5], [5]
+    inputs = [
+        (torch.tensor([[7]]), None, None, None),                                   # one decode step
+        (torch.tensor([[5, 9, 11, 2]]), None, None, None),                         # a chain draft
+        (torch.tensor([[3, 4, 8, 6, 1]]), depths[None], mask[None], None),          # a tree draft
+        (torch.tensor([[10, 12]]), None, None, slice(-1, None)),                   # last row's logits only
+    ]
+    alone, batched = [], []
+    for store in (alone, batched):
+        for p in prompts[: len(inputs)]:
+            cache = runner.new_cache(1, capacity=8)   # small: forward_many must grow it too
+            runner.prefill(cache, 0, p)
+            store.append(cache)
+    expected = [runner.forward(c, ids, depths=d, tree_mask=m, logits_rows=r)
+                for c, (ids, d, m, r) in zip(alone, inputs)]
+    got = runner.forward_many([(c, ids, d, m, r) for c, (ids, d, m, r) in zip(batched, inputs)])
+    for e, g, ca, cb in zip(expected, got, alone, batched):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        assert torch.equal(g.argmax(-1), e.argmax(-1))
+        assert ca.lengths == cb.lengths
+
+
+class SlowRunner(ModelRunner):
+    """Makes each batched forward take a while, so concurrent requests queue up behind it."""
+
+    def forward_many(self, requests):
+        time.sleep(0.02)
+        return super().forward_many(requests)
+
+
+def test_concurrent_requests_are_batched_and_exact(target_model, draft_model, prompts):
+    plain_runner = ModelRunner(target_model)
+    verifier = GlobalVerifier(SlowRunner(target_model), max_batch=8)
+    try:
+        drafters = [None, DraftModelDrafter(ModelRunner(draft_model)), PromptLookupDrafter(3)]
+        jobs = [(prompts[i % len(prompts)], drafters[i % 3]) for i in range(6)]
+        expected = [SpeculativeEngine(plain_runner).generate(p, 24).tokens for p, _ in jobs]
+        got: list = [None] * len(jobs)
+
+        def run(i):
+            p, d = jobs[i]
+            got[i] = SpeculativeEngine(verifier, d, lambda: FixedDraftLength(3)).generate(p, 24).tokens
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == expected
+        assert verifier.stats.max_rows >= 2, "no two requests were ever verified in one forward"
+    finally:
+        verifier.close()
+
+
+def test_a_failing_request_fails_alone(target_model, prompts):
+    verifier = GlobalVerifier(SlowRunner(target_model), max_batch=8)
+    try:
+        good = verifier.new_cache(1, 64)
+        verifier.prefill(good, 0, prompts[0])
+        bad = verifier.new_cache(1, 64)
+        verifier.prefill(bad, 0, prompts[1])
+        errors, results = [], []
+
+        def call(cache, ids):
+            try:
+                results.append(verifier.forward(cache, ids))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call, args=(good, torch.tensor([[3, 4]]))),
+                   threading.Thread(target=call, args=(bad, torch.tensor([[10**6]])))]   # out-of-vocabulary id
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 1 and len(results) == 1
+        assert good.lengths[0] == len(prompts[0]) + 2 and bad.lengths[0] == len(prompts[1])
+    finally:
+        verifier.close()
+
+
+def test_bad_calls_are_refused(target_model):
+    verifier = GlobalVerifier(ModelRunner(target_model))
+    try:
+        with pytest.raises(ValueError, match="one sequence"):
+            verifier.forward(verifier.new_cache(2, 8), torch.zeros(2, 1, dtype=torch.long))
+    finally:
+        verifier.close()

@@ -1,0 +1,124 @@
+"""Ray actors that hold model shards and per-request state.
+
+`TargetShard` holds a contiguous layer range of the target (a pipeline stage)
+and one KV cache per live request; `DrafterWorker` holds a drafter and its
+per-request sessions. Both are plain classes: `ray.remote(...)` wraps them at
+placement time (orchestrator/ray_runtime.py), and tests can also run them in
+process. Tensors cross process boundaries as method arguments and results;
+Ray's object store carries them, and an ObjectRef returned by one stage is
+passed straight to the next, so activations never go through the driver.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from orchestrator.sampling import SamplingParams, make_generator
+from workers.drafters import Draft
+from workers.runner import KVCache, ModelRunner
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+class TargetShard:
+    """A pipeline stage of the target: layers [start, end), plus per-request KV caches."""
+
+    def __init__(self, source: str, dtype: str, layer_range: tuple[int, int] | None, device: str = "auto",
+                 threads: int | None = None):
+        from orchestrator.build import load_for_decoding, pick_device
+
+        _threads(threads)
+        self.device = pick_device(device)
+        model, _ = load_for_decoding(source, dtype, self.device, with_tokenizer=False)
+        self.runner = ModelRunner(model, self.device, layer_range)
+        start, end = self.runner.layer_range
+        layers = model.model.layers
+        for i in range(len(layers)):          # free the layers other stages hold
+            if not start <= i < end:
+                layers[i] = torch.nn.Module()
+        self.caches: dict[str, KVCache] = {}
+
+    def info(self) -> dict:
+        import ray
+
+        return {"layers": self.runner.layer_range, "device": str(self.device), "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+                "requests": len(self.caches)}
+
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    # ------------------------------------------------------- per-request state
+    def open(self, rid: str, capacity: int) -> None:
+        self.caches[rid] = self.runner.new_cache(1, capacity)
+
+    def close(self, rid: str) -> None:
+        self.caches.pop(rid, None)
+
+    def crop(self, rid: str, length: int) -> None:
+        self.caches[rid].crop(0, length)
+
+    def keep(self, rid: str, start: int, offsets: torch.Tensor) -> None:
+        self.caches[rid].keep(0, start, offsets.to(self.device))
+
+    # ---------------------------------------------------------------- compute
+    def forward(self, rid: str, inputs: torch.Tensor, depths=None, tree_mask=None, logits_rows=None):
+        """inputs: ids [1, T] (first stage) or hidden [1, T, hidden]; returns hidden or logits, on the CPU."""
+        dev = self.device
+        out = self.runner.forward(self.caches[rid], inputs.to(dev),
+                                  depths=depths.to(dev) if depths is not None else None,
+                                  tree_mask=tree_mask.to(dev) if tree_mask is not None else None,
+                                  logits_rows=logits_rows)
+        return out.cpu()
+
+    def forward_many(self, rids: list[str], inputs: list[torch.Tensor], extras: list[tuple]) -> list[torch.Tensor]:
+        """Batched forward of several requests (the global verifier's batch); extras: (depths, mask, rows)."""
+        dev = self.device
+        reqs = [(self.caches[rid], x.to(dev), d.to(dev) if d is not None else None,
+                 m.to(dev) if m is not None else None, rows) for rid, x, (d, m, rows) in zip(rids, inputs, extras)]
+        return [o.cpu() for o in self.runner.forward_many(reqs)]
+
+
+class DrafterWorker:
+    """Hosts one draft model, the drafters of the strategies that use it, and their sessions."""
+
+    def __init__(self, drafter_spec: dict, strategies: list[dict], device: str = "auto", threads: int | None = None):
+        from orchestrator.build import load_for_decoding, make_drafter, pick_device
+        from orchestrator.config import ModelSpec, StrategyAdapter
+
+        _threads(threads)
+        self.device = pick_device(device)
+        spec = ModelSpec.model_validate(drafter_spec)
+        model, _ = load_for_decoding(spec.source, spec.dtype, self.device, spec.quantize, with_tokenizer=False)
+        runner = ModelRunner(model, self.device)
+        parsed = [StrategyAdapter.validate_python(s) for s in strategies]
+        self.drafters = {s.name: make_drafter(s, runner) for s in parsed}
+        self.vocab = runner.vocab_size
+        self.sessions: dict = {}
+
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    def start(self, sid: str, strategy: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        # The drafter samples with its own generator: any randomness keeps verification lossless,
+        # and a seeded request stays reproducible.
+        generator = make_generator(params.seed, self.device)
+        self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, generator)
+
+    def propose(self, sid: str, k: int) -> Draft:
+        draft = self.sessions[sid].propose(k)
+        if draft.probs is not None:
+            draft.probs = draft.probs.cpu()
+        return draft
+
+    def update(self, sid: str, new_tokens: list[int], num_accepted: int) -> None:
+        self.sessions[sid].update(new_tokens, num_accepted)
+
+    def close(self, sid: str) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is not None:
+            session.close()
