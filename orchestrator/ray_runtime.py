@@ -164,9 +164,12 @@ def start_ray(config: EngineConfig, namespace: str = "specorch") -> str | None:
 
 
 def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
-          name: str = "specorch") -> tuple[Built, RayRuntime]:
-    """Create the placement group, start the shard and drafter actors, and build engines over them."""
+          name: str = "specorch", actor_env: dict[str, str] | None = None) -> tuple[Built, RayRuntime]:
+    """Create the placement group, start the shard and drafter actors, and build engines over them.
+
+    actor_env: environment variables of the actor processes (set before torch starts)."""
     pg = create_placement_group(plan, name=f"{name}-{config.name}")
+    runtime_env = {"env_vars": dict(actor_env)} if actor_env else None
     threads = config.runtime.threads
     actors: dict[str, object] = {}
     targets = [s for s in plan.shards if s.role == "target"]
@@ -175,7 +178,8 @@ def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
                              "use placement.target.pipeline_parallel")
     t = config.models.target
     for s in sorted(targets, key=lambda s: s.layers[0]):
-        opts = dict(name=s.name, num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=shard_strategy(pg, plan, s.name))
+        opts = dict(name=s.name, num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=shard_strategy(pg, plan, s.name),
+                    runtime_env=runtime_env)
         actors[s.name] = ray.remote(TargetShard).options(**opts).remote(
             t.source, t.dtype, tuple(s.layers), "cuda" if s.device == "gpu" else "cpu", threads or s.cpus)
     shards = [actors[s.name] for s in sorted(targets, key=lambda s: s.layers[0])]
@@ -189,7 +193,8 @@ def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
                 if isinstance(st, (DraftModelStrategy, EasySpecStrategy)) and st.drafter == s.model]
         if not uses:
             continue
-        opts = dict(name=s.name, num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=shard_strategy(pg, plan, s.name))
+        opts = dict(name=s.name, num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=shard_strategy(pg, plan, s.name),
+                    runtime_env=runtime_env)
         actors[s.name] = ray.remote(DrafterWorker).options(**opts).remote(
             config.models.drafters[s.model].model_dump(), uses, "cuda" if s.device == "gpu" else "cpu",
             threads or s.cpus)

@@ -3,7 +3,7 @@
 No Ray import: the plan is computed from the config (and model sizes) alone, so
 `launch.py --dry-run` works on a laptop and infeasible plans fail before anything
 starts, naming what does not fit where. Creating Ray placement groups from
-`Plan.bundles()` is the runtime's job (not built yet).
+`Plan.bundles()` is placement/ray_groups.py's job.
 """
 from __future__ import annotations
 
