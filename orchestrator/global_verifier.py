@@ -61,10 +61,14 @@ class VerifierStats:
 class GlobalVerifier:
     """A ModelRunner stand-in that batches concurrent callers' forwards (see module doc)."""
 
-    def __init__(self, runner: ModelRunner, max_batch: int = 16):
+    def __init__(self, runner: ModelRunner, max_batch: int = 16, gather_s: float = 0.005):
+        """gather_s: while fewer requests are queued than the last batch held, wait up to this
+        long for the others (they are between steps: picking the token, re-queuing); a lone
+        request never waits."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.runner, self.max_batch = runner, max_batch
+        self.runner, self.max_batch, self.gather_s = runner, max_batch, gather_s
+        self._last_size = 0
         self.device, self.vocab_size = runner.device, runner.vocab_size
         self.stats = VerifierStats()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
@@ -102,9 +106,13 @@ class GlobalVerifier:
             if first is None:
                 return None
             pending = [first]
-        while True:                                   # everything queued right now
+        deadline = time.perf_counter() + self.gather_s
+        while True:                                   # everything queued now, or soon
             try:
-                item = self._queue.get_nowait()
+                if len(pending) < min(self._last_size, self.max_batch):
+                    item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                else:
+                    item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
@@ -115,6 +123,7 @@ class GlobalVerifier:
         batch = [it for it in pending if it.long == kind][: self.max_batch]
         chosen = {id(it) for it in batch}
         self._held = [it for it in pending if id(it) not in chosen]
+        self._last_size = len(batch)
         return batch
 
     def _loop(self) -> None:
