@@ -71,6 +71,10 @@ class SpeculativeEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.name = name
 
+    def with_target(self, target) -> "SpeculativeEngine":
+        """The same strategy over another target (e.g. the global verifier)."""
+        return SpeculativeEngine(target, self.drafter, self.policy_factory, tuple(self.eos_token_ids), self.name)
+
     def generate(
         self,
         prompt_ids: list[int],

@@ -88,10 +88,7 @@ class GlobalVerifier:
         self._queue.put(item)
         return item.future.result()
 
-    def prefill(self, cache: KVCache, row: int, token_ids: list[int]) -> torch.Tensor:
-        cache.crop(row, 0)
-        ids = torch.tensor([token_ids], device=self.device)
-        return self.forward(cache, ids, logits_rows=slice(-1, None))[0, -1]
+    prefill = ModelRunner.prefill     # built on forward(), so prompts are batched too
 
     def close(self) -> None:
         self._queue.put(None)

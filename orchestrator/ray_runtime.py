@@ -26,6 +26,7 @@ from placement.plan import Plan, PlacementError
 from placement.ray_groups import create_placement_group, shard_strategy
 from workers.actors import DrafterWorker, TargetShard
 from workers.drafters import Draft, Drafter, DraftSession, PromptLookupDrafter
+from workers.runner import ModelRunner
 
 
 # ------------------------------------------------------------------ target
@@ -97,9 +98,7 @@ class PipelineTarget:
             r[0].lengths[0] += int(r[1].shape[1])
         return [o.to(self.device) for o in outs]
 
-    def prefill(self, cache: RemoteCache, row: int, token_ids: list[int]) -> torch.Tensor:
-        cache.crop(row, 0)
-        return self.forward(cache, torch.tensor([token_ids]), logits_rows=slice(-1, None))[0, -1]
+    prefill = ModelRunner.prefill     # built on forward()
 
 
 # ------------------------------------------------------------------ drafter
@@ -170,6 +169,10 @@ def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
     actor_env: environment variables of the actor processes (set before torch starts)."""
     pg = create_placement_group(plan, name=f"{name}-{config.name}")
     runtime_env = {"env_vars": dict(actor_env)} if actor_env else None
+
+    def options(shard) -> dict:   # the actor's name, resources and bundle
+        return dict(name=shard.name, num_cpus=shard.cpus, num_gpus=shard.gpus, runtime_env=runtime_env,
+                    scheduling_strategy=shard_strategy(pg, plan, shard.name))
     threads = config.runtime.threads
     actors: dict[str, object] = {}
     targets = [s for s in plan.shards if s.role == "target"]
@@ -178,9 +181,7 @@ def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
                              "use placement.target.pipeline_parallel")
     t = config.models.target
     for s in sorted(targets, key=lambda s: s.layers[0]):
-        opts = dict(name=s.name, num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=shard_strategy(pg, plan, s.name),
-                    runtime_env=runtime_env)
-        actors[s.name] = ray.remote(TargetShard).options(**opts).remote(
+        actors[s.name] = ray.remote(TargetShard).options(**options(s)).remote(
             t.source, t.dtype, tuple(s.layers), "cuda" if s.device == "gpu" else "cpu", threads or s.cpus)
     shards = [actors[s.name] for s in sorted(targets, key=lambda s: s.layers[0])]
 
@@ -193,9 +194,7 @@ def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
                 if isinstance(st, (DraftModelStrategy, EasySpecStrategy)) and st.drafter == s.model]
         if not uses:
             continue
-        opts = dict(name=s.name, num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=shard_strategy(pg, plan, s.name),
-                    runtime_env=runtime_env)
-        actors[s.name] = ray.remote(DrafterWorker).options(**opts).remote(
+        actors[s.name] = ray.remote(DrafterWorker).options(**options(s)).remote(
             config.models.drafters[s.model].model_dump(), uses, "cuda" if s.device == "gpu" else "cpu",
             threads or s.cpus)
         drafter_actors.setdefault(s.model, []).append(actors[s.name])

@@ -19,7 +19,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.build import Built
-from orchestrator.engine import SpeculativeEngine
 from orchestrator.global_verifier import GlobalVerifier
 from orchestrator.metrics import AggregateStats, RequestStats
 from orchestrator.validation import RequestError, ValidRequest, validate_request
@@ -79,9 +78,7 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         self.engines = dict(built.engines)
         if self.cfg.batch_verification and self.cfg.concurrency > 1:
             self.verifier = GlobalVerifier(built.target, max_batch=self.cfg.max_verify_batch)
-            self.engines = {name: SpeculativeEngine(self.verifier, e.drafter, e.policy_factory,
-                                                    tuple(e.eos_token_ids), e.name)
-                            for name, e in built.engines.items()}
+            self.engines = {name: e.with_target(self.verifier) for name, e in built.engines.items()}
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
         self.failed = self.cancelled = 0
         self.max_context = getattr(built.target_model.config, "max_position_embeddings", 1 << 30)

@@ -99,7 +99,7 @@ def test_global_verifier_over_pipeline_actors(models, ray_local):
     verifier = GlobalVerifier(built.target, max_batch=4)
     try:
         engine = built.engines["sd-k3"]
-        batched = SpeculativeEngine(verifier, engine.drafter, engine.policy_factory, (), "sd-k3")
+        batched = engine.with_target(verifier)
         got = [None] * len(PROMPTS)
 
         def run(i):

@@ -252,6 +252,11 @@ class ModelRunner:
         to what forward() gives that request alone (hidden states [1, T_i, hidden] from a
         pipeline stage that is not the last).
         """
+        if len(requests) == 1:        # nothing to share: the plain path, without padding and per-row loops
+            cache, inputs, depths, tree_mask, rows = requests[0]
+            if cache.batch != 1:
+                raise ValueError("forward_many takes batch-1 caches")
+            return [self.forward(cache, inputs, depths=depths, tree_mask=tree_mask, logits_rows=rows)]
         lengths = [int(r[1].shape[1]) for r in requests]
         t_max = max(lengths)
         if self.first_stage:
