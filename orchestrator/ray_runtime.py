@@ -163,18 +163,23 @@ def start_ray(config: EngineConfig, namespace: str = "specorch") -> str | None:
 
 
 def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
-          name: str = "specorch", actor_env: dict[str, str] | None = None) -> tuple[Built, RayRuntime]:
-    """Create the placement group, start the shard and drafter actors, and build engines over them.
-
-    actor_env: environment variables of the actor processes (set before torch starts)."""
+          name: str = "specorch") -> tuple[Built, RayRuntime]:
+    """Create the placement group, start the shard and drafter actors, and build engines over them."""
     pg = create_placement_group(plan, name=f"{name}-{config.name}")
-    runtime_env = {"env_vars": dict(actor_env)} if actor_env else None
-
-    def options(shard) -> dict:   # the actor's name, resources and bundle
-        return dict(name=shard.name, num_cpus=shard.cpus, num_gpus=shard.gpus, runtime_env=runtime_env,
-                    scheduling_strategy=shard_strategy(pg, plan, shard.name))
-    threads = config.runtime.threads
     actors: dict[str, object] = {}
+    try:
+        return _place(config, plan, only, pg, actors)
+    except BaseException:
+        RayRuntime(plan, pg, actors, None).shutdown()     # nothing half-started stays behind
+        raise
+
+
+def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Built, RayRuntime]:
+    def options(shard) -> dict:   # the actor's name, resources and bundle
+        return dict(name=shard.name, num_cpus=shard.cpus, num_gpus=shard.gpus,
+                    scheduling_strategy=shard_strategy(pg, plan, shard.name))
+
+    threads = config.runtime.threads
     targets = [s for s in plan.shards if s.role == "target"]
     if any(s.tp_size > 1 for s in targets):
         raise PlacementError("tensor-parallel target shards are planned but not executed yet; "
