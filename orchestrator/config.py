@@ -115,6 +115,11 @@ class ClusterSection(_Strict):
     address: str | None = Field(None, description="Address of an existing Ray cluster; None starts a local head")
     dashboard_host: str = Field("127.0.0.1", description="Ray dashboard bind address")
     dashboard_port: int = Field(8265, ge=1, le=65535)
+    actor_max_restarts: int = Field(3, ge=0, description=(
+        "Times Ray restarts a crashed shard or drafter actor (its per-request state is lost: "
+        "in-flight requests fail with UNAVAILABLE or fall back to target-only steps)"))
+    actor_call_timeout_s: float = Field(300.0, gt=0, description=(
+        "Longest wait for one actor call before the request fails with UNAVAILABLE"))
 
 
 class NodePool(_Strict):
@@ -150,6 +155,12 @@ class PlacementSection(_Strict):
     memory_headroom: float = Field(0.2, ge=0, lt=1, description="Fraction of each device kept for KV cache and activations")
 
 
+class TlsSection(_Strict):
+    cert_file: str = Field(description="PEM certificate chain the server presents")
+    key_file: str = Field(description="PEM private key of that certificate")
+    client_ca_file: str | None = Field(None, description="PEM CA bundle; set = clients must present a certificate")
+
+
 class ServerSection(_Strict):
     host: str = Field("127.0.0.1", description="gRPC bind address (loopback unless set otherwise)")
     port: int = Field(50051, ge=0, le=65535, description="0 = pick a free port")
@@ -161,6 +172,14 @@ class ServerSection(_Strict):
     batch_verification: bool = Field(True, description=(
         "Batch the target forwards of concurrent requests into one (the global verifier)"))
     max_verify_batch: int = Field(16, ge=1, description="Most requests in one batched target forward")
+    max_queue: int = Field(64, ge=0, description=(
+        "Requests admitted beyond `concurrency` to wait for a decode slot; more get RESOURCE_EXHAUSTED"))
+    tls: TlsSection | None = Field(None, description="Serve TLS instead of plaintext")
+    auth_token_env: str | None = Field(None, description=(
+        "Name of the environment variable holding the bearer token every RPC must carry "
+        "(the token itself never appears in a config file or a log)"))
+    auth_health: bool = Field(True, description=(
+        "Also require the token for the health service (false lets load balancers probe without it)"))
 
 
 class EngineConfig(_Strict):

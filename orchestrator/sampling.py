@@ -51,7 +51,9 @@ def warp_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).float()
 
-    logits = logits / params.temperature
+    # Shift by the max first: softmax is shift-invariant, and a tiny temperature then sends the
+    # other logits to -inf instead of overflowing every logit to inf (NaN probabilities).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     top_k = params.top_k if params.top_k < vocab else 0
     if top_k == 0 and params.top_p >= 1.0:
         return logits.softmax(dim=-1)

@@ -1,14 +1,19 @@
 """gRPC front door (grpc.aio): Generate (streaming), GenerateBatch, GetStats, health, reflection.
 
-Servicer methods are thin: validate (orchestrator/validation.py), run the engine
-in a worker thread, stream tokens back. This server runs the engines in its own
-process; Ray placement of the workers and the global verifier (batching
-verification across requests) are the distributed runtime's job and are not
-built yet, so requests are decoded one at a time in arrival order.
+Servicer methods are thin: admit (a bounded number in flight), validate
+(orchestrator/validation.py), run the engine in a decode thread, stream tokens back.
+Up to `server.concurrency` requests decode at once; their target forwards meet in
+the global verifier. The engines' target and drafters are in this process or in
+Ray actors (orchestrator/ray_runtime.py); the server does not care which.
+
+Failure isolation: a malformed message is parsed leniently (orchestrator/wire.py)
+so it gets INVALID_ARGUMENT naming the field, never INTERNAL; a request whose
+worker died gets UNAVAILABLE; any other failure fails that request alone.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import defaultdict
@@ -19,9 +24,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.build import Built
+from orchestrator.errors import WorkerUnavailable
 from orchestrator.global_verifier import GlobalVerifier
 from orchestrator.metrics import AggregateStats, RequestStats
+from orchestrator.security import BearerTokenInterceptor, load_auth_token, server_credentials
 from orchestrator.validation import RequestError, ValidRequest, validate_request
+from orchestrator.wire import MalformedRequest, lenient_parser
 from proto import specorch_pb2 as pb
 from proto import specorch_pb2_grpc as pb_grpc
 
@@ -80,10 +88,41 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             self.verifier = GlobalVerifier(built.target, max_batch=self.cfg.max_verify_batch)
             self.engines = {name: e.with_target(self.verifier) for name, e in built.engines.items()}
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
-        self.failed = self.cancelled = 0
+        self.failed = self.cancelled = self.rejected = 0
+        self.in_flight = 0                      # admitted requests (decoding or waiting); event-loop only
+        self.max_in_flight = self.cfg.concurrency + self.cfg.max_queue
         self.max_context = getattr(built.target_model.config, "max_position_embeddings", 1 << 30)
 
     # ------------------------------------------------------------ helpers
+    @contextlib.asynccontextmanager
+    async def _admitted(self, context, n: int = 1):
+        """Hold `n` admission slots for the block; a full server answers RESOURCE_EXHAUSTED at once."""
+        if self.in_flight + n > self.max_in_flight:
+            self.rejected += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server overloaded: {self.in_flight} requests in flight, limit "
+                                f"{self.max_in_flight} (server.concurrency + server.max_queue); retry later")
+        self.in_flight += n
+        try:
+            yield
+        finally:
+            self.in_flight -= n
+
+    @staticmethod
+    async def _reject_malformed(request, context) -> None:
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field or 'request'}: {request.message}")
+
+    async def _fail(self, context, exc: BaseException) -> None:
+        """Answer a request that failed during decoding (never re-raises into the server)."""
+        if isinstance(exc, _Stop):
+            self.cancelled += 1
+            await context.abort(exc.code, str(exc))
+        self.failed += 1
+        if isinstance(exc, WorkerUnavailable):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker unavailable: {exc}")
+        await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
+
     def _validate(self, req, prefix: str = "") -> ValidRequest:
         return validate_request(req, strategies=set(self.built.engines), default_strategy=self.cfg.default_strategy,
                                 max_new_tokens_limit=self.cfg.max_new_tokens, prefix=prefix)
@@ -94,6 +133,9 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         else:
             ids = self.tokenizer(v.prompt).input_ids
+        if not ids:
+            raise RequestError("INVALID_ARGUMENT", prefix + ("chat" if v.chat is not None else "prompt"),
+                               "encodes to no tokens")
         if len(ids) + v.max_new_tokens > self.max_context:
             raise RequestError("OUT_OF_RANGE", prefix + ("chat" if v.chat is not None else "prompt"),
                                f"{len(ids)} prompt tokens + max_new_tokens {v.max_new_tokens} exceed the model's "
@@ -141,80 +183,68 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
 
     # ------------------------------------------------------------ RPCs
     async def Generate(self, request, context):
-        try:
-            v = self._validate(request)
-            ids = self._encode(v)
-        except RequestError as err:
-            await self._abort(context, err)
-            return
-        text = _TextStream(self.tokenizer)
-        try:
-            async for kind, value in self._generate(v, ids, context):
-                if kind == "tokens":
-                    yield pb.GenerateResponse(request_id=v.request_id, chunk=pb.TokenChunk(
-                        token_ids=value, text=text.push(value)))
-                else:
-                    result = value
-        except _Stop as stop:
-            self.cancelled += 1
-            await context.abort(stop.code, str(stop))
-            return
-        except asyncio.CancelledError:  # the client went away
-            self.cancelled += 1
-            raise
-        except Exception as exc:  # a failed request never takes the server down
-            self.failed += 1
-            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
-            return
-        tail = text.push([], final=True)
-        if tail:
-            yield pb.GenerateResponse(request_id=v.request_id, chunk=pb.TokenChunk(token_ids=[], text=tail))
-        yield pb.GenerateResponse(request_id=v.request_id,
-                                  stats=stats_message(v.strategy, result.finish_reason, result.stats))
+        await self._reject_malformed(request, context)
+        async with self._admitted(context):
+            try:
+                v = self._validate(request)
+                ids = self._encode(v)
+            except RequestError as err:
+                await self._abort(context, err)
+            text = _TextStream(self.tokenizer)
+            try:
+                async for kind, value in self._generate(v, ids, context):
+                    if kind == "tokens":
+                        yield pb.GenerateResponse(request_id=v.request_id, chunk=pb.TokenChunk(
+                            token_ids=value, text=text.push(value)))
+                    else:
+                        result = value
+            except asyncio.CancelledError:  # the client went away
+                self.cancelled += 1
+                raise
+            except Exception as exc:  # a failed request never takes the server down
+                await self._fail(context, exc)
+            tail = text.push([], final=True)
+            if tail:
+                yield pb.GenerateResponse(request_id=v.request_id, chunk=pb.TokenChunk(token_ids=[], text=tail))
+            yield pb.GenerateResponse(request_id=v.request_id,
+                                      stats=stats_message(v.strategy, result.finish_reason, result.stats))
 
     async def GenerateBatch(self, request, context):
+        await self._reject_malformed(request, context)
         if len(request.requests) > self.cfg.max_batch:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"requests: {len(request.requests)} exceeds the batch limit of {self.cfg.max_batch}")
-            return
         if not request.requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty")
-            return
-        try:  # validate everything before decoding anything
-            jobs = []
-            for i, r in enumerate(request.requests):
-                v = self._validate(r, prefix=f"requests[{i}].")
-                jobs.append((v, self._encode(v, prefix=f"requests[{i}].")))
-        except RequestError as err:
-            await self._abort(context, err)
-            return
+        async with self._admitted(context, len(request.requests)):
+            try:  # validate everything before decoding anything
+                jobs = []
+                for i, r in enumerate(request.requests):
+                    v = self._validate(r, prefix=f"requests[{i}].")
+                    jobs.append((v, self._encode(v, prefix=f"requests[{i}].")))
+            except RequestError as err:
+                await self._abort(context, err)
 
-        async def one(v, ids):
-            async for _kind, res in self._generate(v, ids, context):
-                pass            # the last item is ("done", result)
-            return pb.GenerateResult(
-                request_id=v.request_id, token_ids=res.tokens,
-                text=self.tokenizer.decode(res.tokens, skip_special_tokens=True),
-                stats=stats_message(v.strategy, res.finish_reason, res.stats))
+            async def one(v, ids):
+                async for _kind, res in self._generate(v, ids, context):
+                    pass            # the last item is ("done", result)
+                return pb.GenerateResult(
+                    request_id=v.request_id, token_ids=res.tokens,
+                    text=self.tokenizer.decode(res.tokens, skip_special_tokens=True),
+                    stats=stats_message(v.strategy, res.finish_reason, res.stats))
 
-        tasks = [asyncio.ensure_future(one(v, ids)) for v, ids in jobs]
-        try:   # up to server.concurrency of them decode at once (the executor's size)
-            results = await asyncio.gather(*tasks)
-        except _Stop as stop:
-            self.cancelled += 1
-            await context.abort(stop.code, str(stop))
-            return
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        except Exception as exc:
-            self.failed += 1
-            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
-            return
-        finally:
-            for t in tasks:    # after a failure the others stop at their next step and free their state
-                t.cancel()
-        return pb.GenerateBatchResponse(results=results)
+            tasks = [asyncio.ensure_future(one(v, ids)) for v, ids in jobs]
+            try:   # up to server.concurrency of them decode at once (the executor's size)
+                results = await asyncio.gather(*tasks)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            except Exception as exc:
+                await self._fail(context, exc)
+            finally:
+                for t in tasks:    # after a failure the others stop at their next step and free their state
+                    t.cancel()
+            return pb.GenerateBatchResponse(results=results)
 
     def close(self) -> None:
         if self.verifier is not None:
@@ -222,8 +252,10 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def GetStats(self, request, context):
+        await self._reject_malformed(request, context)
         out = pb.GetStatsResponse(default_strategy=self.cfg.default_strategy, requests_failed=self.failed,
-                                  requests_cancelled=self.cancelled)
+                                  requests_cancelled=self.cancelled, requests_rejected=self.rejected,
+                                  requests_in_flight=self.in_flight)
         for name, agg in sorted(self.stats.items()):
             s = agg.summary()
             out.strategies.append(pb.StrategyStats(
@@ -234,19 +266,36 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         return out
 
 
+def _service_handler(service: SpecDecodeService) -> grpc.GenericRpcHandler:
+    """The SpecDecode handlers, as the generated helper makes them but with lenient request parsing."""
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler}
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["SpecDecode"].methods:
+        request_cls, response_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        make = kinds[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(getattr(service, m.name), request_deserializer=lenient_parser(request_cls),
+                                response_serializer=response_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 async def start_server(built: Built, host: str | None = None, port: int | None = None):
-    """Start serving; returns (server, bound port, service)."""
+    """Start serving; returns (server, bound port, service). Security settings are checked first."""
     cfg = built.config.server
+    token = load_auth_token(cfg)
+    credentials = server_credentials(cfg)
     limit = cfg.max_message_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+    interceptors = [BearerTokenInterceptor(token, exempt_health=not cfg.auth_health)] if token else []
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)])
     service = SpecDecodeService(built)
-    pb_grpc.add_SpecDecodeServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((_service_handler(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host or cfg.host}:{cfg.port if port is None else port}")
+    address = f"{host or cfg.host}:{cfg.port if port is None else port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

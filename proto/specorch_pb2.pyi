@@ -143,15 +143,19 @@ class StrategyStats(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., mean_tokens_per_s: _Optional[float] = ..., mean_accepted_tokens: _Optional[float] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("strategies", "requests_total", "requests_failed", "requests_cancelled", "default_strategy")
+    __slots__ = ("strategies", "requests_total", "requests_failed", "requests_cancelled", "default_strategy", "requests_rejected", "requests_in_flight")
     STRATEGIES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     strategies: _containers.RepeatedCompositeFieldContainer[StrategyStats]
     requests_total: int
     requests_failed: int
     requests_cancelled: int
     default_strategy: str
-    def __init__(self, strategies: _Optional[_Iterable[_Union[StrategyStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., default_strategy: _Optional[str] = ...) -> None: ...
+    requests_rejected: int
+    requests_in_flight: int
+    def __init__(self, strategies: _Optional[_Iterable[_Union[StrategyStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., default_strategy: _Optional[str] = ..., requests_rejected: _Optional[int] = ..., requests_in_flight: _Optional[int] = ...) -> None: ...
