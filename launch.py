@@ -42,14 +42,15 @@ def cmd_dry_run(args) -> int:
     return 0
 
 
-def run_demo(address: str, engines: list[str], max_new_tokens: int, tokenizer_chat: bool = True) -> None:
+def run_demo(address: str, engines: list[str], max_new_tokens: int, token: str | None = None,
+             tls_root_cert: str | None = None) -> None:
     """Submit the sample batch through the gRPC client once per strategy; print outputs and speedups."""
     from orchestrator.client import Client
 
     prompts = [[{"role": "user", "content": text}] if chat else text for _, chat, text in SAMPLE_PROMPTS]
     means: dict[str, float] = {}
     reference = None
-    with Client(address, timeout=3600) as client:
+    with Client(address, timeout=3600, token=token, tls_root_cert=tls_root_cert) as client:
         for name in engines:
             results = client.generate_batch(prompts, strategy=name, max_new_tokens=max_new_tokens, concurrency=1)
             if name == "plain":
@@ -71,10 +72,15 @@ def cmd_serve(args, demo: bool) -> int:
     import signal
 
     from orchestrator.build import build_engines
-    from orchestrator.config import load_config
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.security import check_startup, load_auth_token
     from orchestrator.server import start_server
 
     cfg = load_config(args.cluster)
+    try:                                           # token and certificates: fail before anything starts
+        check_startup(cfg.server)
+    except ConfigError as e:
+        raise ConfigError(f"{args.cluster}: {e}") from None
     runtime, dashboard = None, None
     if args.in_process:
         built = build_engines(cfg, only=args.strategies)
@@ -108,7 +114,9 @@ def cmd_serve(args, demo: bool) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if demo:
-            task = loop.run_in_executor(None, run_demo, f"{host}:{bound}", list(built.engines), args.max_new_tokens)
+            tls = cfg.server.tls.cert_file if cfg.server.tls else None    # a self-signed certificate is its own root
+            task = loop.run_in_executor(None, run_demo, f"{host}:{bound}", list(built.engines), args.max_new_tokens,
+                                        load_auth_token(cfg.server), tls)
             task.add_done_callback(lambda _f: stop.set())
         await stop.wait()
         await server.stop(grace=5)

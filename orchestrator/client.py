@@ -54,6 +54,16 @@ def build_request(prompt: str | list[dict], *, max_new_tokens: int = 128, temper
     return req
 
 
+def _channel_args(address: str, max_message_bytes: int, tls_root_cert: bytes | str | None):
+    """(address, credentials or None, options) for a plaintext or TLS channel."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    if tls_root_cert is None:
+        return address, None, options
+    pem = tls_root_cert if isinstance(tls_root_cert, bytes) else open(tls_root_cert, "rb").read()
+    return address, grpc.ssl_channel_credentials(root_certificates=pem), options
+
+
 def _collect(responses) -> Result:
     res = Result(request_id="")
     for r in responses:
@@ -62,11 +72,16 @@ def _collect(responses) -> Result:
 
 
 class Client:
-    def __init__(self, address: str, timeout: float | None = None, max_message_bytes: int = 4 * 1024 * 1024):
+    """token: the server's bearer token (sent on every call); tls_root_cert: PEM bytes or a file
+    path of the CA that signed the server's certificate (None = plaintext)."""
+
+    def __init__(self, address: str, timeout: float | None = None, max_message_bytes: int = 4 * 1024 * 1024,
+                 token: str | None = None, tls_root_cert: bytes | str | None = None):
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        address, creds, options = _channel_args(address, max_message_bytes, tls_root_cert)
+        self.channel = (grpc.secure_channel(address, creds, options=options) if creds
+                        else grpc.insecure_channel(address, options=options))
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb_grpc.SpecDecodeStub(self.channel)
 
     def __enter__(self):
@@ -81,20 +96,22 @@ class Client:
     def stream(self, prompt, **kwargs) -> Iterator[pb.TokenChunk]:
         """Yield token chunks as they are accepted; the final stats are on `.last_stats`."""
         self.last_stats = None
-        for r in self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout):
+        for r in self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout, metadata=self.metadata):
             if r.HasField("chunk"):
                 yield r.chunk
             else:
                 self.last_stats = r.stats
 
     def generate(self, prompt, **kwargs) -> Result:
-        return _collect(self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout))
+        return _collect(self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout,
+                                           metadata=self.metadata))
 
     def generate_batch(self, prompts: list, progress: bool = True, concurrency: int = 4, **kwargs) -> list[Result]:
         """Submit many prompts (each as its own streaming call, `concurrency` in flight), in order."""
         def one(i_prompt):
             i, p = i_prompt
-            return _collect(self.stub.Generate(build_request(p, request_id=str(i), **kwargs), timeout=self.timeout))
+            return _collect(self.stub.Generate(build_request(p, request_id=str(i), **kwargs), timeout=self.timeout,
+                                               metadata=self.metadata))
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             it = pool.map(one, enumerate(prompts))
@@ -103,17 +120,24 @@ class Client:
     def generate_batch_rpc(self, prompts: list, **kwargs) -> list[Result]:
         """One GenerateBatch call (validated as a whole; all-or-nothing)."""
         reqs = [build_request(p, request_id=str(i), **kwargs) for i, p in enumerate(prompts)]
-        out = self.stub.GenerateBatch(pb.GenerateBatchRequest(requests=reqs), timeout=self.timeout)
+        out = self.stub.GenerateBatch(pb.GenerateBatchRequest(requests=reqs), timeout=self.timeout,
+                                      metadata=self.metadata)
         return [Result(r.request_id, list(r.token_ids), r.text, r.stats) for r in out.results]
 
     def stats(self) -> pb.GetStatsResponse:
-        return self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+        return self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout, metadata=self.metadata)
 
 
 class AsyncClient:
-    def __init__(self, address: str, timeout: float | None = None):
+    """The same calls for asyncio code; arguments as for `Client`."""
+
+    def __init__(self, address: str, timeout: float | None = None, max_message_bytes: int = 4 * 1024 * 1024,
+                 token: str | None = None, tls_root_cert: bytes | str | None = None):
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address)
+        address, creds, options = _channel_args(address, max_message_bytes, tls_root_cert)
+        self.channel = (grpc.aio.secure_channel(address, creds, options=options) if creds
+                        else grpc.aio.insecure_channel(address, options=options))
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb_grpc.SpecDecodeStub(self.channel)
 
     async def __aenter__(self):
@@ -123,15 +147,17 @@ class AsyncClient:
         await self.channel.close()
 
     async def stream(self, prompt, **kwargs):
-        async for r in self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout):
+        async for r in self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout,
+                                          metadata=self.metadata):
             if r.HasField("chunk"):
                 yield r.chunk
 
     async def generate(self, prompt, **kwargs) -> Result:
         res = Result(request_id="")
-        async for r in self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout):
+        async for r in self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout,
+                                          metadata=self.metadata):
             res.add(r)
         return res
 
     async def stats(self) -> pb.GetStatsResponse:
-        return await self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+        return await self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout, metadata=self.metadata)

@@ -99,10 +99,14 @@ class SpeculativeEngine:
         if on_tokens:
             on_tokens([first])
         t_draft_start = time.perf_counter()
-        session = self.drafter.start(prompt_ids, params, generator) if self.drafter else None
+        session = None
+        if self.drafter:
+            try:
+                session = self.drafter.start(prompt_ids, params, generator)
+                session.update([first], 0)
+            except Exception as exc:  # noqa: BLE001 - as below: a broken drafter never fails the request
+                session = self._drop_drafter(session, stats, exc)
         stats.draft_s += time.perf_counter() - t_draft_start     # drafter prefill
-        if session:
-            session.update([first], 0)
         finish = "stop" if first in self.eos_token_ids else "length"
 
         try:
@@ -154,7 +158,8 @@ class SpeculativeEngine:
         stats.events.append(f"drafter failed before step {stats.steps + 1} ({type(exc).__name__}: {exc}); "
                             "target-only decoding from there")
         try:
-            session.close()
+            if session is not None:
+                session.close()
         except Exception:  # noqa: BLE001 - the drafter is already broken; its cleanup must not fail the request
             pass
         return None

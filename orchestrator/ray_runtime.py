@@ -8,6 +8,12 @@
 - `RemoteDrafter` looks like a `Drafter`: sessions live in a `drafter-*` actor.
 Cache edits and drafter updates are fire-and-forget: Ray runs one caller's calls
 to an actor in submission order, so the next forward sees them.
+
+Faults: actors restart up to `cluster.actor_max_restarts` times, losing their
+per-request state. Every blocking call waits at most `cluster.actor_call_timeout_s`;
+a dead, restarted or silent target shard surfaces as `WorkerUnavailable` (the
+server's UNAVAILABLE), a dead drafter as an ordinary drafter failure (the engine
+falls back to target-only steps, output unchanged).
 """
 from __future__ import annotations
 
@@ -22,11 +28,24 @@ import torch
 from orchestrator.build import Built, eos_ids, pick_device, policy_factory
 from orchestrator.config import DraftModelStrategy, EasySpecStrategy, EngineConfig
 from orchestrator.engine import SpeculativeEngine
+from orchestrator.errors import WorkerUnavailable
 from placement.plan import Plan, PlacementError
 from placement.ray_groups import create_placement_group, shard_strategy
-from workers.actors import DrafterWorker, TargetShard
+from workers.actors import DrafterWorker, LostRequestState, TargetShard
 from workers.drafters import Draft, Drafter, DraftSession, PromptLookupDrafter
 from workers.runner import ModelRunner
+
+
+def get(ref, timeout: float | None, what: str):
+    """ray.get bounded in time; a lost worker or lost request state becomes WorkerUnavailable."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise WorkerUnavailable(f"{what}: no answer within {timeout} s") from None
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        raise WorkerUnavailable(f"{what}: actor died ({type(exc).__name__})") from None
+    except LostRequestState as exc:
+        raise WorkerUnavailable(f"{what}: {exc}") from None
 
 
 # ------------------------------------------------------------------ target
@@ -65,8 +84,9 @@ class RemoteCache:
 class PipelineTarget:
     """A ModelRunner stand-in over pipeline-stage actors (see module doc)."""
 
-    def __init__(self, shards: list, vocab_size: int, device: torch.device = torch.device("cpu")):
-        self.shards, self.vocab_size, self.device = shards, vocab_size, device
+    def __init__(self, shards: list, vocab_size: int, device: torch.device = torch.device("cpu"),
+                 timeout: float | None = None):
+        self.shards, self.vocab_size, self.device, self.timeout = shards, vocab_size, device, timeout
 
     def new_cache(self, batch: int = 1, capacity: int = 256) -> RemoteCache:
         if batch != 1:
@@ -82,7 +102,7 @@ class PipelineTarget:
         m = tree_mask.cpu() if tree_mask is not None else None
         for shard in self.shards:
             ref = shard.forward.remote(cache.rid, ref, d, m, logits_rows)
-        out = ray.get(ref)
+        out = get(ref, self.timeout, "target forward")
         cache.lengths[0] += int(input_ids.shape[1])
         return out.to(self.device)
 
@@ -93,7 +113,7 @@ class PipelineTarget:
         ref = [r[1].cpu() for r in requests]
         for shard in self.shards:
             ref = shard.forward_many.remote(rids, ref, extras)
-        outs = ray.get(ref)
+        outs = get(ref, self.timeout, "batched target forward")
         for r in requests:
             r[0].lengths[0] += int(r[1].shape[1])
         return [o.to(self.device) for o in outs]
@@ -105,22 +125,22 @@ class PipelineTarget:
 class RemoteDrafter(Drafter):
     """A strategy's drafter running in drafter actors (requests spread round-robin over replicas)."""
 
-    def __init__(self, workers: list, strategy: str):
-        self.workers, self.name = workers, strategy
+    def __init__(self, workers: list, strategy: str, timeout: float | None = None):
+        self.workers, self.name, self.timeout = workers, strategy, timeout
         self._next = itertools.cycle(workers)
 
     def start(self, prompt_ids, params, generator):
-        return _RemoteSession(next(self._next), self.name, prompt_ids, params)
+        return _RemoteSession(next(self._next), self.name, prompt_ids, params, self.timeout)
 
 
 class _RemoteSession(DraftSession):
-    def __init__(self, worker, strategy: str, prompt_ids, params):
+    def __init__(self, worker, strategy: str, prompt_ids, params, timeout: float | None):
         super().__init__([])
-        self.worker, self.sid = worker, uuid.uuid4().hex
-        ray.get(worker.start.remote(self.sid, strategy, list(prompt_ids), params))
+        self.worker, self.sid, self.timeout = worker, uuid.uuid4().hex, timeout
+        get(worker.start.remote(self.sid, strategy, list(prompt_ids), params), timeout, "drafter start")
 
     def propose(self, k: int) -> Draft:
-        return ray.get(self.worker.propose.remote(self.sid, k))
+        return get(self.worker.propose.remote(self.sid, k), self.timeout, "draft")
 
     def update(self, new_tokens, num_accepted):
         self.worker.update.remote(self.sid, list(new_tokens), num_accepted)
@@ -177,6 +197,7 @@ def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
 def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Built, RayRuntime]:
     def options(shard) -> dict:   # the actor's name, resources and bundle
         return dict(name=shard.name, num_cpus=shard.cpus, num_gpus=shard.gpus,
+                    max_restarts=config.cluster.actor_max_restarts,
                     scheduling_strategy=shard_strategy(pg, plan, shard.name))
 
     threads = config.runtime.threads
@@ -210,7 +231,8 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
             raise ValueError(f"models.drafters.{model_key}: vocabulary size differs from the target's")
 
     device = pick_device(config.runtime.device)
-    target = PipelineTarget(shards, vocab)
+    timeout = config.cluster.actor_call_timeout_s
+    target = PipelineTarget(shards, vocab, timeout=timeout)
     tokenizer, meta = _tokenizer_and_meta(t.source, t.dtype)
     eos = eos_ids(meta, tokenizer)
     built = Built(config, device, meta, tokenizer, target,
@@ -220,7 +242,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
             if st.drafter not in drafter_actors:
                 raise PlacementError(f"strategy {st.name!r}: drafter {st.drafter!r} has no placement "
                                      f"(add placement.drafters.{st.drafter})")
-            drafter = RemoteDrafter(drafter_actors[st.drafter], st.name)
+            drafter = RemoteDrafter(drafter_actors[st.drafter], st.name, timeout)
         else:   # prompt lookup is a table scan: it stays beside the engine
             drafter = PromptLookupDrafter(st.max_ngram, st.min_ngram, st.num_candidates)
         built.engines[st.name] = SpeculativeEngine(target, drafter, policy_factory(st.draft_length),

@@ -19,6 +19,10 @@ from workers.drafters import Draft
 from workers.runner import KVCache, ModelRunner
 
 
+class LostRequestState(KeyError):
+    """The actor has no state for this request: it restarted (or the request was closed)."""
+
+
 def _threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
@@ -59,17 +63,27 @@ class TargetShard:
     def close(self, rid: str) -> None:
         self.caches.pop(rid, None)
 
+    def _cache(self, rid: str) -> KVCache:
+        try:
+            return self.caches[rid]
+        except KeyError:
+            raise LostRequestState(f"target shard {self.runner.layer_range} has no KV state for request {rid} "
+                                   "(the actor restarted)") from None
+
+    # crop/keep are fire-and-forget: for a lost request they do nothing, and its next forward fails.
     def crop(self, rid: str, length: int) -> None:
-        self.caches[rid].crop(0, length)
+        if rid in self.caches:
+            self.caches[rid].crop(0, length)
 
     def keep(self, rid: str, start: int, offsets: torch.Tensor) -> None:
-        self.caches[rid].keep(0, start, offsets.to(self.device))
+        if rid in self.caches:
+            self.caches[rid].keep(0, start, offsets.to(self.device))
 
     # ---------------------------------------------------------------- compute
     def forward(self, rid: str, inputs: torch.Tensor, depths=None, tree_mask=None, logits_rows=None):
         """inputs: ids [1, T] (first stage) or hidden [1, T, hidden]; returns hidden or logits, on the CPU."""
         dev = self.device
-        out = self.runner.forward(self.caches[rid], inputs.to(dev),
+        out = self.runner.forward(self._cache(rid), inputs.to(dev),
                                   depths=depths.to(dev) if depths is not None else None,
                                   tree_mask=tree_mask.to(dev) if tree_mask is not None else None,
                                   logits_rows=logits_rows)
@@ -78,7 +92,7 @@ class TargetShard:
     def forward_many(self, rids: list[str], inputs: list[torch.Tensor], extras: list[tuple]) -> list[torch.Tensor]:
         """Batched forward of several requests (the global verifier's batch); extras: (depths, mask, rows)."""
         dev = self.device
-        reqs = [(self.caches[rid], x.to(dev), d.to(dev) if d is not None else None,
+        reqs = [(self._cache(rid), x.to(dev), d.to(dev) if d is not None else None,
                  m.to(dev) if m is not None else None, rows) for rid, x, (d, m, rows) in zip(rids, inputs, extras)]
         return [o.cpu() for o in self.runner.forward_many(reqs)]
 
@@ -110,13 +124,20 @@ class DrafterWorker:
         self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, generator)
 
     def propose(self, sid: str, k: int) -> Draft:
-        draft = self.sessions[sid].propose(k)
+        session = self.sessions.get(sid)
+        if session is None:
+            raise LostRequestState(f"drafter has no session {sid} (the actor restarted)")
+        draft = session.propose(k)
         if draft.probs is not None:
             draft.probs = draft.probs.cpu()
         return draft
 
     def update(self, sid: str, new_tokens: list[int], num_accepted: int) -> None:
-        self.sessions[sid].update(new_tokens, num_accepted)
+        if sid in self.sessions:          # fire-and-forget: a lost session fails at its next propose
+            self.sessions[sid].update(new_tokens, num_accepted)
+
+    def live_requests(self) -> int:
+        return len(self.sessions)
 
     def close(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)
