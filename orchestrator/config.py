@@ -86,7 +86,17 @@ class EasySpecStrategy(_Strict):
     mode: Literal["attn_only", "direct_mlp"] = "attn_only"
     calibration: Literal["never", "prefill_only", "every_round", "every_mismatch"] = "every_mismatch"
     groups: list[list[int]] | None = Field(None, description="Explicit layer groups (default: the paper's)")
+    workers: int = Field(1, ge=1, le=16, description="1 = group members computed one after another in one "
+                         "process; N > 1 = N Ray actors with the full draft weights, joined by torch.distributed")
     draft_length: DraftLength = Field(default_factory=FixedLength)
+
+    @model_validator(mode="after")
+    def _workers_cover_groups(self):
+        largest = max((len(g) for g in self.groups), default=1) if self.groups else self.degree
+        if self.workers > 1 and self.workers != largest:
+            raise ValueError(f"workers ({self.workers}) must be 1 (in process) or the largest layer group's size "
+                             f"({largest}: {'groups' if self.groups else 'degree'}), one worker per group member")
+        return self
 
 
 Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy, EasySpecStrategy], Field(discriminator="kind")]

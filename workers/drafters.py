@@ -130,20 +130,25 @@ class _DraftModelSession(DraftSession):
         probs: list[torch.Tensor] = []
         logits = self._first_logits()                                             # [vocab]
         for i in range(k):
-            if self.params.greedy:
-                tok = logits.argmax()
-                confidence = torch.softmax(logits, -1)[tok] if self.min_confidence > 0 else None
-            else:
-                q = warp_probs(logits, self.params)                                # [vocab]
+            tok, q, confidence = self._choose(logits)
+            if q is not None:
                 probs.append(q)
-                tok = sample(q, self.generator)
-                confidence = q[tok]
             tokens.append(tok)
             if i + 1 < k:
                 if self.min_confidence > 0 and float(confidence) < self.min_confidence:
                     break
                 logits = self._next_logits(tok)
         return Draft(tokens=torch.stack(tokens).tolist(), probs=torch.stack(probs) if probs else None)
+
+    def _choose(self, logits: torch.Tensor):
+        """The next draft token (0-dim, on the device), the q it was sampled from ([vocab], None when
+        greedy) and the drafter's confidence in it (None when not needed)."""
+        if self.params.greedy:
+            tok = logits.argmax()
+            return tok, None, torch.softmax(logits, -1)[tok] if self.min_confidence > 0 else None
+        q = warp_probs(logits, self.params)                                        # [vocab]
+        tok = sample(q, self.generator)
+        return tok, q, q[tok]
 
     def update(self, new_tokens, num_accepted):
         committed_before = len(self.context)

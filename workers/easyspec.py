@@ -3,8 +3,10 @@
 This module is the in-process mode: the members of a layer group are computed
 one after another in this process on the same group input, which yields exactly
 the approximation parallel workers would (used for tests and for measuring draft
-accuracy). Running group members on separate Ray actors joined by a
-torch.distributed group is the distributed runtime's part and is not built yet.
+accuracy). workers/easyspec_workers.py runs the same sessions on N Ray actors
+joined by a torch.distributed group: each rank's drafter gets an `exchange`
+(how group members' outputs are gathered, how the sampled token is shared), and
+the layer math stays in ModelRunner._grouped_layers for both modes.
 
 Calibration policies (what KV the drafter keeps for accepted tokens):
   NEVER          every draft forward is layer-parallel, prefill included
@@ -49,8 +51,10 @@ def default_groups(num_layers: int, degree: int, edge: int | None = None) -> lis
 class EasySpecDrafter(Drafter):
     def __init__(self, runner: ModelRunner, degree: int = 2, mode: str = "attn_only",
                  calibration: Calibration | str = Calibration.EVERY_MISMATCH,
-                 groups: list[list[int]] | None = None, name: str = "easyspec"):
-        self.runner, self.mode, self.name = runner, mode, name
+                 groups: list[list[int]] | None = None, name: str = "easyspec", exchange=None):
+        """exchange: None in process; across workers an object with `members(group, compute)` (every
+        member's output, in group order) and `share_token(tok)` (rank 0's token on every rank)."""
+        self.runner, self.mode, self.name, self.exchange = runner, mode, name, exchange
         self.calibration = Calibration(calibration)
         self.groups = groups or default_groups(runner.num_layers, degree)
         flat = sorted(li for g in self.groups for li in g)
@@ -78,7 +82,8 @@ class _EasySpecSession(_DraftModelSession):
         return self.d.calibration != Calibration.NEVER
 
     def _approx(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._logits(tokens, layer_groups=self.d.groups, group_mode=self.d.mode)
+        exchange = self.d.exchange.members if self.d.exchange is not None else None
+        return self._logits(tokens, layer_groups=self.d.groups, group_mode=self.d.mode, group_exchange=exchange)
 
     def _prefill(self, prompt_ids):
         ids = torch.tensor([prompt_ids], device=self.runner.device)
@@ -101,6 +106,12 @@ class _EasySpecSession(_DraftModelSession):
 
     def _next_logits(self, token):
         return self._approx(token.view(1, 1))
+
+    def _choose(self, logits):
+        tok, q, confidence = super()._choose(logits)
+        if self.d.exchange is not None:     # every rank feeds rank 0's token, so their KV stays in sync
+            tok = self.d.exchange.share_token(tok)
+        return tok, q, confidence
 
     def propose(self, k: int) -> Draft:
         draft = super().propose(k)

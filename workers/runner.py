@@ -19,6 +19,7 @@ the first input of the next forward.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,9 @@ class ModelRunner:
         if not 0 <= start < end <= total:
             raise ValueError(f"layer_range {layer_range} outside the model's {total} layers")
         self.layer_range = (start, end)
+        # Every cache handed out, until freed (KVCache compares by value, so keyed by a counter).
+        self._live_caches: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._caches_made = 0
         self.first_stage, self.last_stage = start == 0, end == total
         self.layers = list(inner.layers)[start:end]
         self.norm = inner.norm
@@ -164,11 +168,18 @@ class ModelRunner:
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         shape = (batch, self.num_kv_heads, capacity, self.head_dim)
         mk = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
-        return KVCache(
+        cache = KVCache(
             keys=[mk() for _ in range(self.num_layers)],
             values=[mk() for _ in range(self.num_layers)],
             lengths=[0] * batch,
         )
+        self._caches_made += 1
+        self._live_caches[self._caches_made] = cache
+        return cache
+
+    def live_caches(self) -> int:
+        """KV caches of this runner still referenced anywhere (finished requests free theirs)."""
+        return len(self._live_caches)
 
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()
@@ -182,6 +193,7 @@ class ModelRunner:
         logits_rows: slice | torch.Tensor | None = None,  # which of the T positions need logits (None = all)
         layer_groups: list[list[int]] | None = None,  # EasySpec: layers of a group see the same input
         group_mode: str = "attn_only",               # "attn_only" or "direct_mlp" (workers/easyspec.py)
+        group_exchange=None,                         # EasySpec across workers: see _grouped_layers
         lm_head: torch.nn.Module | None = None,      # replaces the output head (workers/vocab_trim.py)
     ) -> torch.Tensor:
         """Append T new tokens per row and return logits [batch, T', vocab] (float32).
@@ -203,7 +215,7 @@ class ModelRunner:
                 hidden = hidden + self._attention(li, hidden, ctx)
                 hidden = hidden + self._mlp(li, hidden)
         else:
-            hidden = self._grouped_layers(hidden, ctx, layer_groups, group_mode)
+            hidden = self._grouped_layers(hidden, ctx, layer_groups, group_mode, group_exchange)
 
         for r in range(batch):
             cache.lengths[r] = ctx.starts[r] + num_new[r]
@@ -342,31 +354,47 @@ class ModelRunner:
         x = mlp.act_fn(_linear(x, mlp.gate_proj, gemv)) * _linear(x, mlp.up_proj, gemv)
         return _linear(x, mlp.down_proj, gemv)
 
-    def _grouped_layers(self, hidden, ctx, groups, mode):
-        """EasySpec's layer-parallel approximation (ALGORITHMS.md section 1), computed in one process.
+    def _grouped_layers(self, hidden, ctx, groups, mode, exchange=None):
+        """EasySpec's layer-parallel approximation (ALGORITHMS.md section 1).
 
-        Members of a group compute their attention on the same group input; with
-        "attn_only" the MLPs then run in layer order on the running sum, with
-        "direct_mlp" each member's MLP sees only its own attention output.
+        Members of a group compute their output on the same group input: with
+        "attn_only" the member output is the layer's attention and the MLPs then
+        run in layer order on the running sum; with "direct_mlp" it is attention
+        plus the MLP of (input + attention), and the outputs are summed.
+        `exchange(group, compute)` returns every member's output in group order:
+        in process it computes them one after another; across workers each rank
+        computes its own member and the outputs are all-gathered
+        (workers/easyspec_workers.py). Single-layer groups run here, exactly.
         """
+        if mode not in ("attn_only", "direct_mlp"):
+            raise ValueError(f"unknown group_mode {mode!r}")
         for group in groups:
             if len(group) == 1:
                 li = group[0]
                 hidden = hidden + self._attention(li, hidden, ctx)
                 hidden = hidden + self._mlp(li, hidden)
-            elif mode == "attn_only":
-                attn_outs = [self._attention(li, hidden, ctx) for li in group]   # what parallel workers compute
-                for li, a in zip(group, attn_outs):
-                    hidden = hidden + a
-                    hidden = hidden + self._mlp(li, hidden)
-            elif mode == "direct_mlp":
-                total = 0
-                for li in group:
-                    a = self._attention(li, hidden, ctx)
-                    total = total + a + self._mlp(li, hidden + a)
-                hidden = hidden + total
-            else:
-                raise ValueError(f"unknown group_mode {mode!r}")
+                continue
+            compute = lambda li, h=hidden: self._group_member(li, h, ctx, mode)  # noqa: E731
+            outs = exchange(group, compute) if exchange is not None else [compute(li) for li in group]
+            hidden = self._combine_group(group, hidden, outs, mode)
+        return hidden
+
+    def _group_member(self, li: int, hidden: torch.Tensor, ctx: "_Step", mode: str) -> torch.Tensor:
+        """What one member of a layer group computes from the group input [batch, T, hidden]."""
+        a = self._attention(li, hidden, ctx)
+        return a if mode == "attn_only" else a + self._mlp(li, hidden + a)
+
+    def _combine_group(self, group: list[int], hidden: torch.Tensor, outs: list[torch.Tensor],
+                       mode: str) -> torch.Tensor:
+        """The group's output from its members' outputs (identical on every worker, so they stay in sync)."""
+        if mode == "direct_mlp":
+            total = outs[0]
+            for o in outs[1:]:
+                total = total + o
+            return hidden + total
+        for li, a in zip(group, outs):
+            hidden = hidden + a
+            hidden = hidden + self._mlp(li, hidden)
         return hidden
 
     # ------------------------------------------------------------- helpers
