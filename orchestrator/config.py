@@ -99,7 +99,49 @@ class EasySpecStrategy(_Strict):
         return self
 
 
-Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy, EasySpecStrategy], Field(discriminator="kind")]
+class MaGSpec(_Strict):
+    """CS-Drafting's statistical bottom level (workers/mag.py)."""
+    table: str | None = Field(None, description=(
+        "Bigram table from `launch.py mag-table` (None = bigrams of the request's own context)"))
+    max_ngram: int = Field(8, ge=1, le=64, description="Longest context suffix matched before copying")
+    min_ngram: int = Field(1, ge=1, le=64, description="Shorter suffixes fall through to the bigram table")
+
+    @model_validator(mode="after")
+    def _ngram_range(self):
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+        return self
+
+
+class CascadeStrategy(_Strict):
+    """CS-Drafting (docs/cascade.md): target <- drafters (top-down) <- MaG."""
+    name: str
+    kind: Literal["cascade"]
+    drafters: list[str] = Field(default_factory=list, description=(
+        "Keys of models.drafters, largest first; each reviews the level below ([] = MaG alone)"))
+    mag: MaGSpec = Field(default_factory=MaGSpec)
+    k_matrix: list[list[int]] = Field(description=(
+        "Square, one row per reviewer (the target, then each drafter), one column per drafting level "
+        "(each drafter, then MaG); entries are draft-length increments, left of the diagonal 0"))
+    leniency: list[float] | None = Field(None, description=(
+        "Per drafter (>= 1): it accepts x with probability min(1, leniency * p(x) / q(x)); "
+        "never applies to the target. None = all 1"))
+    draft_length: DraftLength = Field(default_factory=lambda: FixedLength(k=64), description=(
+        "Caps the k_matrix draft (the schedule sets its length)"))
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        from workers.cascade import validate_k_matrix
+
+        validate_k_matrix(self.k_matrix, len(self.drafters) + 1)   # its errors start with "k_matrix"
+        if self.leniency is not None and (len(self.leniency) != len(self.drafters)
+                                          or any(x < 1 for x in self.leniency)):
+            raise ValueError(f"leniency: one value >= 1 per drafter ({len(self.drafters)}), got {self.leniency}")
+        return self
+
+
+Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy, EasySpecStrategy, CascadeStrategy],
+                     Field(discriminator="kind")]
 StrategyAdapter = TypeAdapter(Strategy)   # validates one strategy dict (e.g. inside a Ray actor)
 
 
@@ -215,6 +257,10 @@ class EngineConfig(_Strict):
                 raise ValueError(
                     f"strategies.{i}.drafter: {s.drafter!r} is not a key of models.drafters "
                     f"({sorted(self.models.drafters)})")
+            for j, key in enumerate(getattr(s, "drafters", None) or []):
+                if key not in self.models.drafters:
+                    raise ValueError(f"strategies.{i}.drafters.{j}: {key!r} is not a key of models.drafters "
+                                     f"({sorted(self.models.drafters)})")
         if self.bench.hf_assistant and self.bench.hf_assistant not in self.models.drafters:
             raise ValueError(f"bench.hf_assistant: {self.bench.hf_assistant!r} is not a key of models.drafters")
         if self.server.default_strategy != "plain" and self.server.default_strategy not in names:

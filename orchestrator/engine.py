@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from orchestrator.cost import draft_cost, parameter_count
 from orchestrator.draft_length import DraftLengthPolicy, FixedDraftLength
 from orchestrator.metrics import RequestStats
 from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
@@ -107,6 +108,7 @@ class SpeculativeEngine:
             except Exception as exc:  # noqa: BLE001 - as below: a broken drafter never fails the request
                 session = self._drop_drafter(session, stats, exc)
         stats.draft_s += time.perf_counter() - t_draft_start     # drafter prefill
+        opened, model_drafted = session, 0     # for the cost model (orchestrator/cost.py)
         finish = "stop" if first in self.eos_token_ids else "length"
 
         try:
@@ -136,6 +138,7 @@ class SpeculativeEngine:
                 stats.observe_step(draft.depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
                 if draft.source != "lookup":   # free context copies would skew the model's cost and acceptance
                     policy.observe(draft.depth, len(accepted), t1 - t0, t2 - t1)
+                    model_drafted += len(draft)
                 if session:
                     try:
                         session.update(new_tokens, len(accepted))
@@ -144,6 +147,9 @@ class SpeculativeEngine:
                 if on_tokens:
                     on_tokens(emitted)
         finally:
+            stats.draft_cost, stats.draft_forwards = draft_cost(
+                self.drafter, opened if opened is session else None, model_drafted,
+                parameter_count(getattr(self.target, "model", None)))
             if session:
                 session.close()
             release = getattr(cache, "release", None)   # KV held by remote shards (orchestrator/ray_runtime.py)

@@ -30,6 +30,9 @@ class RequestStats:
     ttft_s: float = 0.0
     total_s: float = 0.0
     events: list[str] = field(default_factory=list)  # e.g. "drafter failed; target-only from step 7"
+    # Cost model (orchestrator/cost.py): drafter forwards x their parameters / target parameters; None = unknown
+    draft_cost: float | None = None
+    draft_forwards: dict[str, int] = field(default_factory=dict)    # forwards per drafter level (prefill excluded)
 
     def observe_step(self, drafted: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
         """One verification step: `drafted` proposed, `accepted` kept, `emitted` tokens added (<= accepted+1)."""
@@ -61,12 +64,20 @@ class RequestStats:
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
 
+    @property
+    def cost_speedup(self) -> float | None:
+        """Plain decoding's cost for the same tokens / this request's (target forwards + draft_cost); plain = 1."""
+        if self.draft_cost is None or not self.steps:
+            return None
+        return self.step_tokens / (self.steps + self.draft_cost)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(
             mean_accepted_tokens=self.mean_accepted_tokens,
             acceptance_rate=self.acceptance_rate,
             tokens_per_s=self.tokens_per_s,
+            cost_speedup=self.cost_speedup,
         )
         return d
 
