@@ -5,14 +5,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orchestrator.config import (AdaptiveLength, DraftModelStrategy, EasySpecStrategy, EngineConfig,
+from orchestrator.config import (AdaptiveLength, CascadeStrategy, DraftModelStrategy, EasySpecStrategy, EngineConfig,
                                  PromptLookupStrategy)
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.engine import SpeculativeEngine
 from workers.hugepages import move_to_hugepages
 from workers.quantize import quantize_model_int8
 from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
+from workers.cascade import CascadeDrafter
 from workers.easyspec import EasySpecDrafter
+from workers.mag import MaGDrafter, load_table
 from workers.model_store import load_model
 from workers.runner import ModelRunner
 
@@ -83,25 +85,36 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
     for s in config.strategies:
         if only is not None and s.name not in only:
             continue
-        if isinstance(s, (DraftModelStrategy, EasySpecStrategy)):
-            if s.drafter not in runners:
-                spec = config.models.drafters[s.drafter]
+        for key in strategy_drafters(s):
+            if key not in runners:
+                spec = config.models.drafters[key]
                 dmodel, _ = load_for_decoding(spec.source, spec.dtype, device, spec.quantize)
                 # Draft and target probabilities are compared index by index.
                 if dmodel.get_output_embeddings().out_features != model.get_output_embeddings().out_features:
-                    raise ValueError(f"models.drafters.{s.drafter}: vocabulary size differs from the target's")
-                built.drafter_models[s.drafter] = dmodel
-                runners[s.drafter] = ModelRunner(dmodel, device)
-            drafter = make_drafter(s, runners[s.drafter])
-        else:
-            drafter = make_drafter(s, None)
+                    raise ValueError(f"models.drafters.{key}: vocabulary size differs from the target's")
+                built.drafter_models[key] = dmodel
+                runners[key] = ModelRunner(dmodel, device)
+        keys = strategy_drafters(s)
+        drafter = make_drafter(s, runners[keys[0]] if keys else None, runners)
         built.engines[s.name] = SpeculativeEngine(target, drafter, policy_factory(s.draft_length),
                                                   eos_token_ids=eos, name=s.name)
     return built
 
 
-def make_drafter(s, runner: ModelRunner | None):
-    """The drafter a strategy config describes; `runner` runs its draft model (None for prompt lookup)."""
+def strategy_drafters(s) -> list[str]:
+    """The models.drafters keys a strategy loads (a cascade: several, top-down)."""
+    if isinstance(s, CascadeStrategy):
+        return list(s.drafters)
+    return [s.drafter] if isinstance(s, (DraftModelStrategy, EasySpecStrategy)) else []
+
+
+def make_drafter(s, runner: ModelRunner | None, runners: dict[str, ModelRunner] | None = None):
+    """The drafter a strategy config describes; `runner` runs its draft model (None for prompt lookup),
+    `runners` (keyed by models.drafters) every model a cascade names."""
+    if isinstance(s, CascadeStrategy):
+        mag = MaGDrafter(load_table(s.mag.table) if s.mag.table else None, s.mag.max_ngram, s.mag.min_ngram)
+        return CascadeDrafter([runners[k] for k in s.drafters], mag, s.k_matrix, s.leniency,
+                              level_names=list(s.drafters), name=s.name)
     if isinstance(s, EasySpecStrategy):
         return EasySpecDrafter(runner, degree=s.degree, mode=s.mode, calibration=s.calibration, groups=s.groups,
                                name=s.name)
