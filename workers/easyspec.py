@@ -52,8 +52,8 @@ class EasySpecDrafter(Drafter):
     def __init__(self, runner: ModelRunner, degree: int = 2, mode: str = "attn_only",
                  calibration: Calibration | str = Calibration.EVERY_MISMATCH,
                  groups: list[list[int]] | None = None, name: str = "easyspec", exchange=None):
-        """exchange: None in process; across workers an object with `members(group, compute)` (every
-        member's output, in group order) and `share_token(tok)` (rank 0's token on every rank)."""
+        """exchange: None in process; across workers an object with `members(group, compute, hidden)`
+        (every member's output, in group order) and `share_token(tok)` (rank 0's token on every rank)."""
         self.runner, self.mode, self.name, self.exchange = runner, mode, name, exchange
         self.calibration = Calibration(calibration)
         self.groups = groups or default_groups(runner.num_layers, degree)

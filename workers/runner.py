@@ -361,7 +361,7 @@ class ModelRunner:
         "attn_only" the member output is the layer's attention and the MLPs then
         run in layer order on the running sum; with "direct_mlp" it is attention
         plus the MLP of (input + attention), and the outputs are summed.
-        `exchange(group, compute)` returns every member's output in group order:
+        `exchange(group, compute, hidden)` returns every member's output in group order:
         in process it computes them one after another; across workers each rank
         computes its own member and the outputs are all-gathered
         (workers/easyspec_workers.py). Single-layer groups run here, exactly.
@@ -375,7 +375,7 @@ class ModelRunner:
                 hidden = hidden + self._mlp(li, hidden)
                 continue
             compute = lambda li, h=hidden: self._group_member(li, h, ctx, mode)  # noqa: E731
-            outs = exchange(group, compute) if exchange is not None else [compute(li) for li in group]
+            outs = exchange(group, compute, hidden) if exchange is not None else [compute(li) for li in group]
             hidden = self._combine_group(group, hidden, outs, mode)
         return hidden
 

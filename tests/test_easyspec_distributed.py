@@ -1,0 +1,105 @@
+"""EasySpec over two Ray actors joined by gloo drafts exactly what the in-process emulation drafts,
+stays lossless through the engine, and leaves no actor or process group behind."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from orchestrator.draft_length import FixedDraftLength  # noqa: E402
+from orchestrator.engine import SpeculativeEngine  # noqa: E402
+from orchestrator.sampling import SamplingParams, make_generator  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
+from workers.easyspec import Calibration, EasySpecDrafter  # noqa: E402
+from workers.easyspec_workers import DistributedEasySpecDrafter, start_ranks, stop_ranks  # noqa: E402
+from workers.runner import ModelRunner  # noqa: E402
+
+GROUPS = [[0], [1, 2], [3]]
+MODES = ["attn_only", "direct_mlp"]
+
+
+def strategy(mode: str, calibration: Calibration) -> dict:
+    return {"name": f"{mode}-{calibration.value}", "kind": "easyspec", "drafter": "d", "degree": 2, "mode": mode,
+            "calibration": calibration.value, "groups": GROUPS, "workers": 2}
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("easyspec") / "draft"
+    tiny_model("llama", seed=0, layers=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ranks(draft_dir):
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="specorch-easyspec-test")
+    handles = start_ranks({"source": str(draft_dir), "dtype": "float32"},
+                          [strategy(m, c) for m in MODES for c in Calibration], world=2, device="cpu", threads=1)
+    yield handles
+    stop_ranks(handles)
+    ray.shutdown()
+
+
+def test_ranks_are_separate_processes(ranks):
+    infos = ray.get([r.info.remote() for r in ranks])
+    assert [i["rank"] for i in infos] == [0, 1] and infos[0]["pid"] != infos[1]["pid"]
+
+
+@pytest.mark.parametrize("calibration", list(Calibration))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0, seed=11)],
+                         ids=["greedy", "sampled"])
+def test_two_workers_draft_what_the_in_process_emulation_drafts(ranks, draft_dir, mode, calibration, params,
+                                                                prompts):
+    from transformers import AutoModelForCausalLM
+
+    local = EasySpecDrafter(ModelRunner(AutoModelForCausalLM.from_pretrained(draft_dir).float().eval()),
+                            mode=mode, calibration=calibration, groups=GROUPS)
+    remote = DistributedEasySpecDrafter(ranks, strategy(mode, calibration)["name"], timeout=60)
+    prompt = prompts[1]
+    a = local.start(prompt, params, make_generator(params.seed))
+    b = remote.start(prompt, params, None)
+    a.update([7], 0)
+    b.update([7], 0)
+    # Rounds: all accepted, one accepted then a correction, none accepted, two accepted then a correction.
+    for accept in [4, 1, 0, 2, 4, 0, 1]:
+        da, db = a.propose(4), b.propose(4)
+        assert db.tokens == da.tokens
+        if params.greedy:
+            assert da.probs is None and db.probs is None
+        else:
+            torch.testing.assert_close(db.probs, da.probs, rtol=1e-5, atol=1e-6)
+        committed = da.tokens[:accept] + ([] if accept == 4 else [(da.tokens[accept] + 1) % 96])
+        if accept == 4:
+            committed.append(5)         # the target's bonus token
+        a.update(committed, accept)
+        b.update(committed, accept)
+    b.close()
+    assert all(i["requests"] == 0 for i in ray.get([r.info.remote() for r in ranks]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_output_over_two_workers_equals_plain_decoding(ranks, mode, prompts):
+    target = ModelRunner(tiny_model("llama", seed=0, layers=3))
+    plain = SpeculativeEngine(target)
+    drafter = DistributedEasySpecDrafter(ranks, strategy(mode, Calibration.EVERY_MISMATCH)["name"], timeout=60)
+    engine = SpeculativeEngine(target, drafter, lambda: FixedDraftLength(4))
+    accepted = 0
+    for prompt in prompts:
+        res = engine.generate(prompt, 24)
+        assert res.tokens == plain.generate(prompt, 24).tokens
+        accepted += res.stats.accepted_tokens
+    assert accepted > 0
+    params = SamplingParams(temperature=0.8, seed=4)
+    assert engine.generate(prompts[0], 16, params).tokens == engine.generate(prompts[0], 16, params).tokens
+
+
+def test_stopping_ranks_leaves_nothing_behind(draft_dir, ranks):
+    extra = start_ranks({"source": str(draft_dir), "dtype": "float32"},
+                        [strategy("attn_only", Calibration.NEVER)], world=2, device="cpu", threads=1)
+    assert ray.get([r.leave.remote() for r in extra]) == [True, True]    # process group destroyed
+    stop_ranks(extra)
+    for r in extra:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(r.info.remote(), timeout=30)
