@@ -130,21 +130,25 @@ class GlobalVerifier:
                 for it in self._held:
                     it.future.set_exception(RuntimeError("global verifier stopped"))
                 return
-            t0 = time.perf_counter()
-            try:
-                outs = self.runner.forward_many([it.as_request() for it in batch])
-                for it, out in zip(batch, outs):
-                    it.future.set_result(out)
-            except Exception:  # noqa: BLE001 - isolate the failing request, the others go on
-                for it in batch:
-                    if it.future.done():
-                        continue
-                    try:
-                        it.future.set_result(self.runner.forward_many([it.as_request()])[0])
-                    except Exception as exc:  # noqa: BLE001
-                        it.future.set_exception(exc)
-            s = self.stats
-            s.batches += 1
-            s.rows += len(batch)
-            s.max_rows = max(s.max_rows, len(batch))
-            s.busy_s += time.perf_counter() - t0
+            self._run(batch)
+            batch = None     # hold no request's KV cache while waiting for the next batch
+
+    def _run(self, batch: list[_Item]) -> None:
+        t0 = time.perf_counter()
+        try:
+            outs = self.runner.forward_many([it.as_request() for it in batch])
+            for it, out in zip(batch, outs):
+                it.future.set_result(out)
+        except Exception:  # noqa: BLE001 - isolate the failing request, the others go on
+            for it in batch:
+                if it.future.done():
+                    continue
+                try:
+                    it.future.set_result(self.runner.forward_many([it.as_request()])[0])
+                except Exception as exc:  # noqa: BLE001
+                    it.future.set_exception(exc)
+        s = self.stats
+        s.batches += 1
+        s.rows += len(batch)
+        s.max_rows = max(s.max_rows, len(batch))
+        s.busy_s += time.perf_counter() - t0

@@ -23,26 +23,11 @@ from orchestrator.engine import SpeculativeEngine
 from orchestrator.server import start_server
 from proto import specorch_pb2 as pb
 from tests.conftest import tiny_model
+from tests.serving import ByteTokenizer, serve_in_thread
 from workers.drafters import PromptLookupDrafter
 from workers.runner import ModelRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class ByteTokenizer:
-    """Test fake: printable ASCII <-> ids 3..95 of the tiny model's vocabulary."""
-
-    chat_template = "fake"
-    eos_token_id = 2
-
-    def __call__(self, text):
-        return SimpleNamespace(input_ids=[3 + (ord(c) - 32) % 93 for c in text])
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        return self("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>").input_ids
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(32 + (i - 3) % 93) for i in ids if i >= 3)
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +41,8 @@ def served():
     })
     engines = {"plain": SpeculativeEngine(target),
                "pld": SpeculativeEngine(target, PromptLookupDrafter(), lambda: FixedDraftLength(4), name="pld")}
-    built = Built(config, target.device, model, ByteTokenizer(), target, engines)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box = {}
-
-    def serve():
-        asyncio.set_event_loop(loop)
-        box["server"], box["port"], box["service"] = loop.run_until_complete(start_server(built, "127.0.0.1", 0))
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert started.wait(30)
-    yield SimpleNamespace(address=f"127.0.0.1:{box['port']}", built=built, service=box["service"])
-    asyncio.run_coroutine_threadsafe(box["server"].stop(None), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
+    with serve_in_thread(Built(config, target.device, model, ByteTokenizer(), target, engines)) as served:
+        yield served
 
 
 def test_checked_in_stubs_match_proto(tmp_path):
