@@ -7,6 +7,9 @@
   python launch.py serve --cluster cluster_configs/local.yaml      # serve gRPC until SIGINT/SIGTERM
   python launch.py bench --cluster cluster_configs/local.yaml --data ../shared/data/humaneval_dev.jsonl \
       --limit 20 --max-new-tokens 128 --out result.json
+  python launch.py simulate --cluster cluster_configs/8xA100.yaml \
+      --workload cluster_configs/workloads/spec-bench-mix.yaml     # capacity plan (docs/capacity.md)
+  python launch.py profile --cluster cluster_configs/local.yaml    # measure this machine for simulate --profile
 """
 from __future__ import annotations
 
@@ -188,6 +191,8 @@ def main(argv=None) -> int:
     serve.add_argument("--in-process", action="store_true",
                        help="run every model in this process instead of Ray actors")
     serve.set_defaults(func=lambda a: cmd_serve(a, demo=False))
+    from orchestrator.capacity_cli import add_parsers as add_capacity_parsers
+    add_capacity_parsers(sub)        # simulate, profile
 
     parser.add_argument("--cluster", help="config file for the main job")
     parser.add_argument("--strategies", nargs="*", default=None)

@@ -1,0 +1,185 @@
+"""`launch.py simulate` and `launch.py profile`: printing, plots and files around placement/capacity.py."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, load_config
+
+
+def _alphas(pairs: list[str] | None) -> dict[str, float]:
+    out = {}
+    for p in pairs or []:
+        key, _, value = p.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ConfigError(f"--alpha {p!r}: expected NAME=VALUE with a number") from None
+    return out
+
+
+def table(points) -> str:
+    head = (f"{'strategy':<26} {'placement':<30} {'level':>6} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+            f"{'tpot p50':>9} {'tpot p99':>9} {'dev-h/Mtok':>10} {'batch':>6}")
+    rows = [head, "-" * len(head)]
+    for p in points:
+        r = p.result
+        rows.append(f"{p.strategy:<26} {p.placement:<30} {p.level:>6g} {p.throughput:>8.1f} {r.ttft_p50 * 1e3:>7.0f}ms "
+                    f"{r.ttft_p99 * 1e3:>7.0f}ms {r.tpot_p50 * 1e3:>7.1f}ms {r.tpot_p99 * 1e3:>7.1f}ms "
+                    f"{r.device_hours_per_mtok:>10.3f} {r.mean_verify_batch:>6.2f}")
+    return "\n".join(rows)
+
+
+def compare(points, measured_files: list[str]) -> tuple[str, list[dict]]:
+    """Predicted vs measured tokens/s at the same (strategy, concurrency) from serving_bench JSONs."""
+    measured = {}
+    for f in measured_files:
+        for m in json.loads(Path(f).read_text())["throughput"]:
+            measured[(m["strategy"], m["concurrency"])] = m
+    rows, lines = [], ["| strategy | concurrency | predicted tok/s | measured tok/s | error | predicted batch | measured batch |",
+                       "|---|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        m = measured.get((p.strategy, int(p.level)))
+        if m is None:
+            continue
+        err = (p.throughput - m["tokens_per_s"]) / m["tokens_per_s"]
+        rows.append({"strategy": p.strategy, "concurrency": int(p.level), "predicted": p.throughput,
+                     "measured": m["tokens_per_s"], "error": err, "predicted_batch": p.result.mean_verify_batch,
+                     "measured_batch": m["mean_verify_batch"]})
+        lines.append(f"| {p.strategy} | {int(p.level)} | {p.throughput:.2f} | {m['tokens_per_s']:.2f} | {err:+.1%} | "
+                     f"{p.result.mean_verify_batch:.2f} | {m['mean_verify_batch']:.2f} |")
+    return "\n".join(lines), rows
+
+
+def plots(points, out_dir: Path, closed_loop: bool) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str], list] = {}
+    for p in points:
+        series.setdefault((p.strategy, p.placement), []).append(p)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for (s, pl), ps in series.items():
+        ax.plot([p.throughput for p in ps], [p.result.tpot_p50 * 1e3 for p in ps], marker="o", label=f"{s} @ {pl}")
+    ax.set_xlabel("throughput (output tokens/s)")
+    ax.set_ylabel("per-token latency p50 (ms)")
+    ax.set_yscale("log")
+    ax.set_title("throughput vs latency per strategy and placement")
+    ax.legend(fontsize=6)
+    first = out_dir / "throughput_vs_latency.png"
+    fig.savefig(first, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    base = {}
+    for (s, pl), ps in series.items():
+        if s == "plain":
+            base[pl] = {p.level: p for p in ps}
+    for (s, pl), ps in series.items():
+        ref = base.get(pl) or base.get(pl.split("+")[0]) or (next(iter(base.values())) if base else None)
+        if s == "plain" or not ref:
+            continue
+        xs, ys = [], []
+        for p in ps:
+            b = ref.get(p.level)
+            if b is None:
+                continue
+            xs.append(p.level)
+            ys.append(p.throughput / b.throughput if closed_loop else b.result.tpot_p50 / max(p.result.tpot_p50, 1e-12))
+        ax.plot(xs, ys, marker="o", label=f"{s} @ {pl}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("client concurrency" if closed_loop else "request rate (req/s) = offered concurrency")
+    ax.set_ylabel("speedup vs plain: throughput" if closed_loop else "speedup vs plain: per-token latency p50")
+    ax.set_xscale("log", base=2)
+    ax.set_title("speedup vs concurrency")
+    ax.legend(fontsize=6)
+    second = out_dir / "speedup_vs_concurrency.png"
+    fig.savefig(second, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [first, second]
+
+
+def cmd_simulate(args) -> int:
+    from placement.capacity import (bench_acceptance, cluster_replicas, local_replicas, recommend,
+                                    strategy_models, sweep)
+    from placement.workload import ClosedLoopArrivals, load_workload
+
+    cfg = load_config(args.cluster)
+    wl = load_workload(args.workload)
+    alphas = _alphas(args.alpha)
+    bench = bench_acceptance(args.bench, wl.bench_categories) if args.bench else {}
+    if args.profile:
+        profile = json.loads(Path(args.profile).read_text())
+        models = strategy_models(cfg, wl, bench, alphas, profile.get("draft_token_s"))
+        replicas, pool_devices = local_replicas(cfg, profile, models, args.host_s), None
+        for m in models:
+            print(f"  {m.name}: {m.family}, gamma {m.gamma}, alpha {m.effective_alpha:.3f} "
+                  f"-> {m.expected_tokens:.2f} tokens/step ({m.source})")
+    else:
+        if cfg.placement is None or cfg.placement.target.device != "gpu":
+            print(f"error: {args.cluster}: a CPU target is predicted from a measured profile: pass --profile "
+                  f"(launch.py profile --cluster {args.cluster})", file=sys.stderr)
+            return 2
+        replicas, pool_devices = cluster_replicas(cfg, wl, alphas, args.cpu_device, args.step_overhead_ms / 1e3)
+    if not replicas:
+        print("error: nothing to simulate (no acceptance known for any strategy: --bench, --alpha or "
+              "the workload's acceptance)", file=sys.stderr)
+        return 2
+    points = sweep(replicas, wl, pool_devices, args.requests)
+    print(f"\n{cfg.name} x {wl.name}: {len(replicas)} (strategy, placement) pairs, "
+          f"{'concurrency' if isinstance(wl.arrivals, ClosedLoopArrivals) else 'request rate'} levels "
+          f"{[p for p in sorted({p.level for p in points})]}\n")
+    print(table(points))
+    best, reasons = recommend(points, wl)
+    print("\nrecommended plan: " + f"{best.strategy} on {best.placement} at {best.level:g}")
+    for r in reasons:
+        print(f"  - {r}")
+    out_dir = Path(args.out_dir or f"bench_out/capacity-{cfg.name}-{wl.name}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"cluster": args.cluster, "workload": args.workload, "profile": args.profile, "bench": args.bench,
+              "points": [p.row() for p in points],
+              "recommendation": {"strategy": best.strategy, "placement": best.placement, "level": best.level,
+                                 "reasons": reasons}}
+    if args.measured:
+        text, rows = compare(points, args.measured)
+        print("\npredicted vs measured (closed loop, same machine):\n" + text)
+        result["comparison"] = rows
+    (out_dir / "simulation.json").write_text(json.dumps(result, indent=1))
+    pngs = plots(points, out_dir, isinstance(wl.arrivals, ClosedLoopArrivals))
+    print(f"\nwrote {out_dir / 'simulation.json'}, " + ", ".join(str(p) for p in pngs))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from orchestrator.machine_profile import default_profile_path, profile_machine
+
+    cfg = load_config(args.cluster)
+    out = Path(args.out) if args.out else default_profile_path(cfg)
+    prof = profile_machine(cfg, log=lambda s: print(s, flush=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    sim = sub.add_parser("simulate", help="capacity planning: predict latency/throughput/cost per strategy and placement")
+    sim.add_argument("--cluster", required=True, help="config file (cluster_configs/*.yaml)")
+    sim.add_argument("--workload", required=True, help="workload file (cluster_configs/workloads/*.yaml)")
+    sim.add_argument("--profile", default=None, help="measured profile JSON (launch.py profile): predict this machine")
+    sim.add_argument("--bench", default=None, help="bench JSON (launch.py bench --out): measured acceptance")
+    sim.add_argument("--alpha", nargs="*", default=None, help="NAME=ALPHA per strategy, drafter or family")
+    sim.add_argument("--measured", nargs="*", default=None, help="serving_bench JSONs to compare predictions with")
+    sim.add_argument("--host-s", type=float, default=0.0,
+                     help="with --profile: per request-step host (Python) seconds, serialized")
+    sim.add_argument("--cpu-device", default="CPU-EPYC-7742", help="hardware entry for CPU drafters of a GPU cluster")
+    sim.add_argument("--step-overhead-ms", type=float, default=0.0, help="fixed overhead per forward (roofline)")
+    sim.add_argument("--requests", type=int, default=None, help="override the workload's requests per level")
+    sim.add_argument("--out-dir", default=None, help="where simulation.json and the PNG plots go")
+    sim.set_defaults(func=cmd_simulate)
+    prof = sub.add_parser("profile", help="measure this machine (bandwidth, matmul, model step times) for simulate")
+    prof.add_argument("--cluster", required=True)
+    prof.add_argument("--out", default=None, help="profile JSON path (default ~/.cache/specorch/profile-<name>.json)")
+    prof.set_defaults(func=cmd_profile)

@@ -1,0 +1,156 @@
+"""`launch.py profile`: measure this machine for the capacity simulator.
+
+Memory bandwidth (a large tensor copy), matmul rate (float32, bfloat16), and per-model step
+times: the target's forward of T = 1..16 new tokens for one request, prefills, and B requests
+of one token batched through `forward_many` (the global verifier's call); each drafter's
+one-token step, and each configured drafting strategy's cost per drafted token through its
+real `DraftSession` (propose, then accept everything), which includes the sampling and
+Python work a bare forward leaves out. Medians of a few repetitions; other processes on the
+machine show up as noise, so the JSON records the load average before and after.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+VERIFY_TOKENS = (1, 2, 4, 6, 8, 12, 16)
+PREFILL_TOKENS = (32, 128)
+BATCHES = (1, 2, 4, 8, 16)
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memory_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
+    """Bytes read + written per second copying a `mb` MB tensor (best of reps)."""
+    src = torch.ones(mb * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_median_time(lambda: dst.copy_(src), 1) for _ in range(reps))
+    return 2 * src.numel() / best / 1e9
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    return 2 * n**3 / _median_time(lambda: a @ b, reps) / 1e12
+
+
+def target_steps(runner, vocab: int, reps: int = 3, log=print) -> dict:
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, 64), generator=g)
+    cache = runner.new_cache(1, 512)
+    runner.prefill(cache, 0, prompt[0].tolist())
+    tokens = {}
+    for t in VERIFY_TOKENS:
+        ids = torch.randint(0, vocab, (1, t), generator=g)
+
+        def fwd():
+            runner.forward(cache, ids)
+            cache.crop(0, 64)
+        fwd()
+        tokens[t] = _median_time(fwd, reps)
+        log(f"  target forward T={t}: {tokens[t] * 1e3:.1f} ms")
+    for p in PREFILL_TOKENS:
+        ids = torch.randint(0, vocab, (p,), generator=g).tolist()
+        c = runner.new_cache(1, p + 8)
+        tokens[p] = _median_time(lambda: runner.prefill(c, 0, ids), 2)
+        log(f"  target prefill {p}: {tokens[p] * 1e3:.1f} ms")
+    batch = {}
+    for b in BATCHES:
+        caches = []
+        for _ in range(b):
+            c = runner.new_cache(1, 128)
+            runner.prefill(c, 0, torch.randint(0, vocab, (32,), generator=g).tolist())
+            caches.append(c)
+        ids = torch.randint(0, vocab, (1, 1), generator=g)
+
+        def many():
+            runner.forward_many([(c, ids, None, None, None) for c in caches])
+            for c in caches:
+                c.crop(0, 32)
+        many()
+        batch[b] = _median_time(many, reps)
+        log(f"  target forward_many B={b} x 1 token: {batch[b] * 1e3:.1f} ms")
+    return {"tokens": tokens, "batch": batch}
+
+
+def draft_token_s(drafter, vocab: int, k: int = 8, rounds: int = 3) -> float:
+    """Seconds per drafted token through the strategy's own session; every draft accepted, + a bonus token."""
+    from orchestrator.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    session = drafter.start(torch.randint(0, vocab, (64,), generator=g).tolist(), SamplingParams(), None)
+    bonus = lambda: int(torch.randint(0, vocab, (1,), generator=g))  # noqa: E731
+    session.update([bonus()], 0)                    # the target's first token, as the engine does
+    spent, drafted = 0.0, 0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        draft = session.propose(k)
+        spent += time.perf_counter() - t0
+        tokens = [int(x) for x in draft.tokens]
+        drafted += len(tokens)
+        session.update(tokens + [bonus()], len(tokens))
+    session.close()
+    return spent / max(1, drafted)
+
+
+def profile_machine(cfg, log=print) -> dict:
+    from orchestrator.build import load_for_decoding, make_drafter, pick_device
+    from orchestrator.config import DraftModelStrategy, EasySpecStrategy
+    from workers.runner import ModelRunner
+
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    device = pick_device(cfg.runtime.device)
+    out = {"config": cfg.name, "machine": platform.machine(), "processor": platform.processor(),
+           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+           "loadavg_before": os.getloadavg(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out["memory_bw_gbs"] = memory_bandwidth_gbs()
+    out["matmul_tflops"] = {"float32": matmul_tflops(torch.float32), "bfloat16": matmul_tflops(torch.bfloat16)}
+    log(f"memory bandwidth {out['memory_bw_gbs']:.1f} GB/s; matmul {out['matmul_tflops']}")
+    t = cfg.models.target
+    t0 = time.perf_counter()
+    model, _ = load_for_decoding(t.source, t.dtype, device, with_tokenizer=False)
+    log(f"target {t.source} loaded in {time.perf_counter() - t0:.1f} s")
+    vocab = model.config.vocab_size
+    out["target"] = {"source": t.source, "dtype": t.dtype, **target_steps(ModelRunner(model, device), vocab, log=log)}
+    del model
+    out["drafters"], out["draft_token_s"] = {}, {}
+    for key, spec in cfg.models.drafters.items():
+        users = [s for s in cfg.strategies if isinstance(s, (DraftModelStrategy, EasySpecStrategy)) and s.drafter == key]
+        if not users:
+            continue
+        dmodel, _ = load_for_decoding(spec.source, spec.dtype, device, spec.quantize, with_tokenizer=False)
+        runner = ModelRunner(dmodel, device)
+        cache = runner.new_cache(1, 256)
+        runner.prefill(cache, 0, list(range(64)))
+        ids = torch.zeros(1, 1, dtype=torch.long)
+
+        def step():
+            runner.forward(cache, ids)
+            cache.crop(0, 64)
+        step()
+        out["drafters"][key] = {"source": spec.source, "quantize": spec.quantize, "step_s": _median_time(step, 5)}
+        log(f"drafter {key}: forward T=1 {out['drafters'][key]['step_s'] * 1e3:.1f} ms")
+        for s in users:
+            out["draft_token_s"][s.name] = draft_token_s(make_drafter(s, runner), vocab)
+            log(f"  strategy {s.name}: {out['draft_token_s'][s.name] * 1e3:.1f} ms per drafted token")
+        del dmodel, runner
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
+def default_profile_path(cfg) -> Path:
+    return Path.home() / ".cache" / "specorch" / f"profile-{cfg.name}.json"

@@ -1,0 +1,271 @@
+"""Discrete-event simulation of a serving replica: queueing, continuous batching, drafting.
+
+Resources are batch servers (`BatchServer`): the verifier (the target's devices; the
+global verifier batches every queued request's forward, up to max_batch), the drafters
+(each a server; on the local machine one actor drafting one request at a time), and the
+host (per-step Python work of each request, serialized as under one interpreter lock).
+A request: arrives -> prefill on the verifier (first token) -> steps until its output length:
+draft (drafter, or nothing) -> transfer -> verify (verifier) -> host -> emit
+`sample_emitted(alpha, gamma)` tokens. DuoDecoding submits the next draft together with the
+verification and moves on when both are done.
+
+Jobs of one kind batch together (prefill with prefill, verify with verify, draft with draft),
+as the global verifier batches long prompts only with each other. A batch of jobs costs
+max(forwards) x step(rows): a draft job is `forwards` sequential one-token drafter steps.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+from placement.roofline import Row
+from placement.speculative_model import StrategyModel, sample_emitted
+
+StepFn = Callable[[list[Row]], float]      # seconds for one forward of these rows
+
+
+@dataclass
+class Request:
+    id: int
+    arrival: float
+    prompt: int
+    output: int
+    emitted: int = 0
+    first_token: float | None = None
+    done: float | None = None
+
+    @property
+    def context(self) -> int:
+        return self.prompt + self.emitted
+
+
+@dataclass
+class Job:
+    kind: str                  # "prefill", "verify", "draft", "host"
+    row: Row
+    forwards: float            # sequential forwards this job needs (drafts: draft length)
+    on_done: Callable[[], None]
+
+
+class Sim:
+    """Event loop: a heap of (time, seq, callback)."""
+
+    def __init__(self):
+        self.now = 0.0
+        self._events: list = []
+        self._seq = 0
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, fn))
+
+    def run(self) -> None:
+        while self._events:
+            self.now, _, fn = heapq.heappop(self._events)
+            fn()
+
+
+class BatchServer:
+    def __init__(self, sim: Sim, step: StepFn, max_batch: int, batch_wait_s: float = 0.0, name: str = ""):
+        self.sim, self.step, self.max_batch, self.batch_wait_s, self.name = sim, step, max_batch, batch_wait_s, name
+        self.queue: list[Job] = []
+        self.busy = False
+        self.waiting = False
+        self.last_batch = 1
+        self.batches: dict[str, list[int]] = {}     # kind -> batch sizes
+        self.busy_s = 0.0
+
+    def submit(self, job: Job) -> None:
+        self.queue.append(job)
+        self.sim.at(self.sim.now, self._try_start)    # after this instant's other submissions
+
+    def _try_start(self, waited: bool = False) -> None:
+        if self.busy or not self.queue or (self.waiting and not waited):
+            return
+        kind = self.queue[0].kind
+        same = [j for j in self.queue if j.kind == kind]
+        # Wait briefly for requests that are between steps when fewer are queued than last time.
+        if not waited and self.batch_wait_s > 0 and len(same) < min(self.last_batch, self.max_batch):
+            self.waiting = True
+            self.sim.at(self.sim.now + self.batch_wait_s, lambda: self._wake())
+            return
+        batch = same[: self.max_batch]
+        for j in batch:
+            self.queue.remove(j)
+        self.last_batch = len(batch)
+        self.batches.setdefault(kind, []).append(len(batch))
+        duration = max(j.forwards for j in batch) * self.step([j.row for j in batch])
+        self.busy = True
+        self.busy_s += duration
+        self.sim.at(self.sim.now + duration, lambda: self._finish(batch))
+
+    def _wake(self) -> None:
+        self.waiting = False
+        self._try_start(waited=True)
+
+    def _finish(self, batch: list[Job]) -> None:
+        self.busy = False
+        for j in batch:
+            j.on_done()
+        self._try_start()
+
+    def mean_batch(self, kind: str) -> float:
+        sizes = self.batches.get(kind, [])
+        return sum(sizes) / len(sizes) if sizes else 0.0
+
+
+@dataclass
+class Replica:
+    """One serving replica: what a request's steps cost and where they run."""
+    strategy: StrategyModel
+    verify_step: StepFn
+    max_batch: int = 16
+    batch_wait_s: float = 0.0
+    draft_step: StepFn | None = None           # one drafter forward of these rows
+    drafter_servers: int = 1
+    drafter_max_batch: int = 1                 # 1: a drafter drafts one request at a time
+    drafter_shared: bool = False               # drafter on the verifier's devices: its jobs queue there
+    transfer_s: float = 0.0                    # draft -> verifier, per step
+    host_s: float = 0.0                        # per request-step host work (serialized)
+    devices: float = 1.0                       # devices held, for device-hours
+
+
+@dataclass
+class Arrivals:
+    kind: str                  # "poisson" (rate req/s) or "closed" (concurrency clients)
+    requests: int
+    rate: float = 0.0
+    concurrency: int = 1
+
+
+@dataclass
+class Result:
+    throughput: float                          # output tokens / s over the run
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float                            # per-token latency after the first token
+    tpot_p99: float
+    device_hours_per_mtok: float
+    makespan: float
+    tokens: int
+    mean_verify_batch: float
+    requests: list[Request] = field(repr=False, default_factory=list)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Random], int],
+             output_len: Callable[[random.Random], int], seed: int = 0) -> Result:
+    rng = random.Random(seed)
+    sim = Sim()
+    s = rep.strategy
+    verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier")
+    drafters = []
+    if s.draft_forwards() > 0:
+        if rep.drafter_shared:
+            drafters = [verifier]
+        else:
+            if rep.draft_step is None:
+                raise ValueError(f"strategy {s.name!r} drafts but the replica has no draft_step")
+            drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch, 0.0, f"drafter-{i}")
+                        for i in range(rep.drafter_servers)]
+    host = BatchServer(sim, lambda rows: rep.host_s, 1, 0.0, "host") if rep.host_s > 0 else None
+    done: list[Request] = []
+    pending = [arrivals.requests]          # requests not yet issued (closed loop)
+
+    def then_host(req: Request, fn: Callable[[], None]) -> None:
+        if host is None:
+            fn()
+        else:
+            host.submit(Job("host", Row(0, 0), 1, fn))
+
+    def finish(req: Request) -> None:
+        req.done = sim.now
+        done.append(req)
+        if arrivals.kind == "closed" and pending[0] > 0:
+            issue(sim.now)
+
+    def emit(req: Request, n: int) -> None:
+        req.emitted = min(req.output, req.emitted + n)
+        if req.first_token is None:
+            req.first_token = sim.now
+        if req.emitted >= req.output:
+            finish(req)
+        else:
+            step(req)
+
+    def draft_forwards() -> float:
+        if s.family == "hybrid":                      # a lookup hit costs nothing, a miss the whole draft
+            return s.gamma if rng.random() < s.model_share else 0.0
+        return s.draft_forwards()
+
+    def drafter_for(req: Request) -> BatchServer:
+        return min(drafters, key=lambda d: len(d.queue) + d.busy)
+
+    def step(req: Request) -> None:
+        verify_row = Row(s.verify_tokens, req.context)
+        after_verify = lambda: then_host(req, lambda: emit(req, sample_emitted(s.effective_alpha, s.gamma, rng)))  # noqa: E731
+        forwards = draft_forwards() if drafters else 0.0
+        if forwards <= 0:
+            verifier.submit(Job("verify", verify_row, 1, after_verify))
+            return
+        draft_job = lambda cb: Job("draft", Row(1, req.context), forwards, cb)  # noqa: E731
+        if s.overlapped:                              # DuoDecoding: draft next round while verifying
+            left = [2]
+
+            def one_done():
+                left[0] -= 1
+                if left[0] == 0:
+                    after_verify()
+            drafter_for(req).submit(draft_job(one_done))
+            verifier.submit(Job("verify", verify_row, 1, one_done))
+            return
+
+        def to_verifier():
+            verifier.submit(Job("verify", verify_row, 1, after_verify))
+        drafter_for(req).submit(draft_job(
+            lambda: sim.at(sim.now + rep.transfer_s, to_verifier) if rep.transfer_s else to_verifier()))
+
+    next_id = [0]
+
+    def issue(t: float) -> None:
+        pending[0] -= 1
+        req = Request(next_id[0], t, max(1, prompt_len(rng)), max(1, output_len(rng)))
+        next_id[0] += 1
+        sim.at(t, lambda: verifier.submit(Job("prefill", Row(req.prompt, 0), 1,
+                                                lambda: then_host(req, lambda: emit(req, 1)))))
+
+    if arrivals.kind == "closed":
+        for _ in range(min(arrivals.concurrency, arrivals.requests)):
+            issue(0.0)
+    elif arrivals.kind == "poisson":
+        t = 0.0
+        for _ in range(arrivals.requests):
+            t += rng.expovariate(arrivals.rate)
+            issue(t)
+    else:
+        raise ValueError(f"arrivals.kind: {arrivals.kind!r} (poisson or closed)")
+    sim.run()
+
+    start = min(r.arrival for r in done)
+    makespan = max(r.done for r in done) - start
+    tokens = sum(r.emitted for r in done)
+    ttft = [r.first_token - r.arrival for r in done]
+    tpot = [(r.done - r.first_token) / (r.emitted - 1) for r in done if r.emitted > 1]
+    return Result(
+        throughput=tokens / makespan if makespan > 0 else 0.0,
+        ttft_p50=statistics.median(ttft), ttft_p99=_pct(ttft, 0.99),
+        tpot_p50=statistics.median(tpot) if tpot else 0.0, tpot_p99=_pct(tpot, 0.99),
+        device_hours_per_mtok=rep.devices * makespan / 3600 / (tokens / 1e6) if tokens else math.inf,
+        makespan=makespan, tokens=tokens, mean_verify_batch=verifier.mean_batch("verify"),
+        requests=done,
+    )

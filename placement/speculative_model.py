@@ -1,0 +1,115 @@
+"""Analytic model of one speculative-decoding step per strategy (Leviathan et al. 2023).
+
+With per-token acceptance rate alpha and draft length gamma, a step emits on average
+
+    E[tokens] = (1 - alpha^(gamma + 1)) / (1 - alpha)        (accepted drafts + the target's token)
+
+and costs a draft (gamma drafter steps, or less) plus one target forward of gamma + 1
+tokens. Strategies differ in what the draft costs and whether it overlaps verification:
+
+  plain          no draft, 1 token per forward
+  draft_model    gamma sequential drafter steps, then verify (sum)
+  prompt_lookup  draft is a table scan (free); alpha is the lookup's
+  hybrid         lookup when the context repeats, the draft model otherwise: model_share of
+                 the steps pay the drafter
+  easyspec       drafter layers run layer-parallel: drafter step / speedup, alpha * (1 - penalty)
+  duodecoding    drafter on another device drafts the next round while the target verifies:
+                 step = max(draft, verify) instead of the sum
+  cs_drafting    cascade: a free statistical drafter (MaG) proposes, the small model reviews
+                 `review_chunk` tokens per forward, so gamma tokens cost gamma / review_chunk
+                 drafter forwards
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+FAMILIES = ("plain", "draft_model", "prompt_lookup", "hybrid", "easyspec", "duodecoding", "cs_drafting")
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Leviathan's expected tokens per step (accepted + 1); gamma + 1 when alpha = 1."""
+    if gamma <= 0:
+        return 1.0
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def alpha_for_mean_accepted(mean_accepted: float, gamma: float) -> float:
+    """Invert expected_tokens: the alpha whose expectation at draft length gamma is `mean_accepted` (bisection)."""
+    g = max(1, round(gamma))
+    target = min(max(mean_accepted, 1.0), g + 1.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, g) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def sample_emitted(alpha: float, gamma: int, rng: random.Random) -> int:
+    """Tokens one step emits: accepted drafts (each kept with prob alpha, stopping at the first rejection) + 1."""
+    n = 0
+    while n < gamma and rng.random() < alpha:
+        n += 1
+    return n + 1
+
+
+@dataclass(frozen=True)
+class StrategyModel:
+    name: str
+    family: str
+    gamma: int = 0                      # draft length
+    alpha: float = 0.0                  # per-token acceptance
+    drafter: str | None = None          # models.drafters key whose step time a draft pays
+    model_share: float = 1.0            # hybrid: fraction of steps drafted by the model (rest: lookup)
+    easyspec_speedup: float = 1.0       # easyspec: drafter step divided by this
+    easyspec_alpha_penalty: float = 0.0  # easyspec: alpha * (1 - penalty)
+    review_chunk: float = 1.0           # cs_drafting: drafted tokens reviewed per drafter forward
+    source: str = ""                    # where alpha came from (bench file, parameter)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"strategy {self.name!r}: unknown family {self.family!r} (known: {FAMILIES})")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"strategy {self.name!r}: alpha must be in [0, 1], got {self.alpha}")
+
+    @property
+    def effective_alpha(self) -> float:
+        if self.family == "easyspec":
+            return self.alpha * (1 - self.easyspec_alpha_penalty)
+        return self.alpha
+
+    @property
+    def expected_tokens(self) -> float:
+        return 1.0 if self.family == "plain" else expected_tokens(self.effective_alpha, self.gamma)
+
+    @property
+    def verify_tokens(self) -> int:
+        """Tokens the target forward takes per step: the draft plus the last accepted token."""
+        return 1 if self.family == "plain" else self.gamma + 1
+
+    @property
+    def overlapped(self) -> bool:
+        return self.family == "duodecoding"
+
+    def draft_forwards(self) -> float:
+        """Expected drafter forwards (of one token each) per step."""
+        if self.family in ("plain", "prompt_lookup"):
+            return 0.0
+        if self.family == "hybrid":
+            return self.model_share * self.gamma
+        if self.family == "easyspec":
+            return self.gamma / self.easyspec_speedup
+        if self.family == "cs_drafting":
+            return math.ceil(self.gamma / self.review_chunk)
+        return float(self.gamma)
+
+    def step_time(self, draft_step_s: float, verify_s: float) -> float:
+        """Single-request step latency (no queueing): draft + verify, or their max when overlapped."""
+        draft = self.draft_forwards() * draft_step_s
+        return max(draft, verify_s) if self.overlapped else draft + verify_s
+
+    def tokens_per_s(self, draft_step_s: float, verify_s: float) -> float:
+        return self.expected_tokens / self.step_time(draft_step_s, verify_s)
