@@ -173,7 +173,7 @@ def add_parsers(sub) -> None:
     sim.add_argument("--alpha", nargs="*", default=None, help="NAME=ALPHA per strategy, drafter or family")
     sim.add_argument("--measured", nargs="*", default=None, help="serving_bench JSONs to compare predictions with")
     sim.add_argument("--host-s", type=float, default=0.0,
-                     help="with --profile: per request-step host (Python) seconds, serialized")
+                     help="with --profile: host (Python, gRPC) seconds per request step, a delay")
     sim.add_argument("--cpu-device", default="CPU-EPYC-7742", help="hardware entry for CPU drafters of a GPU cluster")
     sim.add_argument("--step-overhead-ms", type=float, default=0.0, help="fixed overhead per forward (roofline)")
     sim.add_argument("--requests", type=int, default=None, help="override the workload's requests per level")

@@ -19,7 +19,7 @@ from orchestrator.config import DraftModelStrategy, EasySpecStrategy, EngineConf
 from placement.hardware import KNOWN_DEVICES
 from placement.roofline import (Hardware, ModelShape, Row, draft_message_bytes, model_shape, step_time,
                                 transfer_time)
-from placement.simulate import Arrivals, Replica, Result, simulate
+from placement.simulate import Arrivals, Replica, Result, simulate, simulate_repeated
 from placement.speculative_model import StrategyModel, alpha_for_mean_accepted
 from placement.workload import ClosedLoopArrivals, Workload
 
@@ -143,7 +143,7 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
             m, verify, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
             draft_step=(lambda rows, s=tok_s: s) if tok_s else None, drafter_servers=replicas,
             drafter_max_batch=1, transfer_s=RAY_HOP_S if m.draft_forwards() > 0 else 0.0,
-            host_s=host_s, devices=1)
+            host_s=host_s, shared_bus=True, devices=1)
     return out
 
 
@@ -263,7 +263,9 @@ def sweep(replicas: dict, workload: Workload, pool_devices: int | None = None, r
         if isinstance(arr, ClosedLoopArrivals):
             for c in arr.concurrency:
                 a = Arrivals("closed", requests or c * arr.requests_per_client, concurrency=c)
-                points.append(Point(strategy, placement, c, simulate(rep, a, prompt_len, output_len, workload.seed), 1))
+                seeds = range(workload.seed, workload.seed + max(1, 64 // a.requests))
+                points.append(Point(strategy, placement, c,
+                                    simulate_repeated(rep, a, prompt_len, output_len, seeds), 1))
         else:
             for rate in arr.rates:
                 a = Arrivals("poisson", requests or arr.requests, rate=rate / n_rep)

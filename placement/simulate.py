@@ -2,10 +2,11 @@
 
 Resources are batch servers (`BatchServer`): the verifier (the target's devices; the
 global verifier batches every queued request's forward, up to max_batch), the drafters
-(each a server; on the local machine one actor drafting one request at a time), and the
-host (per-step Python work of each request, serialized as under one interpreter lock).
+(each a server; on the local machine one actor drafting one request at a time). On a CPU
+node the drafter and the verifier share one memory bus (`SharedBus`): both memory-bound, each
+runs at half speed while the other runs.
 A request: arrives -> prefill on the verifier (first token) -> steps until its output length:
-draft (drafter, or nothing) -> transfer -> verify (verifier) -> host -> emit
+draft (drafter, or nothing) -> transfer -> verify (verifier) -> host work (a delay) -> emit
 `sample_emitted(alpha, gamma)` tokens. DuoDecoding submits the next draft together with the
 verification and moves on when both are done.
 
@@ -45,7 +46,7 @@ class Request:
 
 @dataclass
 class Job:
-    kind: str                  # "prefill", "verify", "draft", "host"
+    kind: str                  # "prefill", "verify", "draft"
     row: Row
     forwards: float            # sequential forwards this job needs (drafts: draft length)
     on_done: Callable[[], None]
@@ -69,9 +70,47 @@ class Sim:
             fn()
 
 
+class SharedBus:
+    """Servers on one memory bus (a CPU node's drafter and verifier): while n of them run, each
+    progresses at 1/n of its solo speed (all memory-bound). Finish times are rescheduled on
+    every start and finish; a superseded finish event is ignored."""
+
+    def __init__(self, sim: Sim):
+        self.sim = sim
+        self.active: dict[int, list] = {}       # server id -> [remaining solo seconds, last update, version, done]
+
+    def run(self, server: "BatchServer", work: float, done: Callable[[], None]) -> None:
+        self._progress()
+        self.active[id(server)] = [work, self.sim.now, 0, done]
+        self._reschedule()
+
+    def _progress(self) -> None:
+        n = len(self.active)
+        for job in self.active.values():
+            job[0] -= (self.sim.now - job[1]) / n
+            job[1] = self.sim.now
+
+    def _reschedule(self) -> None:
+        n = len(self.active)
+        for key, job in self.active.items():
+            job[2] += 1
+            self.sim.at(self.sim.now + max(0.0, job[0]) * n, lambda k=key, v=job[2]: self._finish(k, v))
+
+    def _finish(self, key: int, version: int) -> None:
+        job = self.active.get(key)
+        if job is None or job[2] != version:
+            return
+        self._progress()
+        del self.active[key]
+        self._reschedule()
+        job[3]()
+
+
 class BatchServer:
-    def __init__(self, sim: Sim, step: StepFn, max_batch: int, batch_wait_s: float = 0.0, name: str = ""):
+    def __init__(self, sim: Sim, step: StepFn, max_batch: int, batch_wait_s: float = 0.0, name: str = "",
+                 bus: SharedBus | None = None):
         self.sim, self.step, self.max_batch, self.batch_wait_s, self.name = sim, step, max_batch, batch_wait_s, name
+        self.bus = bus
         self.queue: list[Job] = []
         self.busy = False
         self.waiting = False
@@ -101,7 +140,10 @@ class BatchServer:
         duration = max(j.forwards for j in batch) * self.step([j.row for j in batch])
         self.busy = True
         self.busy_s += duration
-        self.sim.at(self.sim.now + duration, lambda: self._finish(batch))
+        if self.bus is not None:
+            self.bus.run(self, duration, lambda: self._finish(batch))
+        else:
+            self.sim.at(self.sim.now + duration, lambda: self._finish(batch))
 
     def _wake(self) -> None:
         self.waiting = False
@@ -130,7 +172,8 @@ class Replica:
     drafter_max_batch: int = 1                 # 1: a drafter drafts one request at a time
     drafter_shared: bool = False               # drafter on the verifier's devices: its jobs queue there
     transfer_s: float = 0.0                    # draft -> verifier, per step
-    host_s: float = 0.0                        # per request-step host work (serialized)
+    host_s: float = 0.0                        # per request-step host work (each request's own thread)
+    shared_bus: bool = False                   # drafters and verifier share one memory bus (a CPU node)
     devices: float = 1.0                       # devices held, for device-hours
 
 
@@ -168,7 +211,8 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     rng = random.Random(seed)
     sim = Sim()
     s = rep.strategy
-    verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier")
+    bus = SharedBus(sim) if rep.shared_bus else None
+    verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier", bus)
     drafters = []
     if s.draft_forwards() > 0:
         if rep.drafter_shared:
@@ -176,17 +220,16 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         else:
             if rep.draft_step is None:
                 raise ValueError(f"strategy {s.name!r} drafts but the replica has no draft_step")
-            drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch, 0.0, f"drafter-{i}")
+            drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch, 0.0, f"drafter-{i}", bus)
                         for i in range(rep.drafter_servers)]
-    host = BatchServer(sim, lambda rows: rep.host_s, 1, 0.0, "host") if rep.host_s > 0 else None
     done: list[Request] = []
     pending = [arrivals.requests]          # requests not yet issued (closed loop)
 
     def then_host(req: Request, fn: Callable[[], None]) -> None:
-        if host is None:
-            fn()
+        if rep.host_s > 0:
+            sim.at(sim.now + rep.host_s, fn)
         else:
-            host.submit(Job("host", Row(0, 0), 1, fn))
+            fn()
 
     def finish(req: Request) -> None:
         req.done = sim.now
@@ -269,3 +312,20 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         makespan=makespan, tokens=tokens, mean_verify_batch=verifier.mean_batch("verify"),
         requests=done,
     )
+
+
+def simulate_repeated(rep: Replica, arrivals: Arrivals, prompt_len, output_len, seeds: range) -> Result:
+    """Mean over independent runs (small closed-loop waves are noisy: a 32-token request is a few steps);
+    latency percentiles over the pooled requests."""
+    runs = [simulate(rep, arrivals, prompt_len, output_len, seed) for seed in seeds]
+    pooled = [q for r in runs for q in r.requests]
+    ttft = [q.first_token - q.arrival for q in pooled]
+    tpot = [(q.done - q.first_token) / (q.emitted - 1) for q in pooled if q.emitted > 1]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return Result(
+        throughput=mean([r.throughput for r in runs]),
+        ttft_p50=statistics.median(ttft), ttft_p99=_pct(ttft, 0.99),
+        tpot_p50=statistics.median(tpot) if tpot else 0.0, tpot_p99=_pct(tpot, 0.99),
+        device_hours_per_mtok=mean([r.device_hours_per_mtok for r in runs]),
+        makespan=mean([r.makespan for r in runs]), tokens=sum(r.tokens for r in runs),
+        mean_verify_batch=mean([r.mean_verify_batch for r in runs]), requests=pooled)

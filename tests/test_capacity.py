@@ -136,3 +136,20 @@ def test_simulate_cli_8xa100_recommends_a_plan(tmp_path):
     strategies = {p["strategy"] for p in result["points"]}
     assert {"plain", "pld"} <= strategies and any(s.startswith("duodecoding") for s in strategies)
     assert any(s.startswith("cs-drafting") for s in strategies) and any(s.startswith("easyspec") for s in strategies)
+
+
+def test_shared_bus_halves_speed_while_both_run():
+    # Drafter and verifier on one memory bus: two 1 s jobs started together both end at 2 s.
+    from placement.simulate import BatchServer, SharedBus, Sim
+    from placement.simulate import Job
+
+    sim = Sim()
+    bus = SharedBus(sim)
+    ends = []
+    a = BatchServer(sim, lambda rows: 1.0, 1, bus=bus)
+    b = BatchServer(sim, lambda rows: 0.5, 1, bus=bus)
+    a.submit(Job("verify", Row(1, 0), 1, lambda: ends.append(("a", sim.now))))
+    b.submit(Job("draft", Row(1, 0), 1, lambda: ends.append(("b", sim.now))))
+    sim.run()
+    # b needs 0.5 s alone: 1 s at half speed; a then has 0.5 s left at full speed: ends at 1.5 s.
+    assert ends == [("b", pytest.approx(1.0)), ("a", pytest.approx(1.5))]
