@@ -302,3 +302,32 @@ def test_server_is_fine_after_fuzzing(served):
     with Client(served.address, timeout=30) as client:
         assert len(client.generate("def f(x):", max_new_tokens=5, strategy="pld").token_ids) == 5
         assert client.stats().requests_in_flight == 0
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c["server"].update(auth_token_env="SPECORCH_UNSET_TOKEN_VAR"), "server.auth_token_env"),
+    (lambda c: c["server"].update(bogus=1), "server.bogus"),
+    (lambda c: c["placement"]["target"].update(pool="nowhere"), "placement.target.pool"),
+])
+def test_launch_reports_config_errors_before_starting_anything(tmp_path, edit, key):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "cluster_configs/ci-tiny.yaml").read_text())
+    cfg.setdefault("server", {})
+    edit(cfg)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "SPECORCH_UNSET_TOKEN_VAR"}
+    t0 = time.monotonic()
+    run = subprocess.run([sys.executable, "launch.py", "serve", "--cluster", str(path)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert str(path) in run.stderr and key in run.stderr, run.stderr[-2000:]
+    assert "Started a local Ray instance" not in run.stderr + run.stdout and "gRPC endpoint" not in run.stdout
+    assert time.monotonic() - t0 < 60
