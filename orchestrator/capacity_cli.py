@@ -31,12 +31,20 @@ def table(points) -> str:
     return "\n".join(rows)
 
 
-def compare(points, measured_files: list[str]) -> tuple[str, list[dict]]:
-    """Predicted vs measured tokens/s at the same (strategy, concurrency) from serving_bench JSONs."""
+def compare(points, measured_files: list[str], categories: list[str] | None = None) -> tuple[str, list[dict]]:
+    """Predicted vs measured tokens/s at the same (strategy, concurrency): serving_bench JSONs
+    (`throughput` rows), or a bench JSON (`records`: one request at a time, so concurrency 1;
+    mean of per-request tokens/s over `categories`)."""
     measured = {}
     for f in measured_files:
-        for m in json.loads(Path(f).read_text())["throughput"]:
+        data = json.loads(Path(f).read_text())
+        for m in data.get("throughput", []):
             measured[(m["strategy"], m["concurrency"])] = m
+        for name, recs in data.get("records", {}).items():
+            rs = [r for r in recs if not categories or r["category"] in categories]
+            if rs:
+                measured[(name, 1)] = {"tokens_per_s": sum(r["tokens_per_s"] for r in rs) / len(rs),
+                                       "mean_verify_batch": 1.0}
     rows, lines = [], ["| strategy | concurrency | predicted tok/s | measured tok/s | error | predicted batch | measured batch |",
                        "|---|---:|---:|---:|---:|---:|---:|"]
     for p in points:
@@ -113,7 +121,7 @@ def cmd_simulate(args) -> int:
     if args.profile:
         profile = json.loads(Path(args.profile).read_text())
         models = strategy_models(cfg, wl, bench, alphas, profile.get("draft_token_s"))
-        replicas, pool_devices = local_replicas(cfg, profile, models, args.host_s), None
+        replicas, pool_devices = local_replicas(cfg, profile, models, args.host_s, args.in_process), None
         for m in models:
             print(f"  {m.name}: {m.family}, gamma {m.gamma}, alpha {m.effective_alpha:.3f} "
                   f"-> {m.expected_tokens:.2f} tokens/step ({m.source})")
@@ -143,7 +151,7 @@ def cmd_simulate(args) -> int:
               "recommendation": {"strategy": best.strategy, "placement": best.placement, "level": best.level,
                                  "reasons": reasons}}
     if args.measured:
-        text, rows = compare(points, args.measured)
+        text, rows = compare(points, args.measured, wl.bench_categories)
         print("\npredicted vs measured (closed loop, same machine):\n" + text)
         result["comparison"] = rows
     (out_dir / "simulation.json").write_text(json.dumps(result, indent=1))
@@ -174,6 +182,8 @@ def add_parsers(sub) -> None:
     sim.add_argument("--measured", nargs="*", default=None, help="serving_bench JSONs to compare predictions with")
     sim.add_argument("--host-s", type=float, default=0.0,
                      help="with --profile: host (Python, gRPC) seconds per request step, a delay")
+    sim.add_argument("--in-process", action="store_true",
+                     help="with --profile: predict in-process engines (no Ray hop per draft), as `bench` runs them")
     sim.add_argument("--cpu-device", default="CPU-EPYC-7742", help="hardware entry for CPU drafters of a GPU cluster")
     sim.add_argument("--step-overhead-ms", type=float, default=0.0, help="fixed overhead per forward (roofline)")
     sim.add_argument("--requests", type=int, default=None, help="override the workload's requests per level")

@@ -128,8 +128,10 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
 
 
 # ----------------------------------------------------------------------------- local (profile)
-def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel], host_s: float) -> dict:
-    """This machine as measured: one verifier (the global verifier), one single-request drafter actor."""
+def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel], host_s: float,
+                   in_process: bool = False) -> dict:
+    """This machine as measured: one verifier (the global verifier), one single-request drafter actor
+    (in_process: the drafter runs beside the engine, no Ray hop per draft)."""
     verify = MeasuredStep(profile["target"])
     out = {}
     for m in models:
@@ -142,7 +144,7 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
         out[(m.name, "local")] = Replica(
             m, verify, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
             draft_step=(lambda rows, s=tok_s: s) if tok_s else None, drafter_servers=replicas,
-            drafter_max_batch=1, transfer_s=RAY_HOP_S if m.draft_forwards() > 0 else 0.0,
+            drafter_max_batch=1, transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
             host_s=host_s, shared_bus=True, devices=1)
     return out
 

@@ -50,6 +50,7 @@ class Job:
     row: Row
     forwards: float            # sequential forwards this job needs (drafts: draft length)
     on_done: Callable[[], None]
+    step: StepFn | None = None  # the model this job runs, when not the server's own (a drafter sharing GPUs)
 
 
 class Sim:
@@ -137,7 +138,7 @@ class BatchServer:
             self.queue.remove(j)
         self.last_batch = len(batch)
         self.batches.setdefault(kind, []).append(len(batch))
-        duration = max(j.forwards for j in batch) * self.step([j.row for j in batch])
+        duration = max(j.forwards for j in batch) * (batch[0].step or self.step)([j.row for j in batch])
         self.busy = True
         self.busy_s += duration
         if self.bus is not None:
@@ -215,11 +216,11 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier", bus)
     drafters = []
     if s.draft_forwards() > 0:
+        if rep.draft_step is None:
+            raise ValueError(f"strategy {s.name!r} drafts but the replica has no draft_step")
         if rep.drafter_shared:
             drafters = [verifier]
         else:
-            if rep.draft_step is None:
-                raise ValueError(f"strategy {s.name!r} drafts but the replica has no draft_step")
             drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch, 0.0, f"drafter-{i}", bus)
                         for i in range(rep.drafter_servers)]
     done: list[Request] = []
@@ -261,7 +262,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         if forwards <= 0:
             verifier.submit(Job("verify", verify_row, 1, after_verify))
             return
-        draft_job = lambda cb: Job("draft", Row(1, req.context), forwards, cb)  # noqa: E731
+        draft_job = lambda cb: Job("draft", Row(1, req.context), forwards, cb, rep.draft_step)  # noqa: E731
         if s.overlapped:                              # DuoDecoding: draft next round while verifying
             left = [2]
 

@@ -153,3 +153,11 @@ def test_shared_bus_halves_speed_while_both_run():
     sim.run()
     # b needs 0.5 s alone: 1 s at half speed; a then has 0.5 s left at full speed: ends at 1.5 s.
     assert ends == [("b", pytest.approx(1.0)), ("a", pytest.approx(1.5))]
+
+
+def test_drafter_sharing_the_verifiers_devices_runs_its_own_model_there():
+    # Co-located drafter: each step is a draft (4 x 0.01 s, the drafter's step) then a verify (0.1 s), in series.
+    sd = StrategyModel("sd", "draft_model", 4, 1.0, "d")
+    rep = Replica(sd, lambda rows: 0.1, max_batch=8, draft_step=lambda rows: 0.01, drafter_shared=True)
+    res = simulate(rep, Arrivals("closed", 1, concurrency=1), lambda r: 10, lambda r: 51)
+    assert res.makespan == pytest.approx(0.1 + 10 * (0.04 + 0.1))
