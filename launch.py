@@ -108,8 +108,11 @@ def cmd_serve(args, demo: bool) -> int:
         server, bound, service = await start_server(built, host, port)
         print(f"gRPC endpoint: {host}:{bound}  (strategies: {', '.join(built.engines)})", flush=True)
         if runtime is not None:
+            from orchestrator.ray_runtime import metrics_endpoints
+
             print(f"Ray dashboard: {dashboard or 'not started (joined an existing cluster: see its head)'}; "
                   f"actors: {', '.join(runtime.actors)}", flush=True)
+            print(f"Prometheus metrics (ray_specorch_*): {', '.join(metrics_endpoints())}", flush=True)
         else:
             print("Ray: not used (--in-process: every model runs in this process)", flush=True)
         loop = asyncio.get_running_loop()

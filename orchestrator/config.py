@@ -167,6 +167,8 @@ class ClusterSection(_Strict):
     address: str | None = Field(None, description="Address of an existing Ray cluster; None starts a local head")
     dashboard_host: str = Field("127.0.0.1", description="Ray dashboard bind address")
     dashboard_port: int = Field(8265, ge=1, le=65535)
+    metrics_export_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Port of the local head's Prometheus metrics endpoint (None = Ray picks one; launch.py prints it)"))
     actor_max_restarts: int = Field(3, ge=0, description=(
         "Times Ray restarts a crashed shard or drafter actor (its per-request state is lost: "
         "in-flight requests fail with UNAVAILABLE or fall back to target-only steps)"))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from orchestrator import monitoring
 from workers.runner import KVCache, ModelRunner
 
 PREFILL_TOKENS = 32   # inputs longer than this are batched only with each other
@@ -73,6 +74,7 @@ class GlobalVerifier:
         self.stats = VerifierStats()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []        # taken from the queue but kept for the next batch
+        self._busy = monitoring.BusyTimer("verifier", "global-verifier")
         self._thread = threading.Thread(target=self._loop, name="global-verifier", daemon=True)
         self._thread.start()
 
@@ -135,18 +137,20 @@ class GlobalVerifier:
 
     def _run(self, batch: list[_Item]) -> None:
         t0 = time.perf_counter()
-        try:
-            outs = self.runner.forward_many([it.as_request() for it in batch])
-            for it, out in zip(batch, outs):
-                it.future.set_result(out)
-        except Exception:  # noqa: BLE001 - isolate the failing request, the others go on
-            for it in batch:
-                if it.future.done():
-                    continue
-                try:
-                    it.future.set_result(self.runner.forward_many([it.as_request()])[0])
-                except Exception as exc:  # noqa: BLE001
-                    it.future.set_exception(exc)
+        monitoring.record_verify_batch(len(batch), self._queue.qsize() + len(self._held))
+        with self._busy.busy():
+            try:
+                outs = self.runner.forward_many([it.as_request() for it in batch])
+                for it, out in zip(batch, outs):
+                    it.future.set_result(out)
+            except Exception:  # noqa: BLE001 - isolate the failing request, the others go on
+                for it in batch:
+                    if it.future.done():
+                        continue
+                    try:
+                        it.future.set_result(self.runner.forward_many([it.as_request()])[0])
+                    except Exception as exc:  # noqa: BLE001
+                        it.future.set_exception(exc)
         s = self.stats
         s.batches += 1
         s.rows += len(batch)

@@ -175,11 +175,19 @@ def start_ray(config: EngineConfig, namespace: str = "specorch") -> str | None:
         # A local head advertises the first node pool's resources, so the plan's bundles fit.
         pool = config.node_pools[0] if config.node_pools else None
         resources = {f"pool:{pool.name}": 1000.0} if pool else {}
+        if c.metrics_export_port is not None:
+            kwargs["_metrics_export_port"] = c.metrics_export_port
         ctx = ray.init(include_dashboard=True, dashboard_host=c.dashboard_host, dashboard_port=c.dashboard_port,
                        num_cpus=max(pool.cpus, len(config.strategies) + 2) if pool else None,
                        resources=resources, **kwargs)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def metrics_endpoints() -> list[str]:
+    """Every live node's Prometheus endpoint, where our `ray_specorch_*` metrics are served."""
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
 
 
 def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.build import Built
 from orchestrator.errors import WorkerUnavailable
 from orchestrator.global_verifier import GlobalVerifier
+from orchestrator import monitoring
 from orchestrator.metrics import AggregateStats, RequestStats
 from orchestrator.security import BearerTokenInterceptor, load_auth_token, server_credentials
 from orchestrator.validation import RequestError, ValidRequest, validate_request
@@ -90,6 +91,8 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
         self.failed = self.cancelled = self.rejected = 0
         self.in_flight = 0                      # admitted requests (decoding or waiting); event-loop only
+        self.decoding = 0                       # requests in a decode thread now
+        self._decoding_lock = threading.Lock()
         self.max_in_flight = self.cfg.concurrency + self.cfg.max_queue
         self.max_context = getattr(built.target_model.config, "max_position_embeddings", 1 << 30)
 
@@ -99,28 +102,34 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         """Hold `n` admission slots for the block; a full server answers RESOURCE_EXHAUSTED at once."""
         if self.in_flight + n > self.max_in_flight:
             self.rejected += 1
+            monitoring.record_outcome("", "rejected", n)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"server overloaded: {self.in_flight} requests in flight, limit "
                                 f"{self.max_in_flight} (server.concurrency + server.max_queue); retry later")
         self.in_flight += n
+        monitoring.set_queue(self.in_flight, self.in_flight - self.decoding)
         try:
             yield
         finally:
             self.in_flight -= n
+            monitoring.set_queue(self.in_flight, self.in_flight - self.decoding)
 
     @staticmethod
     async def _reject_malformed(request, context) -> None:
         if isinstance(request, MalformedRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field or 'request'}: {request.message}")
 
-    async def _fail(self, context, exc: BaseException) -> None:
+    async def _fail(self, context, exc: BaseException, strategy: str) -> None:
         """Answer a request that failed during decoding (never re-raises into the server)."""
         if isinstance(exc, _Stop):
             self.cancelled += 1
+            monitoring.record_outcome(strategy, "cancelled")
             await context.abort(exc.code, str(exc))
         self.failed += 1
         if isinstance(exc, WorkerUnavailable):
+            monitoring.record_outcome(strategy, "unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker unavailable: {exc}")
+        monitoring.record_outcome(strategy, "failed")
         await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
 
     def _validate(self, req, prefix: str = "") -> ValidRequest:
@@ -146,8 +155,15 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         await context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
     def _run(self, v: ValidRequest, ids: list[int], on_tokens):
-        engine = self.engines[v.strategy]
-        return engine.generate(ids, v.max_new_tokens, v.sampling, on_tokens=on_tokens)
+        with self._decoding_lock:
+            self.decoding += 1
+        try:
+            result = self.engines[v.strategy].generate(ids, v.max_new_tokens, v.sampling, on_tokens=on_tokens)
+        finally:
+            with self._decoding_lock:
+                self.decoding -= 1
+        monitoring.record_request(v.strategy, v.sampling.temperature, result.stats)
+        return result
 
     async def _generate(self, v: ValidRequest, ids: list[int], context):
         """Run one request in the decode thread; yields ("tokens", list) then ("done", GenerationResult)."""
@@ -200,9 +216,10 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
                         result = value
             except asyncio.CancelledError:  # the client went away
                 self.cancelled += 1
+                monitoring.record_outcome(v.strategy, "cancelled")
                 raise
             except Exception as exc:  # a failed request never takes the server down
-                await self._fail(context, exc)
+                await self._fail(context, exc, v.strategy)
             tail = text.push([], final=True)
             if tail:
                 yield pb.GenerateResponse(request_id=v.request_id, chunk=pb.TokenChunk(token_ids=[], text=tail))
@@ -238,9 +255,10 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
                 results = await asyncio.gather(*tasks)
             except asyncio.CancelledError:
                 self.cancelled += 1
+                monitoring.record_outcome("batch", "cancelled")
                 raise
             except Exception as exc:
-                await self._fail(context, exc)
+                await self._fail(context, exc, "batch")
             finally:
                 for t in tasks:    # after a failure the others stop at their next step and free their state
                     t.cancel()

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from orchestrator.monitoring import BusyTimer
 from orchestrator.sampling import SamplingParams, make_generator
 from workers.drafters import Draft
 from workers.runner import KVCache, ModelRunner
@@ -45,6 +46,7 @@ class TargetShard:
             if not start <= i < end:
                 layers[i] = torch.nn.Module()
         self.caches: dict[str, KVCache] = {}
+        self._busy = BusyTimer("target")
 
     def info(self) -> dict:
         import ray
@@ -83,18 +85,20 @@ class TargetShard:
     def forward(self, rid: str, inputs: torch.Tensor, depths=None, tree_mask=None, logits_rows=None):
         """inputs: ids [1, T] (first stage) or hidden [1, T, hidden]; returns hidden or logits, on the CPU."""
         dev = self.device
-        out = self.runner.forward(self._cache(rid), inputs.to(dev),
-                                  depths=depths.to(dev) if depths is not None else None,
-                                  tree_mask=tree_mask.to(dev) if tree_mask is not None else None,
-                                  logits_rows=logits_rows)
-        return out.cpu()
+        with self._busy.busy():
+            out = self.runner.forward(self._cache(rid), inputs.to(dev),
+                                      depths=depths.to(dev) if depths is not None else None,
+                                      tree_mask=tree_mask.to(dev) if tree_mask is not None else None,
+                                      logits_rows=logits_rows)
+            return out.cpu()
 
     def forward_many(self, rids: list[str], inputs: list[torch.Tensor], extras: list[tuple]) -> list[torch.Tensor]:
         """Batched forward of several requests (the global verifier's batch); extras: (depths, mask, rows)."""
         dev = self.device
         reqs = [(self._cache(rid), x.to(dev), d.to(dev) if d is not None else None,
                  m.to(dev) if m is not None else None, rows) for rid, x, (d, m, rows) in zip(rids, inputs, extras)]
-        return [o.cpu() for o in self.runner.forward_many(reqs)]
+        with self._busy.busy():
+            return [o.cpu() for o in self.runner.forward_many(reqs)]
 
 
 class DrafterWorker:
@@ -113,6 +117,7 @@ class DrafterWorker:
         self.drafters = {s.name: make_drafter(s, runner) for s in parsed}
         self.vocab = runner.vocab_size
         self.sessions: dict = {}
+        self._busy = BusyTimer("drafter")
 
     def vocab_size(self) -> int:
         return self.vocab
@@ -127,7 +132,8 @@ class DrafterWorker:
         session = self.sessions.get(sid)
         if session is None:
             raise LostRequestState(f"drafter has no session {sid} (the actor restarted)")
-        draft = session.propose(k)
+        with self._busy.busy():
+            draft = session.propose(k)
         if draft.probs is not None:
             draft.probs = draft.probs.cpu()
         return draft
