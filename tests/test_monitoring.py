@@ -109,3 +109,16 @@ def test_metrics_reach_rays_prometheus_endpoint(tmp_path):
     busy = {lbl["worker"]: v for lbl, v in got["ray_specorch_worker_busy_seconds_total"]}
     assert busy["target-shard-0"] > 0 and busy["drafter-cpu-0"] > 0 and busy["global-verifier"] > 0
     assert total(got["ray_specorch_requests_in_flight"]) == 0
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dashboard = json.loads((root / "docs/grafana/specorch.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(total|bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_specorch_\w+", e)}
+    defined = {"ray_" + n for n in re.findall(r'"(specorch_\w+)"', (root / "orchestrator/monitoring.py").read_text())}
+    assert used and used <= defined, used - defined
+    assert defined <= used, f"metrics with no panel: {defined - used}"
