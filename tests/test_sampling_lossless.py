@@ -17,6 +17,7 @@ from orchestrator.engine import SpeculativeEngine
 from orchestrator.sampling import SamplingParams, warp_probs
 from tests.test_verification import chi_square_p_value
 from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
+from workers.easyspec import Calibration, EasySpecDrafter
 from workers.runner import ModelRunner
 
 V = 8
@@ -24,11 +25,11 @@ N_NEW = 4
 SAMPLES = 2000
 
 
-def small_vocab_model(seed: int):
+def small_vocab_model(seed: int, layers: int = 1):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                       bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
@@ -58,7 +59,16 @@ CASES = {
     # q is zero outside ids {0..3} + the prompt's {3, 5}: the target's other tokens come from the residual
     "draft-vocab-t1": ("draft-vocab", SamplingParams(temperature=1.0)),
     "lookup-then-model-t1": ("lookup-then-model", SamplingParams(temperature=1.0)),
+    # EasySpec: both drafter layers in one group, so every non-exact draft step is approximate
+    **{f"easyspec-{c.value}-t1": (f"easyspec-attn_only-{c.value}", SamplingParams(temperature=1.0))
+       for c in Calibration},
 }
+
+
+def easyspec_drafter(kind: str) -> EasySpecDrafter:
+    _, mode, calibration = kind.split("-")
+    return EasySpecDrafter(ModelRunner(small_vocab_model(1, layers=2)), mode=mode, calibration=calibration,
+                           groups=[[0, 1]])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -75,7 +85,7 @@ def test_speculative_sampling_matches_target_distribution(case):
         "draft-vocab": lambda: DraftModelDrafter(ModelRunner(small_vocab_model(1)), draft_vocab=4),
         "lookup-then-model": lambda: LookupThenModelDrafter(
             PromptLookupDrafter(3, 3), DraftModelDrafter(ModelRunner(small_vocab_model(1))), lookup_k=3),
-    }[kind]()
+    }.get(kind, lambda: easyspec_drafter(kind))()
     engine = SpeculativeEngine(target, drafter, lambda: FixedDraftLength(3))
     gen = torch.Generator().manual_seed(0)
     outs = torch.empty(SAMPLES, N_NEW, dtype=torch.long)
