@@ -29,10 +29,11 @@ from orchestrator.build import Built, eos_ids, pick_device, policy_factory
 from orchestrator.config import DraftModelStrategy, EasySpecStrategy, EngineConfig
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.errors import WorkerUnavailable
-from placement.plan import Plan, PlacementError
+from placement.plan import Plan, PlacementError, easyspec_rank_name
 from placement.ray_groups import create_placement_group, shard_strategy
 from workers.actors import DrafterWorker, LostRequestState, TargetShard
 from workers.drafters import Draft, Drafter, DraftSession, PromptLookupDrafter
+from workers.easyspec_workers import DistributedEasySpecDrafter, start_ranks
 from workers.runner import ModelRunner
 
 
@@ -104,7 +105,7 @@ class PipelineTarget:
             ref = shard.forward.remote(cache.rid, ref, d, m, logits_rows)
         out = get(ref, self.timeout, "target forward")
         cache.lengths[0] += int(input_ids.shape[1])
-        return out.to(self.device)
+        return out.to(self.device).float()       # logits travel in the model dtype (exact; actors.py)
 
     def forward_many(self, requests: list[tuple]) -> list[torch.Tensor]:
         rids = [r[0].rid for r in requests]
@@ -116,7 +117,7 @@ class PipelineTarget:
         outs = get(ref, self.timeout, "batched target forward")
         for r in requests:
             r[0].lengths[0] += int(r[1].shape[1])
-        return [o.to(self.device) for o in outs]
+        return [o.to(self.device).float() for o in outs]
 
     prefill = ModelRunner.prefill     # built on forward()
 
@@ -224,8 +225,8 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     for s in plan.shards:
         if s.role != "drafter":
             continue
-        uses = [st.model_dump() for st in chosen
-                if isinstance(st, (DraftModelStrategy, EasySpecStrategy)) and st.drafter == s.model]
+        uses = [st.model_dump() for st in chosen if isinstance(st, (DraftModelStrategy, EasySpecStrategy))
+                and st.drafter == s.model and getattr(st, "workers", 1) == 1]
         if not uses:
             continue
         actors[s.name] = ray.remote(DrafterWorker).options(**options(s)).remote(
@@ -238,6 +239,21 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         if ray.get(handles[0].vocab_size.remote()) != vocab:
             raise ValueError(f"models.drafters.{model_key}: vocabulary size differs from the target's")
 
+    easyspec_ranks: dict[str, list] = {}      # strategy -> its ranks (EasySpec with workers > 1)
+    for st in chosen:
+        if isinstance(st, EasySpecStrategy) and st.workers > 1:
+            rank_shards = [next(s for s in plan.shards if s.name == easyspec_rank_name(st.name, r))
+                           for r in range(st.workers)]
+            # max_restarts 0: a restarted rank could not rejoin the process group
+            ranks = start_ranks(config.models.drafters[st.drafter].model_dump(), [st.model_dump()], st.workers,
+                                "cuda" if rank_shards[0].device == "gpu" else "cpu", threads or rank_shards[0].cpus,
+                                [{**options(s), "max_restarts": 0} for s in rank_shards],
+                                config.cluster.actor_call_timeout_s or 300.0)
+            actors.update({s.name: h for s, h in zip(rank_shards, ranks)})
+            easyspec_ranks[st.name] = ranks
+            if ray.get(ranks[0].vocab_size.remote()) != vocab:
+                raise ValueError(f"models.drafters.{st.drafter}: vocabulary size differs from the target's")
+
     device = pick_device(config.runtime.device)
     timeout = config.cluster.actor_call_timeout_s
     target = PipelineTarget(shards, vocab, timeout=timeout)
@@ -246,7 +262,9 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     built = Built(config, device, meta, tokenizer, target,
                   {"plain": SpeculativeEngine(target, None, eos_token_ids=eos, name="plain")})
     for st in chosen:
-        if isinstance(st, (DraftModelStrategy, EasySpecStrategy)):
+        if st.name in easyspec_ranks:
+            drafter = DistributedEasySpecDrafter(easyspec_ranks[st.name], st.name, timeout)
+        elif isinstance(st, (DraftModelStrategy, EasySpecStrategy)):
             if st.drafter not in drafter_actors:
                 raise PlacementError(f"strategy {st.name!r}: drafter {st.drafter!r} has no placement "
                                      f"(add placement.drafters.{st.drafter})")

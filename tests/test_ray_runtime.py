@@ -114,3 +114,25 @@ def test_global_verifier_over_pipeline_actors(models, ray_local):
     finally:
         verifier.close()
         runtime.shutdown()
+
+
+def test_bf16_logits_cross_actors_exactly(models, ray_local):
+    """The last stage sends logits in the model dtype; widened again they equal in-process logits."""
+    import torch
+
+    from orchestrator.build import load_for_decoding
+
+    root, _ = models
+    cfg = config_file(root, 2)
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={
+        "target": cfg.models.target.model_copy(update={"dtype": "bfloat16"})})})
+    local = ModelRunner(load_for_decoding(str(root / "target"), "bfloat16", torch.device("cpu"),
+                                          with_tokenizer=False)[0])
+    built, runtime = place(cfg, plan_placement(cfg), only=[], name="test-bf16")
+    try:
+        ids = torch.tensor([PROMPTS[2]])
+        remote = built.target.forward(built.target.new_cache(1, 64), ids)
+        expected = local.forward(local.new_cache(1, 64), ids)
+        assert remote.dtype == expected.dtype == torch.float32 and torch.equal(remote, expected)
+    finally:
+        runtime.shutdown()

@@ -47,6 +47,9 @@ class TargetShard:
                 layers[i] = torch.nn.Module()
         self.caches: dict[str, KVCache] = {}
         self._busy = BusyTimer("target")
+        # The last stage's float32 logits are the model dtype's values widened (the head runs in it),
+        # so sending them back in that dtype is exact and halves the bytes for bf16/fp16 models.
+        self.wire_dtype = self.runner.dtype
 
     def info(self) -> dict:
         import ray
@@ -90,7 +93,7 @@ class TargetShard:
                                       depths=depths.to(dev) if depths is not None else None,
                                       tree_mask=tree_mask.to(dev) if tree_mask is not None else None,
                                       logits_rows=logits_rows)
-            return out.cpu()
+            return out.to(self.wire_dtype).cpu()
 
     def forward_many(self, rids: list[str], inputs: list[torch.Tensor], extras: list[tuple]) -> list[torch.Tensor]:
         """Batched forward of several requests (the global verifier's batch); extras: (depths, mask, rows)."""
@@ -98,7 +101,7 @@ class TargetShard:
         reqs = [(self._cache(rid), x.to(dev), d.to(dev) if d is not None else None,
                  m.to(dev) if m is not None else None, rows) for rid, x, (d, m, rows) in zip(rids, inputs, extras)]
         with self._busy.busy():
-            return [o.cpu() for o in self.runner.forward_many(reqs)]
+            return [o.to(self.wire_dtype).cpu() for o in self.runner.forward_many(reqs)]
 
 
 class DrafterWorker:
