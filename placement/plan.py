@@ -193,4 +193,25 @@ def plan_placement(config: EngineConfig) -> Plan:
             node = take(dpool, name, gpus, d.cpus, gb)
             plan.shards.append(Shard(name, "drafter", key, dpool.name, node.index, d.device, gpus, d.cpus,
                                      (0, dfp.layers), 0, 1, gb, dpool.accelerator if gpus else None))
+
+    # --- EasySpec with workers > 1: one actor per group member, each with the full draft weights,
+    # placed like its drafter (workers/easyspec_workers.py)
+    for st in config.strategies:
+        if getattr(st, "kind", None) != "easyspec" or st.workers < 2:
+            continue
+        if st.drafter not in config.placement.drafters:
+            raise PlacementError(f"strategy {st.name!r} (workers: {st.workers}): add placement.drafters.{st.drafter}")
+        d = config.placement.drafters[st.drafter]
+        dpool, gpus = pools[d.pool], 1 if d.device == "gpu" else 0
+        dfp = footprint(config.models.drafters[st.drafter])
+        for rank in range(st.workers):
+            name = easyspec_rank_name(st.name, rank)
+            node = take(dpool, name, gpus, d.cpus, dfp.weight_bytes / 1e9)
+            plan.shards.append(Shard(name, "easyspec", st.drafter, dpool.name, node.index, d.device, gpus, d.cpus,
+                                     (0, dfp.layers), rank, st.workers, dfp.weight_bytes / 1e9,
+                                     dpool.accelerator if gpus else None))
     return plan
+
+
+def easyspec_rank_name(strategy: str, rank: int) -> str:
+    return f"easyspec-{strategy}-rank{rank}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 ray = pytest.importorskip("ray")
 
@@ -33,7 +34,8 @@ def draft_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ranks(draft_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="specorch-easyspec-test")
+    ray.init(num_cpus=4, resources={"pool:local": 1000.0}, include_dashboard=False, log_to_driver=False,
+             namespace="specorch-easyspec-test")
     handles = start_ranks({"source": str(draft_dir), "dtype": "float32"},
                           [strategy(m, c) for m in MODES for c in Calibration], world=2, device="cpu", threads=1)
     yield handles
@@ -93,6 +95,42 @@ def test_engine_output_over_two_workers_equals_plain_decoding(ranks, mode, promp
     assert accepted > 0
     params = SamplingParams(temperature=0.8, seed=4)
     assert engine.generate(prompts[0], 16, params).tokens == engine.generate(prompts[0], 16, params).tokens
+
+
+def test_place_starts_the_ranks_a_config_asks_for(draft_dir, ranks, prompts):
+    from orchestrator.config import load_config
+    from orchestrator.ray_runtime import place
+    from placement.plan import plan_placement
+
+    root = draft_dir.parent
+    target_model = tiny_model("llama", seed=0, layers=3)
+    target_model.save_pretrained(root / "target")
+    cfg = {
+        "name": "easyspec-workers",
+        "models": {"target": {"source": str(root / "target"), "dtype": "float32"},
+                   "drafters": {"d": {"source": str(draft_dir), "dtype": "float32"}}},
+        "strategies": [{**strategy("attn_only", Calibration.EVERY_MISMATCH), "name": "es2",
+                        "draft_length": {"policy": "fixed", "k": 4}}],
+        "runtime": {"device": "cpu", "threads": 1},
+        "node_pools": [{"name": "local", "count": 1, "cpus": 4, "memory_gb": 8}],
+        "placement": {"target": {"pool": "local", "device": "cpu"},
+                      "drafters": {"d": {"pool": "local", "device": "cpu", "cpus": 1}}},
+    }
+    (root / "es.yaml").write_text(yaml.safe_dump(cfg))
+    config = load_config(root / "es.yaml")
+    plan = plan_placement(config)
+    assert [s.name for s in plan.shards if s.role == "easyspec"] == ["easyspec-es2-rank0", "easyspec-es2-rank1"]
+    built, runtime = place(config, plan, name="test-easyspec")
+    try:
+        assert set(runtime.actors) >= {"easyspec-es2-rank0", "easyspec-es2-rank1"}
+        assert "drafter-cpu-0" not in runtime.actors      # no strategy drafts in process on that drafter
+        plain = SpeculativeEngine(ModelRunner(target_model))
+        for prompt in prompts[:2]:
+            assert built.engines["es2"].generate(prompt, 16).tokens == plain.generate(prompt, 16).tokens
+    finally:
+        runtime.shutdown()
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert not names & set(runtime.actors), "actors left behind after shutdown"
 
 
 def test_stopping_ranks_leaves_nothing_behind(draft_dir, ranks):
