@@ -116,7 +116,9 @@ def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=prin
             if stats is not None:
                 rec.update(steps=stats.steps, step_tokens=stats.step_tokens, drafted=stats.drafted_tokens,
                            accepted=stats.accepted_tokens, draft_s=stats.draft_s, verify_s=stats.verify_s,
-                           ttft_s=stats.ttft_s, mean_accepted_tokens=stats.mean_accepted_tokens)
+                           ttft_s=stats.ttft_s, mean_accepted_tokens=stats.mean_accepted_tokens,
+                           draft_cost=stats.draft_cost, draft_forwards=stats.draft_forwards,
+                           cost_speedup=stats.cost_speedup)
             records[name].append(rec)
         log(f"[{i + 1}/{len(encoded)}] {p.id} ({p.category}): " + ", ".join(
             f"{n} {records[n][-1]['tokens_per_s']:.2f}" for n in methods) + " tok/s")
@@ -156,19 +158,30 @@ def summarise(records: dict[str, list[dict]]) -> dict:
                 "acceptance_rate": (sum(r["accepted"] for r in rs) / max(1, sum(r["drafted"] for r in rs)))
                 if steps else None,
                 "outputs_equal_plain": sum(r["equals_plain"] for r in rs),
+                "cost_speedup": _cost_speedup(rs),
             })
     return {"records": records, "table": table}
 
 
+def _cost_speedup(rs: list[dict]) -> float | None:
+    """CS-Drafting's cost model (orchestrator/cost.py) over a set of requests: plain decoding's target
+    forwards for the same tokens / (target forwards + parameter-weighted drafter forwards); plain = 1."""
+    if not rs or any(r.get("draft_cost") is None for r in rs):
+        return None
+    cost = sum(r["steps"] + r["draft_cost"] for r in rs)
+    return sum(r["step_tokens"] for r in rs) / cost if cost else None
+
+
 def markdown(table: list[dict]) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = ["| scope | method | prompts | tokens/s | vs plain | vs HF plain | mean accepted | acceptance | = plain |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| scope | method | prompts | tokens/s | vs plain | vs HF plain | mean accepted | acceptance | = plain "
+             "| cost speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         lines.append(f"| {r['scope']} | {r['method']} | {r['prompts']} | {r['tokens_per_s']:.2f} | "
                      f"{fmt(r['speedup_vs_plain'], '.2f')}x | {fmt(r['speedup_vs_hf_plain'], '.2f')}x | "
                      f"{fmt(r['mean_accepted_tokens'], '.2f')} | {fmt(r['acceptance_rate'], '.2f')} | "
-                     f"{r['outputs_equal_plain']}/{r['prompts']} |")
+                     f"{r['outputs_equal_plain']}/{r['prompts']} | {fmt(r.get('cost_speedup'), '.2f')} |")
     return "\n".join(lines)
 
 
