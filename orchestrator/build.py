@@ -112,6 +112,8 @@ def make_drafter(s, runner: ModelRunner | None, runners: dict[str, ModelRunner] 
     """The drafter a strategy config describes; `runner` runs its draft model (None for prompt lookup),
     `runners` (keyed by models.drafters) every model a cascade names."""
     if isinstance(s, CascadeStrategy):
+        if runners is None:     # a drafter actor (workers/actors.py) hosting a one-drafter cascade
+            runners = {s.drafters[0]: runner} if s.drafters and runner is not None else {}
         mag = MaGDrafter(load_table(s.mag.table) if s.mag.table else None, s.mag.max_ngram, s.mag.min_ngram)
         return CascadeDrafter([runners[k] for k in s.drafters], mag, s.k_matrix, s.leniency,
                               level_names=list(s.drafters), name=s.name)

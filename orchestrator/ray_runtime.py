@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import ray
 import torch
 
-from orchestrator.build import Built, eos_ids, pick_device, policy_factory
-from orchestrator.config import DraftModelStrategy, EasySpecStrategy, EngineConfig
+from orchestrator.build import Built, eos_ids, make_drafter, pick_device, policy_factory
+from orchestrator.config import CascadeStrategy, DraftModelStrategy, EasySpecStrategy, EngineConfig
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.errors import WorkerUnavailable
 from placement.plan import Plan, PlacementError, easyspec_rank_name
@@ -221,12 +221,19 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     shards = [actors[s.name] for s in sorted(targets, key=lambda s: s.layers[0])]
 
     chosen = [s for s in config.strategies if only is None or s.name in only]
+    for st in chosen:
+        if isinstance(st, CascadeStrategy) and len(st.drafters) > 1:
+            raise PlacementError(f"strategy {st.name!r}: cascades of several neural drafters run in process only "
+                                 "for now (launch.py serve --in-process, or bench); through Ray a cascade may "
+                                 "name one drafter")
     drafter_actors: dict[str, list] = {}
     for s in plan.shards:
         if s.role != "drafter":
             continue
         uses = [st.model_dump() for st in chosen if isinstance(st, (DraftModelStrategy, EasySpecStrategy))
                 and st.drafter == s.model and getattr(st, "workers", 1) == 1]
+        # A cascade with one neural drafter lives whole (MaG included) in that drafter's actor.
+        uses += [st.model_dump() for st in chosen if isinstance(st, CascadeStrategy) and st.drafters == [s.model]]
         if not uses:
             continue
         actors[s.name] = ray.remote(DrafterWorker).options(**options(s)).remote(
@@ -264,11 +271,15 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     for st in chosen:
         if st.name in easyspec_ranks:
             drafter = DistributedEasySpecDrafter(easyspec_ranks[st.name], st.name, timeout)
-        elif isinstance(st, (DraftModelStrategy, EasySpecStrategy)):
-            if st.drafter not in drafter_actors:
-                raise PlacementError(f"strategy {st.name!r}: drafter {st.drafter!r} has no placement "
-                                     f"(add placement.drafters.{st.drafter})")
-            drafter = RemoteDrafter(drafter_actors[st.drafter], st.name, timeout)
+        elif isinstance(st, (DraftModelStrategy, EasySpecStrategy)) or (isinstance(st, CascadeStrategy)
+                                                                        and st.drafters):
+            first = st.drafters[0] if isinstance(st, CascadeStrategy) else st.drafter
+            if first not in drafter_actors:
+                raise PlacementError(f"strategy {st.name!r}: drafter {first!r} has no placement "
+                                     f"(add placement.drafters.{first})")
+            drafter = RemoteDrafter(drafter_actors[first], st.name, timeout)
+        elif isinstance(st, CascadeStrategy):   # MaG alone: a table walk, beside the engine like prompt lookup
+            drafter = make_drafter(st, None)
         else:   # prompt lookup is a table scan: it stays beside the engine
             drafter = PromptLookupDrafter(st.max_ngram, st.min_ngram, st.num_candidates)
         built.engines[st.name] = SpeculativeEngine(target, drafter, policy_factory(st.draft_length),
