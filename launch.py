@@ -7,6 +7,8 @@
   python launch.py serve --cluster cluster_configs/local.yaml      # serve gRPC until SIGINT/SIGTERM
   python launch.py bench --cluster cluster_configs/local.yaml --data ../shared/data/humaneval_dev.jsonl \
       --limit 20 --max-new-tokens 128 --out result.json
+  python launch.py mag-table --cluster cluster_configs/local.yaml --data ../shared/data/humaneval_dev.jsonl \
+      --limit 40 --out mag_tables/qwen2.5-coder-1.5b.pt               # MaG table for cascade strategies
   python launch.py simulate --cluster cluster_configs/8xA100.yaml \
       --workload cluster_configs/workloads/spec-bench-mix.yaml     # capacity plan (docs/capacity.md)
   python launch.py profile --cluster cluster_configs/local.yaml    # measure this machine for simulate --profile
@@ -175,6 +177,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_mag_table(args) -> int:
+    from orchestrator.bench import load_prompts
+    from orchestrator.build import build_engines
+    from orchestrator.config import load_config
+    from orchestrator.mag_table import generate_outputs, table_from_outputs
+    from workers.mag import save_table
+
+    cfg = load_config(args.cluster)
+    prompts = [p for path in args.data for p in load_prompts(path, args.limit)]
+    built = build_engines(cfg, only=[])          # the target alone
+    outputs = generate_outputs(built, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True))
+    table = table_from_outputs(outputs)
+    save_table(table, args.out, meta={"target": cfg.models.target.source, "prompts": len(prompts),
+                                      "tokens": sum(map(len, outputs)), "data": args.data})
+    print(f"wrote {args.out}: {len(table)} entries from {sum(map(len, outputs))} generated tokens")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +208,13 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default=None, help="JSON result path (a .md table is written beside it)")
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() rows")
     bench.set_defaults(func=cmd_bench)
+    mag = sub.add_parser("mag-table", help="MaG bigram table from the target's greedy outputs (docs/cascade.md)")
+    mag.add_argument("--cluster", required=True, help="config file whose target generates the text")
+    mag.add_argument("--data", action="append", required=True, help="jsonl prompt file (repeatable)")
+    mag.add_argument("--limit", type=int, default=None, help="prompts per data file")
+    mag.add_argument("--max-new-tokens", type=int, default=256)
+    mag.add_argument("--out", required=True, help="table path (.pt), e.g. mag_tables/qwen2.5-coder-1.5b.pt")
+    mag.set_defaults(func=cmd_mag_table)
     serve = sub.add_parser("serve", help="serve the gRPC front door until SIGINT/SIGTERM")
     _common(serve)
     serve.add_argument("--port", type=int, default=None, help="override server.port (0 = any free port)")

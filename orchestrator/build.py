@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -114,6 +115,9 @@ def make_drafter(s, runner: ModelRunner | None, runners: dict[str, ModelRunner] 
     if isinstance(s, CascadeStrategy):
         if runners is None:     # a drafter actor (workers/actors.py) hosting a one-drafter cascade
             runners = {s.drafters[0]: runner} if s.drafters and runner is not None else {}
+        if s.mag.table and not Path(s.mag.table).is_file():
+            raise ValueError(f"strategy {s.name!r}: mag.table {s.mag.table!r} does not exist "
+                             "(build it with `python launch.py mag-table`, docs/cascade.md)")
         mag = MaGDrafter(load_table(s.mag.table) if s.mag.table else None, s.mag.max_ngram, s.mag.min_ngram)
         return CascadeDrafter([runners[k] for k in s.drafters], mag, s.k_matrix, s.leniency,
                               level_names=list(s.drafters), name=s.name)
