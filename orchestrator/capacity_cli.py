@@ -110,8 +110,8 @@ def plots(points, out_dir: Path, closed_loop: bool) -> list[Path]:
 
 
 def cmd_simulate(args) -> int:
-    from placement.capacity import (bench_acceptance, cluster_replicas, local_replicas, recommend,
-                                    strategy_models, sweep)
+    from placement.capacity import (bench_acceptance, calibrate_profile, cluster_replicas, local_replicas,
+                                    recommend, strategy_models, sweep)
     from placement.workload import ClosedLoopArrivals, load_workload
 
     cfg = load_config(args.cluster)
@@ -120,8 +120,17 @@ def cmd_simulate(args) -> int:
     bench = bench_acceptance(args.bench, wl.bench_categories) if args.bench else {}
     if args.profile:
         profile = json.loads(Path(args.profile).read_text())
-        models = strategy_models(cfg, wl, bench, alphas, profile.get("draft_token_s"))
-        replicas, pool_devices = local_replicas(cfg, profile, models, args.host_s, args.in_process), None
+        if args.calibrate:
+            if not args.bench:
+                raise ConfigError("--calibrate needs --bench (the batch-1 records it takes the costs from)")
+            profile = calibrate_profile(profile, args.bench, wl.bench_categories, bench, args.calibrate)
+            c = profile["calibration"]
+            print(f"calibrated ({c['how']}): target one-token step {c['target_step_s'] * 1e3:.0f} ms "
+                  f"(profile x {c['scale']:.3f} or {c['shift_s'] * 1e3:+.0f} ms); draft seconds per forward "
+                  + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in profile["draft_token_s"].items()))
+        models = strategy_models(cfg, wl, bench, alphas, profile.get("draft_token_s"), args.calibrate)
+        replicas, pool_devices = local_replicas(cfg, profile, models, args.host_s, args.in_process,
+                                                        args.bus_contention), None
         for m in models:
             print(f"  {m.name}: {m.family}, gamma {m.gamma}, alpha {m.effective_alpha:.3f} "
                   f"-> {m.expected_tokens:.2f} tokens/step ({m.source})")
@@ -182,6 +191,11 @@ def add_parsers(sub) -> None:
     sim.add_argument("--measured", nargs="*", default=None, help="serving_bench JSONs to compare predictions with")
     sim.add_argument("--host-s", type=float, default=0.0,
                      help="with --profile: host (Python, gRPC) seconds per request step, a delay")
+    sim.add_argument("--calibrate", choices=["scale", "shift"], default=None,
+                     help="with --profile and --bench: absolute step costs from the bench's batch-1 records, "
+                          "the profile's target curves for their shape only (scaled, or shifted)")
+    sim.add_argument("--bus-contention", type=float, default=1.0,
+                     help="with --profile: drafter and verifier running together each slow by n x this")
     sim.add_argument("--in-process", action="store_true",
                      help="with --profile: predict in-process engines (no Ray hop per draft), as `bench` runs them")
     sim.add_argument("--cpu-device", default="CPU-EPYC-7742", help="hardware entry for CPU drafters of a GPU cluster")

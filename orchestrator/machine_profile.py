@@ -5,14 +5,13 @@ times: the target's forward of T = 1..16 new tokens for one request, prefills, a
 of one token batched through `forward_many` (the global verifier's call); each drafter's
 one-token step, and each configured drafting strategy's cost per drafted token through its
 real `DraftSession` (propose, then accept everything), which includes the sampling and
-Python work a bare forward leaves out. Medians of a few repetitions; other processes on the
-machine show up as noise, so the JSON records the load average before and after.
+Python work a bare forward leaves out. The fastest of a few repetitions (other processes on a
+shared machine only add time); the JSON records the load average before and after.
 """
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -23,13 +22,14 @@ PREFILL_TOKENS = (32, 128)
 BATCHES = (1, 2, 4, 8, 16)
 
 
-def _median_time(fn, reps: int) -> float:
+def _best_time(fn, reps: int) -> float:
+    """Fastest of reps: other processes on a shared machine only ever add time."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def memory_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
@@ -37,38 +37,52 @@ def memory_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
     src = torch.ones(mb * 2**20, dtype=torch.uint8)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_median_time(lambda: dst.copy_(src), 1) for _ in range(reps))
+    best = min(_best_time(lambda: dst.copy_(src), 1) for _ in range(reps))
     return 2 * src.numel() / best / 1e9
 
 
 def matmul_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    return 2 * n**3 / _median_time(lambda: a @ b, reps) / 1e12
+    return 2 * n**3 / _best_time(lambda: a @ b, reps) / 1e12
 
 
-def target_steps(runner, vocab: int, reps: int = 3, log=print) -> dict:
+def _paired(fn, base, reps: int) -> tuple[float, float]:
+    """Fastest of reps for fn and for a baseline, alternated, so both see the same load."""
+    a, b = [], []
+    for _ in range(reps):
+        a.append(_best_time(fn, 1))
+        b.append(_best_time(base, 1))
+    return min(a), min(b)
+
+
+def target_steps(runner, vocab: int, reps: int = 5, log=print) -> dict:
+    """Forward times; each point is measured alternately with the one-token forward and scaled by
+    (best one-token time overall / best one-token time beside it): a shared machine's load drifts,
+    and the ratio to a neighbouring baseline drifts less than either time."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, 64), generator=g)
     cache = runner.new_cache(1, 512)
     runner.prefill(cache, 0, prompt[0].tolist())
-    tokens = {}
-    for t in VERIFY_TOKENS:
+
+    def forward(t: int):
         ids = torch.randint(0, vocab, (1, t), generator=g)
 
         def fwd():
             runner.forward(cache, ids)
             cache.crop(0, 64)
-        fwd()
-        tokens[t] = _median_time(fwd, reps)
-        log(f"  target forward T={t}: {tokens[t] * 1e3:.1f} ms")
+        return fwd
+    one = forward(1)
+    one()
+    raw = {}
+    for t in VERIFY_TOKENS[1:]:
+        raw[t] = _paired(forward(t), one, reps)
     for p in PREFILL_TOKENS:
         ids = torch.randint(0, vocab, (p,), generator=g).tolist()
         c = runner.new_cache(1, p + 8)
-        tokens[p] = _median_time(lambda: runner.prefill(c, 0, ids), 2)
-        log(f"  target prefill {p}: {tokens[p] * 1e3:.1f} ms")
-    batch = {}
-    for b in BATCHES:
+        raw[p] = _paired(lambda: runner.prefill(c, 0, ids), one, 3)
+    batch_raw = {}
+    for b in BATCHES[1:]:
         caches = []
         for _ in range(b):
             c = runner.new_cache(1, 128)
@@ -81,29 +95,37 @@ def target_steps(runner, vocab: int, reps: int = 3, log=print) -> dict:
             for c in caches:
                 c.crop(0, 32)
         many()
-        batch[b] = _median_time(many, reps)
-        log(f"  target forward_many B={b} x 1 token: {batch[b] * 1e3:.1f} ms")
-    return {"tokens": tokens, "batch": batch}
+        batch_raw[b] = _paired(many, one, reps)
+    t1 = min(base for _, base in list(raw.values()) + list(batch_raw.values()))
+    tokens = {1: t1, **{t: x * t1 / base for t, (x, base) in raw.items()}}
+    batch = {1: t1, **{b: x * t1 / base for b, (x, base) in batch_raw.items()}}
+    for t, v in tokens.items():
+        log(f"  target forward of {t} tokens: {v * 1e3:.1f} ms (raw {raw.get(t, (t1,))[0] * 1e3:.1f})")
+    for b, v in batch.items():
+        log(f"  target forward_many of {b} one-token requests: {v * 1e3:.1f} ms (raw {batch_raw.get(b, (t1,))[0] * 1e3:.1f})")
+    return {"tokens": tokens, "batch": batch,
+            "raw_pairs": {"tokens": {t: list(v) for t, v in raw.items()}, "batch": {b: list(v) for b, v in batch_raw.items()}}}
 
 
-def draft_token_s(drafter, vocab: int, k: int = 8, rounds: int = 3) -> float:
-    """Seconds per drafted token through the strategy's own session; every draft accepted, + a bonus token."""
+def draft_token_s(drafter, vocab: int, k: int = 8, rounds: int = 5) -> float:
+    """Seconds per drafted token through the strategy's own session (fastest round); every draft
+    accepted, + a bonus token."""
     from orchestrator.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(1)
     session = drafter.start(torch.randint(0, vocab, (64,), generator=g).tolist(), SamplingParams(), None)
     bonus = lambda: int(torch.randint(0, vocab, (1,), generator=g))  # noqa: E731
     session.update([bonus()], 0)                    # the target's first token, as the engine does
-    spent, drafted = 0.0, 0
+    best = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
         draft = session.propose(k)
-        spent += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
         tokens = [int(x) for x in draft.tokens]
-        drafted += len(tokens)
+        best = min(best, dt / max(1, len(tokens)))
         session.update(tokens + [bonus()], len(tokens))
     session.close()
-    return spent / max(1, drafted)
+    return best
 
 
 def profile_machine(cfg, log=print) -> dict:
@@ -142,7 +164,7 @@ def profile_machine(cfg, log=print) -> dict:
             runner.forward(cache, ids)
             cache.crop(0, 64)
         step()
-        out["drafters"][key] = {"source": spec.source, "quantize": spec.quantize, "step_s": _median_time(step, 5)}
+        out["drafters"][key] = {"source": spec.source, "quantize": spec.quantize, "step_s": _best_time(step, 5)}
         log(f"drafter {key}: forward T=1 {out['drafters'][key]['step_s'] * 1e3:.1f} ms")
         for s in users:
             out["draft_token_s"][s.name] = draft_token_s(make_drafter(s, runner), vocab)

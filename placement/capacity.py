@@ -87,6 +87,30 @@ def bench_acceptance(path: str | Path, categories: list[str] | None = None) -> d
     return out
 
 
+def calibrate_profile(profile: dict, bench_path: str | Path, categories: list[str] | None,
+                      measured: dict[str, "Measured"], how: str = "scale") -> dict:
+    """A copy of `profile` whose absolute costs come from the batch-1 bench records: the target's
+    curves scaled so one token costs plain decoding's verify seconds per step, and each strategy's
+    draft cost per forward = its draft seconds per step / its mean draft length. The profile
+    keeps only the *shape* of the target's cost against tokens and batch (for a profile taken on
+    a loaded machine, or of a smaller model of the same family). how = "scale": every point
+    times one factor (all costs grow with the model); "shift": every point plus one offset (the
+    extra cost of more tokens or requests does not grow with the model: per-request attention
+    and Python in forward_many)."""
+    recs = [r for r in json.loads(Path(bench_path).read_text())["records"]["plain"]
+            if not categories or r["category"] in categories]
+    t1 = sum(r["verify_s"] for r in recs) / sum(r["steps"] for r in recs)
+    base = profile["target"]["tokens"]["1"]
+    scale = t1 / base
+    adjust = (lambda v: v * scale) if how == "scale" else (lambda v: v - base + t1)
+    out = dict(profile)
+    out["target"] = {k: {n: adjust(v) for n, v in profile["target"][k].items()} for k in ("tokens", "batch")}
+    out["draft_token_s"] = {name: m.draft_s_per_step / max(1, round(m.mean_drafted)) for name, m in measured.items()}
+    out["calibration"] = {"bench": str(bench_path), "target_step_s": t1, "how": how, "scale": scale,
+                          "shift_s": t1 - base}
+    return out
+
+
 def _family(s) -> str:
     if isinstance(s, EasySpecStrategy):
         return "easyspec"
@@ -101,7 +125,8 @@ def _gamma(s) -> int:
 
 
 def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Measured],
-                    alphas: dict[str, float], draft_token_s: dict[str, float] | None = None) -> list[StrategyModel]:
+                    alphas: dict[str, float], draft_token_s: dict[str, float] | None = None,
+                    calibrated: bool = False) -> list[StrategyModel]:
     """The config's strategies (and plain) with gamma/alpha from the bench, else parameters."""
     out = [StrategyModel("plain", "plain", source="-")]
     for s in cfg.strategies:
@@ -119,7 +144,7 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
                 continue                      # nothing known about this strategy's acceptance: not simulated
             source = "parameter"
         model_share = 1.0
-        if fam == "hybrid" and s.name in bench and draft_token_s and s.name in draft_token_s:
+        if fam == "hybrid" and s.name in bench and draft_token_s and s.name in draft_token_s and not calibrated:
             # Fitted: the share of steps that drafted with the model, from the bench's draft seconds.
             model_share = min(1.0, bench[s.name].draft_s_per_step / (gamma * draft_token_s[s.name]))
             source += f"; model drafts {model_share:.0%} of steps (fit to the bench's draft time)"
@@ -129,7 +154,7 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
 
 # ----------------------------------------------------------------------------- local (profile)
 def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel], host_s: float,
-                   in_process: bool = False) -> dict:
+                   in_process: bool = False, bus_contention: float = 1.0) -> dict:
     """This machine as measured: one verifier (the global verifier), one single-request drafter actor
     (in_process: the drafter runs beside the engine, no Ray hop per draft)."""
     verify = MeasuredStep(profile["target"])
@@ -145,7 +170,7 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
             m, verify, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
             draft_step=(lambda rows, s=tok_s: s) if tok_s else None, drafter_servers=replicas,
             drafter_max_batch=1, transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
-            host_s=host_s, shared_bus=True, devices=1)
+            host_s=host_s, shared_bus=True, bus_contention=bus_contention, devices=1)
     return out
 
 
@@ -287,9 +312,14 @@ def recommend(points: list[Point], workload: Workload) -> tuple[Point, list[str]
     ok = [p for p in points if meets(p, workload)]
     reasons = []
     if ok:
-        best = min(ok, key=lambda p: (p.result.device_hours_per_mtok, -p.throughput))
+        # At one offered load every plan emits the same tokens, so costs within 3% are a tie
+        # (simulation noise); the tie goes to the lowest per-token latency.
+        cheapest = min(p.result.device_hours_per_mtok for p in ok)
+        tied = [p for p in ok if p.result.device_hours_per_mtok <= 1.03 * cheapest]
+        best = min(tied, key=lambda p: p.result.tpot_p50)
         reasons.append(f"cheapest of {len(ok)}/{len(points)} simulated points meeting the SLO "
-                       f"(ttft_p99 <= {workload.slo.ttft_p99_s} s, tpot_p50 <= {workload.slo.tpot_p50_s} s)")
+                       f"(ttft_p99 <= {workload.slo.ttft_p99_s} s, tpot_p50 <= {workload.slo.tpot_p50_s} s); "
+                       f"of the {len(tied)} within 3% of the lowest cost, the lowest per-token latency")
     else:
         best = max(points, key=lambda p: p.throughput)
         reasons.append("no point meets the SLO: highest throughput instead")

@@ -76,9 +76,14 @@ class SharedBus:
     progresses at 1/n of its solo speed (all memory-bound). Finish times are rescheduled on
     every start and finish; a superseded finish event is ignored."""
 
-    def __init__(self, sim: Sim):
-        self.sim = sim
+    def __init__(self, sim: Sim, contention: float = 1.0):
+        """contention > 1: running together costs more than a fair share (threads oversubscribing cores)."""
+        self.sim, self.contention = sim, contention
         self.active: dict[int, list] = {}       # server id -> [remaining solo seconds, last update, version, done]
+
+    def _slowdown(self) -> float:
+        n = len(self.active)
+        return n * self.contention if n > 1 else 1.0
 
     def run(self, server: "BatchServer", work: float, done: Callable[[], None]) -> None:
         self._progress()
@@ -86,13 +91,13 @@ class SharedBus:
         self._reschedule()
 
     def _progress(self) -> None:
-        n = len(self.active)
+        n = self._slowdown()
         for job in self.active.values():
             job[0] -= (self.sim.now - job[1]) / n
             job[1] = self.sim.now
 
     def _reschedule(self) -> None:
-        n = len(self.active)
+        n = self._slowdown()
         for key, job in self.active.items():
             job[2] += 1
             self.sim.at(self.sim.now + max(0.0, job[0]) * n, lambda k=key, v=job[2]: self._finish(k, v))
@@ -175,6 +180,7 @@ class Replica:
     transfer_s: float = 0.0                    # draft -> verifier, per step
     host_s: float = 0.0                        # per request-step host work (each request's own thread)
     shared_bus: bool = False                   # drafters and verifier share one memory bus (a CPU node)
+    bus_contention: float = 1.0                # > 1: sharing costs more than a fair share (see SharedBus)
     devices: float = 1.0                       # devices held, for device-hours
 
 
@@ -212,7 +218,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     rng = random.Random(seed)
     sim = Sim()
     s = rep.strategy
-    bus = SharedBus(sim) if rep.shared_bus else None
+    bus = SharedBus(sim, rep.bus_contention) if rep.shared_bus else None
     verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier", bus)
     drafters = []
     if s.draft_forwards() > 0:
