@@ -258,3 +258,15 @@ def test_cascade_config_validation():
         strategy(drafters=["d", "missing"], k_matrix=[[3, 2, 2], [0, 2, 2], [0, 0, 3]])
     with pytest.raises(ValueError, match="(?i)extra"):
         strategy(drafters=["d"], k_matrix=[[3, 2], [0, 2]], mag={"tabel": "x.pt"})
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from orchestrator.config import CascadeStrategy, load_config
+
+    root = Path(__file__).resolve().parents[1] / "cluster_configs"
+    cascades = 0
+    for path in sorted(root.glob("*.yaml")):
+        cascades += sum(isinstance(s, CascadeStrategy) for s in load_config(path).strategies)
+    assert cascades >= 3
