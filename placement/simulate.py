@@ -194,7 +194,7 @@ class Arrivals:
 
 @dataclass
 class Result:
-    throughput: float                          # output tokens / s over the run
+    throughput: float                          # output tokens / s (closed loop: over the run; open: while arriving)
     ttft_p50: float
     ttft_p99: float
     tpot_p50: float                            # per-token latency after the first token
@@ -230,6 +230,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
             drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch, 0.0, f"drafter-{i}", bus)
                         for i in range(rep.drafter_servers)]
     done: list[Request] = []
+    emissions: list[tuple[float, int]] = []     # (time, tokens emitted)
     pending = [arrivals.requests]          # requests not yet issued (closed loop)
 
     def then_host(req: Request, fn: Callable[[], None]) -> None:
@@ -245,6 +246,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
             issue(sim.now)
 
     def emit(req: Request, n: int) -> None:
+        emissions.append((sim.now, min(n, req.output - req.emitted)))
         req.emitted = min(req.output, req.emitted + n)
         if req.first_token is None:
             req.first_token = sim.now
@@ -309,13 +311,20 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     start = min(r.arrival for r in done)
     makespan = max(r.done for r in done) - start
     tokens = sum(r.emitted for r in done)
+    rate_s = makespan
+    if arrivals.kind == "poisson" and len(done) > 1:
+        # Open loop: tokens emitted while requests were still arriving, over that window: the drain
+        # after the last arrival would otherwise charge every plan for its slowest request.
+        end = max(r.arrival for r in done)
+        tokens_in = sum(n for t, n in emissions if start <= t <= end)
+        rate_s = (end - start) * tokens / max(tokens_in, 1)
     ttft = [r.first_token - r.arrival for r in done]
     tpot = [(r.done - r.first_token) / (r.emitted - 1) for r in done if r.emitted > 1]
     return Result(
-        throughput=tokens / makespan if makespan > 0 else 0.0,
+        throughput=tokens / rate_s if rate_s > 0 else 0.0,
         ttft_p50=statistics.median(ttft), ttft_p99=_pct(ttft, 0.99),
         tpot_p50=statistics.median(tpot) if tpot else 0.0, tpot_p99=_pct(tpot, 0.99),
-        device_hours_per_mtok=rep.devices * makespan / 3600 / (tokens / 1e6) if tokens else math.inf,
+        device_hours_per_mtok=rep.devices * rate_s / 3600 / (tokens / 1e6) if tokens else math.inf,
         makespan=makespan, tokens=tokens, mean_verify_batch=verifier.mean_batch("verify"),
         requests=done,
     )

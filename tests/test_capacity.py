@@ -161,3 +161,11 @@ def test_drafter_sharing_the_verifiers_devices_runs_its_own_model_there():
     rep = Replica(sd, lambda rows: 0.1, max_batch=8, draft_step=lambda rows: 0.01, drafter_shared=True)
     res = simulate(rep, Arrivals("closed", 1, concurrency=1), lambda r: 10, lambda r: 51)
     assert res.makespan == pytest.approx(0.1 + 10 * (0.04 + 0.1))
+
+
+def test_open_loop_throughput_is_the_offered_load_below_capacity_and_capacity_above():
+    rep = Replica(StrategyModel("plain", "plain"), lambda rows: 0.01, max_batch=1)
+    stable = simulate(rep, Arrivals("poisson", 2000, rate=5.0), lambda r: 10, lambda r: 10, seed=1)
+    assert stable.throughput == pytest.approx(5.0 * 10, rel=0.05)           # offered: 5 req/s x 10 tokens
+    overloaded = simulate(rep, Arrivals("poisson", 2000, rate=200.0), lambda r: 10, lambda r: 10, seed=1)
+    assert overloaded.throughput == pytest.approx(1 / 0.01, rel=0.05)       # one token per 10 ms step
