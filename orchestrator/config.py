@@ -140,7 +140,37 @@ class CascadeStrategy(_Strict):
         return self
 
 
-Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy, EasySpecStrategy, CascadeStrategy],
+class DuoDecodingStrategy(_Strict):
+    """DuoDecoding (orchestrator/duo.py): the drafter drafts round i+1 in its own process while the
+    target verifies round i; multi-sequence drafts; a draft budget matched to measured times."""
+    name: str
+    kind: Literal["duodecoding"]
+    drafter: str = Field(description="Key of models.drafters")
+    backend: Literal["torch"] = Field("torch", description="Drafter runtime (torch/transformers weights)")
+    process: Literal["actor", "thread", "inline"] = Field("actor", description=(
+        "Where the drafter runs: its own Ray actor process with its own torch threads (pipelined), a thread "
+        "of this process (pipelined, one shared torch pool), or inline (sequential, same outputs; tests)"))
+    threads: int = Field(1, ge=1, le=256, description="torch threads of the drafter actor's process")
+    gamma_init: int = Field(4, ge=1, le=64, description="Draft budget (tokens per round) before any measurement")
+    gamma_min: int = Field(1, ge=1, le=64, description="Smallest budget the controller may choose")
+    gamma_max: int = Field(16, ge=1, le=64, description="Largest budget the controller may choose")
+    multi_sequence: bool = Field(True, description=(
+        "Dynamic multi-sequence drafting (k sequences of budget/k tokens; False = one chain)"))
+    top_alternatives: int = Field(8, ge=1, le=32, description=(
+        "First-token candidates considered, x1 included (at most this many sequences)"))
+    calibration_steps: int = Field(4, ge=0, le=64, description=(
+        "Timed drafter/target steps at start-up that seed the budget (0 = start from gamma_init)"))
+
+    @model_validator(mode="after")
+    def _gamma_range(self):
+        if not self.gamma_min <= self.gamma_init <= self.gamma_max:
+            raise ValueError(f"need gamma_min <= gamma_init <= gamma_max, got {self.gamma_min}, "
+                             f"{self.gamma_init}, {self.gamma_max}")
+        return self
+
+
+Strategy = Annotated[Union[DraftModelStrategy, PromptLookupStrategy, EasySpecStrategy, CascadeStrategy,
+                           DuoDecodingStrategy],
                      Field(discriminator="kind")]
 StrategyAdapter = TypeAdapter(Strategy)   # validates one strategy dict (e.g. inside a Ray actor)
 
@@ -226,6 +256,8 @@ class ServerSection(_Strict):
     batch_verification: bool = Field(True, description=(
         "Batch the target forwards of concurrent requests into one (the global verifier)"))
     max_verify_batch: int = Field(16, ge=1, description="Most requests in one batched target forward")
+    batch_drafting: bool = Field(True, description=(
+        "Drafter actors run concurrent requests' draft steps as one batched forward of the draft model"))
     max_queue: int = Field(64, ge=0, description=(
         "Requests admitted beyond `concurrency` to wait for a decode slot; more get RESOURCE_EXHAUSTED"))
     tls: TlsSection | None = Field(None, description="Serve TLS instead of plaintext")
@@ -255,7 +287,8 @@ class EngineConfig(_Strict):
         if "plain" in names or len(set(names)) != len(names):
             raise ValueError(f"strategy names must be unique and not 'plain': {names}")
         for i, s in enumerate(self.strategies):
-            if isinstance(s, (DraftModelStrategy, EasySpecStrategy)) and s.drafter not in self.models.drafters:
+            if (isinstance(s, (DraftModelStrategy, EasySpecStrategy, DuoDecodingStrategy))
+                    and s.drafter not in self.models.drafters):
                 raise ValueError(
                     f"strategies.{i}.drafter: {s.drafter!r} is not a key of models.drafters "
                     f"({sorted(self.models.drafters)})")

@@ -37,6 +37,7 @@ class _Item:
     depths: torch.Tensor | None      # [1, T]
     tree_mask: torch.Tensor | None   # [1, T, T]
     logits_rows: object
+    lm_head: object = None           # a drafter's trimmed head (workers/vocab_trim.py); None = the model's
     future: Future = field(default_factory=Future)
 
     @property
@@ -44,7 +45,7 @@ class _Item:
         return self.input_ids.shape[1] > PREFILL_TOKENS
 
     def as_request(self) -> tuple:
-        return (self.cache, self.input_ids, self.depths, self.tree_mask, self.logits_rows)
+        return (self.cache, self.input_ids, self.depths, self.tree_mask, self.logits_rows, self.lm_head)
 
 
 @dataclass
@@ -62,20 +63,23 @@ class VerifierStats:
 class GlobalVerifier:
     """A ModelRunner stand-in that batches concurrent callers' forwards (see module doc)."""
 
-    def __init__(self, runner: ModelRunner, max_batch: int = 16, gather_s: float = 0.005):
+    def __init__(self, runner: ModelRunner, max_batch: int = 16, gather_s: float = 0.005,
+                 name: str = "global-verifier"):
         """gather_s: while fewer requests are queued than the last batch held, wait up to this
         long for the others (they are between steps: picking the token, re-queuing); a lone
-        request never waits."""
+        request never waits. The same batching serves a drafter actor's draft model
+        (workers/actors.py), under another name."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.runner, self.max_batch, self.gather_s = runner, max_batch, gather_s
         self._last_size = 0
         self.device, self.vocab_size = runner.device, runner.vocab_size
+        self.lm_head = getattr(runner, "lm_head", None)     # drafters build trimmed heads from it
         self.stats = VerifierStats()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []        # taken from the queue but kept for the next batch
-        self._busy = monitoring.BusyTimer("verifier", "global-verifier")
-        self._thread = threading.Thread(target=self._loop, name="global-verifier", daemon=True)
+        self._busy = monitoring.BusyTimer("verifier", name)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------- runner interface
@@ -83,10 +87,10 @@ class GlobalVerifier:
         return self.runner.new_cache(batch, capacity)
 
     def forward(self, cache: KVCache, input_ids: torch.Tensor, num_new=None, depths=None, tree_mask=None,
-                logits_rows=None, **unsupported) -> torch.Tensor:
+                logits_rows=None, lm_head=None, **unsupported) -> torch.Tensor:
         if unsupported or num_new is not None or input_ids.shape[0] != 1 or cache.batch != 1:
             raise ValueError("GlobalVerifier.forward takes one sequence per call (batch-1 cache, no extra options)")
-        item = _Item(cache, input_ids, depths, tree_mask, logits_rows)
+        item = _Item(cache, input_ids, depths, tree_mask, logits_rows, lm_head)
         self._queue.put(item)
         return item.future.result()
 

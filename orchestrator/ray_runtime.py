@@ -6,8 +6,9 @@
   straight to the next stage; KV caches live in the actors, the engine holds a
   `RemoteCache` that mirrors their lengths and forwards crop/keep to them.
 - `RemoteDrafter` looks like a `Drafter`: sessions live in a `drafter-*` actor.
-Cache edits and drafter updates are fire-and-forget: Ray runs one caller's calls
-to an actor in submission order, so the next forward sees them.
+Cache edits and drafter feedback cost no calls of their own: they are queued on
+the driver and sent with the request's next forward / propose, so one verify step
+is one call per stage and one draft is one call to the drafter.
 
 Faults: actors restart up to `cluster.actor_max_restarts` times, losing their
 per-request state. Every blocking call waits at most `cluster.actor_call_timeout_s`;
@@ -57,6 +58,7 @@ class RemoteCache:
         self.rid = uuid.uuid4().hex
         self.shards = shards
         self.lengths = [0]
+        self.edits: list[tuple] = []
         for s in shards:
             s.open.remote(self.rid, capacity)
 
@@ -68,14 +70,17 @@ class RemoteCache:
         if not 0 <= length <= self.lengths[row]:
             raise ValueError(f"crop length {length} outside [0, {self.lengths[row]}]")
         self.lengths[row] = length
-        for s in self.shards:
-            s.crop.remote(self.rid, length)
+        self.edits.append(("crop", length))
 
     def keep(self, row: int, start: int, offsets: torch.Tensor) -> None:
         offsets = offsets.cpu()
         self.lengths[row] = start + int(offsets.numel())
-        for s in self.shards:
-            s.keep.remote(self.rid, start, offsets)
+        self.edits.append(("keep", start, offsets))
+
+    def take_edits(self) -> list[tuple]:
+        """The edits every shard applies before this request's next forward."""
+        edits, self.edits = self.edits, []
+        return edits
 
     def release(self) -> None:
         for s in self.shards:
@@ -101,8 +106,9 @@ class PipelineTarget:
         ref = input_ids.cpu()
         d = depths.cpu() if depths is not None else None
         m = tree_mask.cpu() if tree_mask is not None else None
+        edits = cache.take_edits()
         for shard in self.shards:
-            ref = shard.forward.remote(cache.rid, ref, d, m, logits_rows)
+            ref = shard.forward.remote(cache.rid, ref, d, m, logits_rows, edits)
         out = get(ref, self.timeout, "target forward")
         cache.lengths[0] += int(input_ids.shape[1])
         return out.to(self.device).float()       # logits travel in the model dtype (exact; actors.py)
@@ -112,8 +118,9 @@ class PipelineTarget:
         extras = [(r[2].cpu() if r[2] is not None else None, r[3].cpu() if r[3] is not None else None, r[4])
                   for r in requests]
         ref = [r[1].cpu() for r in requests]
+        edits = [r[0].take_edits() for r in requests]
         for shard in self.shards:
-            ref = shard.forward_many.remote(rids, ref, extras)
+            ref = shard.forward_many.remote(rids, ref, extras, edits)
         outs = get(ref, self.timeout, "batched target forward")
         for r in requests:
             r[0].lengths[0] += int(r[1].shape[1])
@@ -139,12 +146,14 @@ class _RemoteSession(DraftSession):
         super().__init__([])
         self.worker, self.sid, self.timeout = worker, uuid.uuid4().hex, timeout
         get(worker.start.remote(self.sid, strategy, list(prompt_ids), params), timeout, "drafter start")
+        self.updates: list[tuple[list[int], int]] = []
 
     def propose(self, k: int) -> Draft:
-        return get(self.worker.propose.remote(self.sid, k), self.timeout, "draft")
+        updates, self.updates = self.updates, []
+        return get(self.worker.propose.remote(self.sid, k, updates), self.timeout, "draft")
 
     def update(self, new_tokens, num_accepted):
-        self.worker.update.remote(self.sid, list(new_tokens), num_accepted)
+        self.updates.append((list(new_tokens), num_accepted))       # sent with the next propose
 
     def close(self):
         self.worker.close.remote(self.sid)
@@ -236,9 +245,11 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         uses += [st.model_dump() for st in chosen if isinstance(st, CascadeStrategy) and st.drafters == [s.model]]
         if not uses:
             continue
-        actors[s.name] = ray.remote(DrafterWorker).options(**options(s)).remote(
+        batching = config.server.batch_drafting and config.server.concurrency > 1
+        actors[s.name] = ray.remote(DrafterWorker).options(
+            **options(s), max_concurrency=config.server.concurrency if batching else 1).remote(
             config.models.drafters[s.model].model_dump(), uses, "cuda" if s.device == "gpu" else "cpu",
-            threads or s.cpus)
+            threads or s.cpus, batching, config.server.max_verify_batch)
         drafter_actors.setdefault(s.model, []).append(actors[s.name])
 
     vocab = ray.get(shards[-1].vocab_size.remote())

@@ -106,3 +106,57 @@ def test_bad_calls_are_refused(target_model):
             verifier.forward(verifier.new_cache(2, 8), torch.zeros(2, 1, dtype=torch.long))
     finally:
         verifier.close()
+
+
+def test_batched_drafting_with_trimmed_heads_equals_drafting_alone(target_model, draft_model, prompts):
+    """A drafter actor's batcher: concurrent draft-model sessions, each with its own trimmed head,
+    through one GlobalVerifier give exactly the drafts (and q) each session gives alone."""
+    from orchestrator.sampling import SamplingParams, make_generator
+    from workers.vocab_trim import TrimmedHead, kept_token_ids
+
+    runner = ModelRunner(draft_model)
+    head = TrimmedHead(runner.lm_head, kept_token_ids(runner.vocab_size, 48, prompts[0]))
+    cache_a, cache_b = runner.new_cache(1, 64), runner.new_cache(1, 64)
+    runner.prefill(cache_a, 0, prompts[0])
+    runner.prefill(cache_b, 0, prompts[1])
+    got = runner.forward_many([(cache_a, torch.tensor([[7, 8]]), None, None, None, head),
+                               (cache_b, torch.tensor([[9]]), None, None, None, None)])
+    alone_a, alone_b = runner.new_cache(1, 64), runner.new_cache(1, 64)
+    runner.prefill(alone_a, 0, prompts[0])
+    runner.prefill(alone_b, 0, prompts[1])
+    want_a = runner.forward(alone_a, torch.tensor([[7, 8]]), lm_head=head)
+    want_b = runner.forward(alone_b, torch.tensor([[9]]))
+    assert got[0].shape == want_a.shape
+    torch.testing.assert_close(got[0], want_a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], want_b, rtol=1e-4, atol=1e-5)
+
+    batcher = GlobalVerifier(runner, max_batch=4, name="draft-batcher")
+    try:
+        drafter = DraftModelDrafter(batcher, draft_vocab=48)
+        reference = DraftModelDrafter(runner, draft_vocab=48)
+        params = SamplingParams(temperature=0.9, seed=5)
+        results: dict[int, list] = {}
+
+        def run(i, d, key):
+            session = d.start(prompts[i], params, make_generator(11 + i))
+            session.update([4], 0)                     # the target's first token, as the engine does
+            out = []
+            for step in range(4):
+                draft = session.propose(3)
+                out.append((draft.tokens, draft.probs))
+                session.update(draft.tokens[:1] + [4], 1)
+            results[key] = out
+
+        threads = [threading.Thread(target=run, args=(i, drafter, i)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(3):
+            run(i, reference, 10 + i)
+            for (tok_b, q_b), (tok_r, q_r) in zip(results[i], results[10 + i]):
+                assert tok_b == tok_r
+                torch.testing.assert_close(q_b, q_r, rtol=1e-4, atol=1e-5)
+        assert batcher.stats.max_rows >= 2
+    finally:
+        batcher.close()

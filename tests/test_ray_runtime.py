@@ -111,6 +111,8 @@ def test_global_verifier_over_pipeline_actors(models, ray_local):
         for t in threads:
             t.join()
         assert got == expected
+        drafts = ray.get(runtime.actors["drafter-cpu-0"].draft_batches.remote())
+        assert drafts["max_rows"] >= 2, f"concurrent requests' draft steps were not batched: {drafts}"
     finally:
         verifier.close()
         runtime.shutdown()

@@ -75,19 +75,21 @@ class TargetShard:
             raise LostRequestState(f"target shard {self.runner.layer_range} has no KV state for request {rid} "
                                    "(the actor restarted)") from None
 
-    # crop/keep are fire-and-forget: for a lost request they do nothing, and its next forward fails.
-    def crop(self, rid: str, length: int) -> None:
-        if rid in self.caches:
-            self.caches[rid].crop(0, length)
-
-    def keep(self, rid: str, start: int, offsets: torch.Tensor) -> None:
-        if rid in self.caches:
-            self.caches[rid].keep(0, start, offsets.to(self.device))
+    def _apply(self, rid: str, edits) -> None:
+        """Cache edits the engine made since this request's last forward: ("crop", length) and
+        ("keep", start, offsets). They ride along with the next forward instead of costing calls."""
+        cache = self._cache(rid)
+        for edit in edits or ():
+            if edit[0] == "crop":
+                cache.crop(0, edit[1])
+            else:
+                cache.keep(0, edit[1], edit[2].to(self.device))
 
     # ---------------------------------------------------------------- compute
-    def forward(self, rid: str, inputs: torch.Tensor, depths=None, tree_mask=None, logits_rows=None):
+    def forward(self, rid: str, inputs: torch.Tensor, depths=None, tree_mask=None, logits_rows=None, edits=()):
         """inputs: ids [1, T] (first stage) or hidden [1, T, hidden]; returns hidden or logits, on the CPU."""
         dev = self.device
+        self._apply(rid, edits)
         with self._busy.busy():
             out = self.runner.forward(self._cache(rid), inputs.to(dev),
                                       depths=depths.to(dev) if depths is not None else None,
@@ -95,9 +97,12 @@ class TargetShard:
                                       logits_rows=logits_rows)
             return out.to(self.wire_dtype).cpu()
 
-    def forward_many(self, rids: list[str], inputs: list[torch.Tensor], extras: list[tuple]) -> list[torch.Tensor]:
+    def forward_many(self, rids: list[str], inputs: list[torch.Tensor], extras: list[tuple],
+                     edits: list | None = None) -> list[torch.Tensor]:
         """Batched forward of several requests (the global verifier's batch); extras: (depths, mask, rows)."""
         dev = self.device
+        for rid, request_edits in zip(rids, edits or [()] * len(rids)):
+            self._apply(rid, request_edits)
         reqs = [(self._cache(rid), x.to(dev), d.to(dev) if d is not None else None,
                  m.to(dev) if m is not None else None, rows) for rid, x, (d, m, rows) in zip(rids, inputs, extras)]
         with self._busy.busy():
@@ -105,11 +110,19 @@ class TargetShard:
 
 
 class DrafterWorker:
-    """Hosts one draft model, the drafters of the strategies that use it, and their sessions."""
+    """Hosts one draft model, the drafters of the strategies that use it, and their sessions.
 
-    def __init__(self, drafter_spec: dict, strategies: list[dict], device: str = "auto", threads: int | None = None):
+    With `batch_drafting` (and the actor started with max_concurrency > 1, so concurrent
+    requests' calls run in parallel threads), the draft-model forwards of all live requests
+    go through one batching queue, as the target's do through the global verifier: each
+    draft step streams the weights once for every request drafting at that moment.
+    """
+
+    def __init__(self, drafter_spec: dict, strategies: list[dict], device: str = "auto", threads: int | None = None,
+                 batch_drafting: bool = False, max_batch: int = 16):
         from orchestrator.build import load_for_decoding, make_drafter, pick_device
-        from orchestrator.config import ModelSpec, StrategyAdapter
+        from orchestrator.config import DraftModelStrategy, ModelSpec, StrategyAdapter
+        from orchestrator.global_verifier import GlobalVerifier
 
         _threads(threads)
         self.device = pick_device(device)
@@ -117,7 +130,10 @@ class DrafterWorker:
         model, _ = load_for_decoding(spec.source, spec.dtype, self.device, spec.quantize, with_tokenizer=False)
         runner = ModelRunner(model, self.device)
         parsed = [StrategyAdapter.validate_python(s) for s in strategies]
-        self.drafters = {s.name: make_drafter(s, runner) for s in parsed}
+        # Draft-model drafters only call forward(); EasySpec drives the layers itself and keeps the runner.
+        self.batcher = GlobalVerifier(runner, max_batch=max_batch, name="draft-batcher") if batch_drafting else None
+        self.drafters = {s.name: make_drafter(s, self.batcher if self.batcher and isinstance(s, DraftModelStrategy)
+                                              else runner) for s in parsed}
         self.vocab = runner.vocab_size
         self.sessions: dict = {}
         self._busy = BusyTimer("drafter")
@@ -131,10 +147,14 @@ class DrafterWorker:
         generator = make_generator(params.seed, self.device)
         self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, generator)
 
-    def propose(self, sid: str, k: int) -> Draft:
+    def propose(self, sid: str, k: int, updates=()) -> Draft:
+        """updates: the session's feedback since its last propose, [(new_tokens, num_accepted)], sent
+        with this call: one call per step, and no reordering when calls run in parallel threads."""
         session = self.sessions.get(sid)
         if session is None:
             raise LostRequestState(f"drafter has no session {sid} (the actor restarted)")
+        for new_tokens, num_accepted in updates:
+            session.update(new_tokens, num_accepted)
         with self._busy.busy():
             draft = session.propose(k)
         if draft.probs is not None:
@@ -147,6 +167,10 @@ class DrafterWorker:
 
     def live_requests(self) -> int:
         return len(self.sessions)
+
+    def draft_batches(self) -> dict:
+        """How the batched drafting went: forwards, rows, largest batch (empty without batching)."""
+        return vars(self.batcher.stats) if self.batcher else {}
 
     def close(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)

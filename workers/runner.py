@@ -258,17 +258,18 @@ class ModelRunner:
         """One forward for several independent sequences, each with its own batch-1 cache.
 
         requests: (cache, input_ids [1, T_i], depths [1, T_i] | None, tree_mask [1, T_i, T_i] | None,
-        logits_rows | None). The linear layers, which stream every weight from memory,
+        logits_rows | None[, lm_head | None]). The linear layers, which stream every weight from memory,
         run once on all rows padded to the longest T; attention runs per sequence on
         its own cache. Returns each request's logits [1, T_i', vocab] (float32), equal
         to what forward() gives that request alone (hidden states [1, T_i, hidden] from a
         pipeline stage that is not the last).
         """
         if len(requests) == 1:        # nothing to share: the plain path, without padding and per-row loops
-            cache, inputs, depths, tree_mask, rows = requests[0]
+            cache, inputs, depths, tree_mask, rows = requests[0][:5]
             if cache.batch != 1:
                 raise ValueError("forward_many takes batch-1 caches")
-            return [self.forward(cache, inputs, depths=depths, tree_mask=tree_mask, logits_rows=rows)]
+            return [self.forward(cache, inputs, depths=depths, tree_mask=tree_mask, logits_rows=rows,
+                                 lm_head=requests[0][5] if len(requests[0]) > 5 else None)]
         lengths = [int(r[1].shape[1]) for r in requests]
         t_max = max(lengths)
         if self.first_stage:
@@ -276,7 +277,7 @@ class ModelRunner:
         else:   # a later pipeline stage: inputs are hidden states [1, T_i, hidden]
             hidden = torch.zeros(len(requests), t_max, self.config.hidden_size, dtype=self.dtype, device=self.device)
         ctxs = []
-        for i, (cache, inputs, depths, tree_mask, _rows) in enumerate(requests):
+        for i, (cache, inputs, depths, tree_mask, _rows) in enumerate(r[:5] for r in requests):
             if cache.batch != 1:
                 raise ValueError("forward_many takes batch-1 caches")
             if self.first_stage:
@@ -298,13 +299,15 @@ class ModelRunner:
             hidden = hidden + _linear(out.transpose(1, 2).reshape(len(requests), t_max, -1), attn.o_proj, self.gemv)
             hidden = hidden + self._mlp(li, hidden)
         results = []
-        for i, (_cache, _ids, _d, _m, rows) in enumerate(requests):
+        for i, request in enumerate(requests):
             h = hidden[i:i + 1, : lengths[i]]
             if not self.last_stage:
                 results.append(h)
                 continue
+            rows = request[4]
+            head = request[5] if len(request) > 5 and request[5] is not None else self.lm_head   # a trimmed head
             h = h[:, rows] if rows is not None else h
-            results.append(_linear(self.norm(h), self.lm_head, self.gemv).float())
+            results.append(_linear(self.norm(h), head, self.gemv).float())
         for ctx, n in zip(ctxs, lengths):      # only now: a failed forward leaves every cache as it was
             ctx.cache.lengths[0] = ctx.starts[0] + n
         return results
