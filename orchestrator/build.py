@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import (AdaptiveLength, CascadeStrategy, DraftModelStrategy, EasySpecStrategy, EngineConfig,
-                                 PromptLookupStrategy)
+from orchestrator.config import (AdaptiveLength, CascadeStrategy, DraftModelStrategy, DuoDecodingStrategy,
+                                 EasySpecStrategy, EngineConfig, PromptLookupStrategy)
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
+from orchestrator.duo import build_duo_engine
 from orchestrator.engine import SpeculativeEngine
 from workers.hugepages import move_to_hugepages
 from workers.quantize import quantize_model_int8
@@ -85,6 +86,9 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
     runners: dict[str, ModelRunner] = {}
     for s in config.strategies:
         if only is not None and s.name not in only:
+            continue
+        if isinstance(s, DuoDecodingStrategy):   # its drafter lives on the CPU, in its own process
+            built.engines[s.name] = build_duo_engine(s, config.models.drafters[s.drafter], target, eos)
             continue
         for key in strategy_drafters(s):
             if key not in runners:

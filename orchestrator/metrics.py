@@ -33,6 +33,13 @@ class RequestStats:
     # Cost model (orchestrator/cost.py): drafter forwards x their parameters / target parameters; None = unknown
     draft_cost: float | None = None
     draft_forwards: dict[str, int] = field(default_factory=dict)    # forwards per drafter level (prefill excluded)
+    # Pipelined drafting (orchestrator/duo.py): the budget chosen per step, each side's busy seconds,
+    # speculative next-round drafts made while the target verified, and how many of them were used.
+    draft_budgets: list[int] = field(default_factory=list)
+    drafter_busy_s: float = 0.0
+    target_busy_s: float = 0.0
+    speculative_drafts: int = 0
+    speculative_used: int = 0
 
     def observe_step(self, drafted: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
         """One verification step: `drafted` proposed, `accepted` kept, `emitted` tokens added (<= accepted+1)."""
@@ -65,6 +72,15 @@ class RequestStats:
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
 
     @property
+    def drafter_idle_fraction(self) -> float | None:
+        """Share of the request's wall time the drafter was not computing (None: not measured)."""
+        return 1 - self.drafter_busy_s / self.total_s if self.drafter_busy_s and self.total_s > 0 else None
+
+    @property
+    def target_idle_fraction(self) -> float | None:
+        return 1 - self.target_busy_s / self.total_s if self.target_busy_s and self.total_s > 0 else None
+
+    @property
     def cost_speedup(self) -> float | None:
         """Plain decoding's cost for the same tokens / this request's (target forwards + draft_cost); plain = 1."""
         if self.draft_cost is None or not self.steps:
@@ -78,6 +94,8 @@ class RequestStats:
             acceptance_rate=self.acceptance_rate,
             tokens_per_s=self.tokens_per_s,
             cost_speedup=self.cost_speedup,
+            drafter_idle_fraction=self.drafter_idle_fraction,
+            target_idle_fraction=self.target_idle_fraction,
         )
         return d
 

@@ -1,0 +1,297 @@
+"""DuoDecoding (ALGORITHMS.md section 2): the drafter drafts round i+1 while the target verifies round i.
+
+Round structure, with `pending` the newest committed token (not yet in the target's KV):
+1. The target forwards [pending, draft] (k sequences merged into a tree) on this process's threads.
+   Meanwhile the drafter, in its own process (a Ray actor: workers/duo_drafter.py), drafts the
+   speculative next round on top of committed + the draft's main sequence (sequence 0), assuming it
+   is accepted in full. Its first tokens are candidates for the bonus position.
+2. Verification walks the tree with the section-0 rules (verify_tree / verify_tree_greedy).
+   - The main sequence accepted in full: instead of sampling the bonus from p, the speculative draft's
+     first tokens are verified against p as siblings (verify_siblings: the sampled one against its q,
+     the deterministic alternatives one-hot). If one is accepted it is the step's last token and the rest
+     of its sequence is the next round's draft, already made: the drafter never waited. Otherwise the
+     recovered token comes from the residual and the speculative draft is discarded.
+   - Anything else (a rejection, or another sequence accepted): the speculative draft is discarded, the
+     drafter rolls back to the committed tokens (it keeps its KV up to the common prefix) and drafts
+     the next round fresh while the target waits.
+   Each round's draft is verified against the q it was drawn from, so the output is exactly the
+   target's, whatever is speculated or discarded; the walk's own bonus sample, when replaced, is an
+   independent draw that is simply not used.
+3. Round 0 uses draft length 1: the drafter prefills and proposes the first token while the target
+   prefills (the TTFT gain); the proposal is verified against the prefill's p like any bonus candidate.
+The draft budget per round comes from `DraftBudgetController` (orchestrator/duo_policy.py), fed with
+the drafter's per-token compute time and the target's verify time, measured online and by a short
+start-up calibration.
+
+Thread split: the target runs on this process's torch threads (runtime.threads); the drafter actor sets
+its own (`threads` in the strategy config), so the two never share an intra-op pool. The in-process
+client runs the drafter side sequentially (tests; same outputs as the actor) or on one worker thread.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from orchestrator.duo_policy import DraftBudgetController
+from orchestrator.engine import GenerationResult, tree_attention
+from orchestrator.metrics import RequestStats
+from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
+from orchestrator.verification import verify_chain, verify_greedy, verify_siblings, verify_tree, verify_tree_greedy
+from workers.duo_drafter import MultiDraft
+from workers.runner import ModelRunner
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class InProcessDrafterClient:
+    """Calls a DuoDrafterSide in this process: sequentially (overlap=False) or on one worker thread."""
+
+    def __init__(self, side, overlap: bool = False):
+        self.side = side
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="duo-drafter") if overlap else None
+
+    def call(self, method: str, *args):
+        fn = getattr(self.side, method)
+        return self.pool.submit(fn, *args) if self.pool else _Done(fn(*args))
+
+
+class _RayFuture:
+    def __init__(self, ref):
+        self.ref = ref
+
+    def result(self):
+        import ray
+
+        return ray.get(self.ref)
+
+
+class RayDrafterClient:
+    """Calls a DuoDrafterActor; Ray runs one caller's calls to an actor in order, so an open, a draft
+    and a close of a request never overtake each other."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def call(self, method: str, *args):
+        return _RayFuture(getattr(self.actor, method).remote(*args))
+
+
+def _clip(draft: MultiDraft, limit: int) -> MultiDraft:
+    """Every sequence cut to `limit` tokens (a decision made before verification, from the lengths only)."""
+    seqs = [s[:limit] for s in draft.sequences if s[:limit]]
+    probs = None if draft.probs is None else [p[:limit] for s, p in zip(draft.sequences, draft.probs) if s[:limit]]
+    return MultiDraft(seqs, probs, draft.compute_s, draft.forwards)
+
+
+def _flatten(draft: MultiDraft) -> tuple[list[int], list[int] | None, torch.Tensor | None]:
+    """(tokens, parents or None for a chain, probs [n, vocab] or None): the sequences as one tree."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    for seq in draft.sequences:
+        start = len(tokens)
+        tokens.extend(seq)
+        parents.extend([-1] + list(range(start, start + len(seq) - 1)))
+    probs = torch.cat(draft.probs) if draft.probs else None
+    return tokens, (parents if len(draft.sequences) > 1 else None), probs
+
+
+class DuoEngine:
+    """Pipelined speculative decoding: target here, drafter behind a client (actor or in-process)."""
+
+    def __init__(self, target: ModelRunner, drafter, budget: DraftBudgetController | None = None,
+                 multi_sequence: bool = True, eos_token_ids: tuple[int, ...] = (), name: str = "duo",
+                 calibration_steps: int = 4):
+        self.target = target
+        self.drafter = drafter
+        self.budget = budget or DraftBudgetController()
+        self.multi_sequence = multi_sequence
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.name = name
+        self.calibration_steps = calibration_steps
+        self._calibrated = calibration_steps == 0
+
+    def calibrate(self) -> None:
+        """Seed the budget controller with one timed drafter token and one timed verify forward."""
+        steps = self.calibration_steps
+        draft_token_s = self.drafter.call("seconds_per_token", steps).result()
+        cache = self.target.new_cache(1, capacity=32 + self.budget.gamma_max)
+        self.target.forward(cache, torch.zeros(1, 16, dtype=torch.long, device=self.target.device))
+        ids = torch.zeros(1, self.budget.budget() + 1, dtype=torch.long, device=self.target.device)
+        t0 = time.perf_counter()
+        for _ in range(max(1, steps // 2)):
+            self.target.forward(cache, ids)
+            cache.crop(0, 16)
+        verify_s = (time.perf_counter() - t0) / max(1, steps // 2)
+        self.budget.observe(draft_token_s, verify_s)
+        self._calibrated = True
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not self._calibrated:
+            self.calibrate()
+        prompt = list(prompt_ids)
+        stats = RequestStats(prompt_tokens=len(prompt))
+        generator = make_generator(params.seed, self.target.device)
+        rid = uuid.uuid4().hex
+        t_start = time.perf_counter()
+        # The drafter samples with its own generator (any randomness keeps verification lossless).
+        self.drafter.call("open", rid, prompt, params, None if params.seed is None else params.seed + 1)
+        try:
+            return self._generate(rid, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens)
+        finally:
+            self.drafter.call("close", rid)
+
+    def _generate(self, rid, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens):
+        target = self.target
+        # Round 0: draft length 1, so the drafter's prefill runs alongside the target's.
+        first_guess = self.drafter.call("draft", rid, prompt, 1, False)
+        cache = target.new_cache(1, capacity=len(prompt) + max_new_tokens + 16)
+        t0 = time.perf_counter()
+        logits = target.prefill(cache, 0, prompt)                                 # [vocab]
+        stats.target_busy_s += time.perf_counter() - t0
+        stats.prefill_s = time.perf_counter() - t0
+        guess = self._observe_draft(first_guess.result(), stats)
+        first, draft = self._take_speculation(warp_probs(logits, params), guess, generator)
+        stats.ttft_s = time.perf_counter() - t_start
+        out = [first]
+        if on_tokens:
+            on_tokens([first])
+        finish = "stop" if first in self.eos_token_ids else "length"
+
+        while finish != "stop" and len(out) < max_new_tokens:
+            remaining = max_new_tokens - len(out)
+            gamma = self.budget.budget()
+            stats.draft_budgets.append(gamma)
+            context = prompt + out
+            t0 = time.perf_counter()
+            if draft is None and remaining > 1:     # nothing usable was speculated: draft now, the target waits
+                draft = self._observe_draft(self.drafter.call(
+                    "draft", rid, context, min(gamma, remaining - 1), self.multi_sequence).result(), stats)
+            draft = _clip(draft, remaining - 1) if draft is not None else MultiDraft([], None)
+            t1 = time.perf_counter()
+            main = draft.sequences[0] if draft.sequences else []
+            after_main = len(out) + len(main) + 1       # tokens once the main sequence and a bonus are in
+            speculation = None
+            if after_main < max_new_tokens:
+                speculation = self.drafter.call("draft", rid, context + main,
+                                                min(gamma, max_new_tokens - after_main), self.multi_sequence)
+            tokens, parents, probs = _flatten(draft)
+            nodes, next_token, logits = self._verify(cache, out[-1], tokens, parents, probs, params, generator)
+            t2 = time.perf_counter()
+            stats.target_busy_s += t2 - t1
+            self.budget.observe(verify_s=t2 - t1)
+            next_draft = None
+            if speculation is not None:
+                spec = self._observe_draft(speculation.result(), stats)
+                stats.speculative_drafts += 1
+                if nodes == list(range(len(main))):          # the main sequence accepted in full
+                    p_bonus = warp_probs(logits[len(main)], params)                   # [vocab]
+                    next_token, next_draft = self._take_speculation(p_bonus, spec, generator)
+                    stats.speculative_used += next_draft is not None
+            accepted = [tokens[i] for i in nodes]
+            new_tokens = accepted + [next_token]
+            emitted = new_tokens[:remaining]
+            for i, tok in enumerate(emitted):
+                if tok in self.eos_token_ids:
+                    emitted, finish = emitted[: i + 1], "stop"
+                    break
+            out.extend(emitted)
+            # "drafted" is the depth (the most tokens that could be accepted); draft_s = time the target waited.
+            depth = max((len(s) for s in draft.sequences), default=0)
+            stats.observe_step(depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
+            if on_tokens:
+                on_tokens(emitted)
+            draft = next_draft
+
+        stats.generated_tokens = len(out)
+        stats.total_s = time.perf_counter() - t_start
+        return GenerationResult(tokens=out, stats=stats, finish_reason=finish)
+
+    def _observe_draft(self, draft: MultiDraft, stats: RequestStats) -> MultiDraft:
+        stats.drafter_busy_s += draft.compute_s
+        drafted = sum(len(s) for s in draft.sequences)
+        if drafted:
+            self.budget.observe(draft_token_s=draft.compute_s / drafted)
+        return draft
+
+    def _take_speculation(self, p: torch.Tensor, spec: MultiDraft, generator):
+        """The token at a bonus position whose target distribution is p ([vocab], warped): one of the
+        speculative draft's first tokens if the sibling rule accepts it, else the recovered token.
+        Returns (token, the rest of the accepted sequence as the next draft, or None)."""
+        roots = spec.roots
+        if not roots:
+            return int(sample(p, generator)), None
+        j, residual = verify_siblings(torch.tensor(roots, device=p.device), p,
+                                      spec.root_probs(p.shape[-1]).to(p.device), generator)
+        if j < 0:
+            return int(sample(residual, generator)), None
+        rest = spec.sequences[j][1:]
+        rest_probs = None if spec.probs is None else [spec.probs[j][1:]]
+        return roots[j], MultiDraft([rest] if rest else [], rest_probs if rest else None)
+
+    def _verify(self, cache, pending, tokens, parents, probs, params, generator):
+        """One target forward over [pending, draft]; keeps the KV of pending + the accepted nodes.
+        Returns (accepted node indices, next token from the walk, target logits [n+1, vocab])."""
+        target = self.target
+        base = cache.lengths[0]
+        ids = torch.tensor([[pending] + tokens], device=target.device)         # [1, n+1]
+        draft_ids = ids[0, 1:]                                                  # [n]
+        if parents is None:
+            logits = target.forward(cache, ids)[0]                              # [n+1, vocab]
+            if params.greedy:
+                res = verify_greedy(draft_ids, logits)
+            else:
+                res = verify_chain(draft_ids, probs, warp_probs(logits, params), generator)
+            cache.crop(0, base + 1 + res.num_accepted)
+            return list(range(res.num_accepted)), res.next_token, logits
+        mask, depths = tree_attention(parents, target.device)
+        logits = target.forward(cache, ids, depths=depths[None], tree_mask=mask[None])[0]   # [n+1, vocab]
+        parent_ids = torch.tensor(parents)
+        if params.greedy:
+            res = verify_tree_greedy(draft_ids, parent_ids, logits)
+        else:
+            res = verify_tree(draft_ids, parent_ids, warp_probs(logits, params), probs, generator)
+        offsets = torch.tensor([0] + [i + 1 for i in res.accepted_nodes], device=target.device)
+        cache.keep(0, base, offsets)
+        return res.accepted_nodes, res.next_token, logits
+
+
+def build_duo_engine(strategy, drafter_spec, target, eos_token_ids: tuple[int, ...]) -> DuoEngine:
+    """A DuoEngine for a `kind: duodecoding` strategy (orchestrator/config.DuoDecodingStrategy) over a
+    loaded target; the drafter is loaded on the CPU, in a Ray actor or in this process."""
+    from workers.duo_drafter import DuoDrafterActor, DuoDrafterSide
+
+    s = strategy
+    if s.process == "actor":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        actor = ray.remote(DuoDrafterActor).options(num_cpus=s.threads).remote(
+            drafter_spec.model_dump(), "cpu", s.threads, s.top_alternatives)
+        client = RayDrafterClient(actor)
+    else:
+        from orchestrator.build import load_for_decoding
+
+        model, _ = load_for_decoding(drafter_spec.source, drafter_spec.dtype, torch.device("cpu"),
+                                     drafter_spec.quantize, with_tokenizer=False)
+        client = InProcessDrafterClient(DuoDrafterSide(ModelRunner(model, "cpu"), s.top_alternatives),
+                                        overlap=s.process == "thread")
+    if client.call("vocab_size").result() != target.vocab_size:
+        raise ValueError(f"models.drafters.{s.drafter}: vocabulary size differs from the target's")
+    return DuoEngine(target, client, DraftBudgetController(s.gamma_init, s.gamma_min, s.gamma_max),
+                     s.multi_sequence, eos_token_ids, s.name, s.calibration_steps)

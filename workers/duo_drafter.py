@@ -1,0 +1,186 @@
+"""DuoDecoding's drafter half: multi-sequence drafts on top of any base context, in its own process.
+
+The engine (orchestrator/duo.py) asks for a draft of `budget` tokens continuing a base context: the
+committed tokens, or, while the target is still verifying a round, the committed tokens plus that round's
+main draft sequence (the speculative next round). The session keeps its KV cache for whatever it last
+fed and rolls back to the longest common prefix with each new base, so a discarded speculative draft
+costs nothing but the time spent on it.
+
+Draft shape (ALGORITHMS.md section 2): x1 is the drafter's choice after the base (argmax when greedy,
+sampled from q otherwise); lp12 = log q(x1) + max log q(. | x1) from the raw logits; k sequences
+(orchestrator/duo_policy.plan_num_sequences) of budget // k tokens each: sequence 0 starts with x1,
+sequence j with the j-th best alternative to x1. Alternatives are deterministic given x1, so their
+first rows are one-hot (the one-hot sibling rule); the structure (k, lengths) is fixed before the
+tokens it governs are sampled, which keeps the multi-draft verification exact.
+
+`DuoDrafterSide` is a plain class: in process for tests, or wrapped by `ray.remote` (`DuoDrafterActor`
+loads its own model and sets its own torch thread count, so the drafter's threads and the target's
+never share a pool).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.duo_policy import plan_num_sequences
+from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
+from workers.runner import ModelRunner
+
+
+@dataclass
+class MultiDraft:
+    sequences: list[list[int]]                 # k sequences, first tokens distinct; sequence 0 is the main one
+    probs: list[torch.Tensor] | None           # per sequence [len, vocab] q of each token; None = greedy (one-hot)
+    compute_s: float = 0.0                     # drafter busy seconds for this draft
+    forwards: int = 0                          # drafter forwards it took (rollback re-feeds included)
+
+    @property
+    def roots(self) -> list[int]:
+        return [s[0] for s in self.sequences if s]
+
+    def root_probs(self, vocab: int) -> torch.Tensor:
+        """[k, vocab] q of each first token (one-hot rows for deterministic ones)."""
+        if self.probs is None:
+            return torch.nn.functional.one_hot(torch.tensor(self.roots), vocab).float()
+        return torch.stack([p[0] for p in self.probs])
+
+
+class _Session:
+    def __init__(self, runner: ModelRunner, prompt_ids: list[int], params: SamplingParams, seed: int | None):
+        self.params = params
+        self.generator = make_generator(seed, runner.device)
+        self.cache = runner.new_cache(1, capacity=len(prompt_ids) + 256)
+        self.fed: list[int] = []      # tokens whose KV is in the cache, in order
+
+
+class DuoDrafterSide:
+    def __init__(self, runner: ModelRunner, top_alternatives: int = 8):
+        if top_alternatives < 1:
+            raise ValueError(f"top_alternatives must be >= 1, got {top_alternatives}")
+        self.runner = runner
+        self.top_alternatives = top_alternatives
+        self.sessions: dict[str, _Session] = {}
+
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    def open(self, rid: str, prompt_ids: list[int], params: SamplingParams, seed: int | None) -> None:
+        self.sessions[rid] = _Session(self.runner, prompt_ids, params, seed)
+
+    def close(self, rid: str) -> None:
+        self.sessions.pop(rid, None)
+
+    def seconds_per_token(self, steps: int = 4, context: int = 16) -> float:
+        """Start-up calibration: the mean time of one single-token draft forward after a short context."""
+        cache = self.runner.new_cache(1, capacity=context + steps + 1)
+        self.runner.forward(cache, torch.zeros(1, context, dtype=torch.long, device=self.runner.device))
+        token = torch.zeros(1, 1, dtype=torch.long, device=self.runner.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.runner.forward(cache, token, logits_rows=slice(-1, None))
+        return (time.perf_counter() - t0) / steps
+
+    # ------------------------------------------------------------------ drafting
+    def draft(self, rid: str, base: list[int], budget: int, multi_sequence: bool) -> MultiDraft:
+        """A draft of about `budget` tokens continuing `base` (every token before the draft)."""
+        t0 = time.perf_counter()
+        s = self.sessions[rid]
+        self._forwards = 0
+        if budget < 1:
+            return MultiDraft([], None if s.params.greedy else [], time.perf_counter() - t0)
+        logits0 = self._sync(s, base)                                            # [vocab]
+        x1, q1 = self._choose(s, logits0)
+        first_logprobs = torch.log_softmax(logits0, dim=-1)                      # [vocab]
+        logits1 = None
+        k = 1
+        if multi_sequence and budget > 1:
+            logits1 = self._feed(s, x1)                                          # [vocab]
+            lp12 = float(first_logprobs[x1] + torch.log_softmax(logits1, dim=-1).max())
+            alternatives = self._alternatives(first_logprobs, x1)                # [m]
+            k = plan_num_sequences(first_logprobs[alternatives], lp12, budget)
+        else:
+            alternatives = torch.empty(0, dtype=torch.long)
+        length = budget // k
+
+        sequences, probs = [], []
+        seq, rows = self._continue(s, base, [x1], [q1], length, logits1)
+        sequences.append(seq)
+        probs.append(rows)
+        for alt in alternatives[: k - 1].tolist():
+            seq, rows = self._continue(s, base, [alt], [self._one_hot(alt, logits0)], length, None)
+            sequences.append(seq)
+            probs.append(rows)
+        greedy = s.params.greedy
+        return MultiDraft(sequences, None if greedy else [torch.stack(r) for r in probs],
+                          time.perf_counter() - t0, self._forwards)
+
+    def _alternatives(self, first_logprobs: torch.Tensor, x1: int) -> torch.Tensor:
+        """Token ids of the best first-token alternatives to x1, best first: [top_alternatives - 1]."""
+        top = torch.topk(first_logprobs, min(self.top_alternatives, first_logprobs.numel())).indices  # [top]
+        return top[top != x1][: self.top_alternatives - 1]
+
+    def _continue(self, s: _Session, base, seq, rows, length, next_logits):
+        """Extend `seq` (its tokens after `base`) to `length` tokens; next_logits: after seq, if known."""
+        if length > 1 and next_logits is None:
+            self._sync(s, base + seq)        # rolls back over the previous sequence, feeds seq
+            next_logits = self._last
+        while len(seq) < length:
+            tok, q = self._choose(s, next_logits)
+            seq.append(tok)
+            rows.append(q)
+            if len(seq) < length:
+                next_logits = self._feed(s, tok)
+        return seq, rows
+
+    def _choose(self, s: _Session, logits: torch.Tensor):
+        """(token, q row or None when greedy)."""
+        if s.params.greedy:
+            return int(logits.argmax()), None
+        q = warp_probs(logits, s.params)                                          # [vocab]
+        return int(sample(q, s.generator)), q
+
+    @staticmethod
+    def _one_hot(token: int, like: torch.Tensor) -> torch.Tensor:
+        row = torch.zeros(like.shape[-1], dtype=torch.float32, device=like.device)
+        row[token] = 1
+        return row
+
+    # ------------------------------------------------------------------ KV cache
+    def _sync(self, s: _Session, base: list[int]) -> torch.Tensor:
+        """Make the cache hold base (rolling back to the common prefix); logits after base [vocab]."""
+        common = 0
+        limit = min(len(s.fed), len(base) - 1)   # always re-feed >= 1 token: its logits are needed
+        while common < limit and s.fed[common] == base[common]:
+            common += 1
+        s.cache.crop(0, common)
+        del s.fed[common:]
+        return self._run(s, base[common:])
+
+    def _feed(self, s: _Session, token: int) -> torch.Tensor:
+        return self._run(s, [token])
+
+    def _run(self, s: _Session, tokens: list[int]) -> torch.Tensor:
+        ids = torch.tensor([tokens], device=self.runner.device)                  # [1, n]
+        logits = self.runner.forward(s.cache, ids, logits_rows=slice(-1, None))[0, -1]   # [vocab]
+        s.fed.extend(tokens)
+        self._forwards += 1
+        self._last = logits
+        return logits
+
+
+class DuoDrafterActor(DuoDrafterSide):
+    """The drafter side in its own process (wrapped by ray.remote): loads its model, owns its threads."""
+
+    def __init__(self, drafter_spec: dict, device: str = "cpu", threads: int | None = None,
+                 top_alternatives: int = 8):
+        from orchestrator.build import load_for_decoding, pick_device
+        from orchestrator.config import ModelSpec
+
+        if threads:
+            torch.set_num_threads(threads)
+        spec = ModelSpec.model_validate(drafter_spec)
+        dev = pick_device(device)
+        model, _ = load_for_decoding(spec.source, spec.dtype, dev, spec.quantize, with_tokenizer=False)
+        super().__init__(ModelRunner(model, dev), top_alternatives)
