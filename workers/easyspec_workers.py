@@ -44,6 +44,7 @@ from datetime import timedelta
 import torch
 
 from orchestrator.sampling import SamplingParams, make_generator
+from workers.actors import LostRequestState
 from workers.drafters import Draft, Drafter, DraftSession
 
 
@@ -136,7 +137,10 @@ class EasySpecRank:
         self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, make_generator(params.seed, self.device))
 
     def propose(self, sid: str, k: int) -> Draft | None:
-        draft = self.sessions[sid].propose(k)
+        session = self.sessions.get(sid)
+        if session is None:     # the same on every rank, so no rank is left waiting in a collective
+            raise LostRequestState(f"EasySpec rank {self.rank} has no session {sid}")
+        draft = session.propose(k)
         if self.rank != 0:
             return None                     # rank 0 answers for the group
         if draft.probs is not None:
@@ -144,7 +148,8 @@ class EasySpecRank:
         return draft
 
     def update(self, sid: str, new_tokens: list[int], num_accepted: int) -> None:
-        self.sessions[sid].update(new_tokens, num_accepted)
+        if sid in self.sessions:          # fire-and-forget: a lost session fails at its next propose
+            self.sessions[sid].update(new_tokens, num_accepted)
 
     def close(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)
