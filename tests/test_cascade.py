@@ -20,6 +20,7 @@ from tests.test_verification import chi_square_p_value
 from workers import cascade as cascade_mod
 from workers.cascade import CascadeDrafter, review_greedy, review_sampled, schedule
 from workers.mag import (BigramTable, MaGDrafter, build_bigram_table, load_table, mag_draft, save_table)
+from workers.drafters import DraftModelDrafter
 from workers.runner import ModelRunner
 
 
@@ -199,6 +200,11 @@ def test_cost_model_counts_reviews_times_parameters(target_model, draft_model, p
     assert res.stats.draft_cost == pytest.approx((forwards["level1"] * a + forwards["level2"] * b) / t)
     mag = SpeculativeEngine(target, drafters["mag-alone"], lambda: FixedDraftLength(16)).generate(prompts[1], 24)
     assert mag.stats.draft_cost == 0.0 and mag.stats.cost_speedup == mag.stats.mean_accepted_tokens
+    # Plain speculative decoding with drafter A: one forward per drafted token.
+    sd = SpeculativeEngine(target, DraftModelDrafter(drafters["3-level"].runners[0]), lambda: FixedDraftLength(4))
+    res = sd.generate(prompts[1], 24)
+    assert res.stats.draft_cost == pytest.approx(res.stats.drafted_tokens * a / t)
+    assert res.stats.cost_speedup == pytest.approx(res.stats.step_tokens / (res.stats.steps + res.stats.draft_cost))
 
 
 SAMPLING_CASES = {

@@ -113,7 +113,7 @@ def review_sampled(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, review
     else:                                                                       # recovered from the residual
         next_token = int(sample(residual[n], generator))
     tokens = torch.cat([draft_tokens[:n], torch.tensor([next_token], device=draft_tokens.device)])
-    return ReviewResult(n, next_token, out, out[torch.arange(n + 1), tokens])
+    return ReviewResult(n, next_token, out, out[torch.arange(n + 1, device=out.device), tokens])
 
 
 # ------------------------------------------------------------------ horizontal schedule
@@ -210,6 +210,7 @@ class _CascadeSession(DraftSession):
         self.forwards = [0] * len(drafter.runners)      # reviews per neural level (prefill not counted)
         self.mag_calls = 0
         self.vocab = drafter.runners[0].vocab_size if drafter.runners else None
+        self.device = drafter.runners[0].device if drafter.runners else torch.device("cpu")
 
     # cost reporting, read by the engine (orchestrator/engine.py)
     @property
@@ -259,7 +260,7 @@ class _CascadeSession(DraftSession):
         tokens = self.mag.draft_after(pending, k)
         rows = []
         if not self.params.greedy and tokens and self.vocab is not None:
-            rows = list(torch.nn.functional.one_hot(torch.tensor(tokens), self.vocab).float())   # m x [vocab]
+            rows = list(torch.nn.functional.one_hot(torch.tensor(tokens, device=self.device), self.vocab).float())
         return _Chunk(tokens, rows, [1.0] * len(tokens))
 
     def _review(self, level: int, pending: list[int], draft: _Chunk) -> _Chunk:
