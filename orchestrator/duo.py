@@ -38,6 +38,7 @@ import torch
 
 from orchestrator.duo_policy import DraftBudgetController
 from orchestrator.engine import GenerationResult, tree_attention
+from orchestrator.gpu_stats import GpuMonitor
 from orchestrator.metrics import RequestStats
 from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
 from orchestrator.verification import verify_chain, verify_greedy, verify_siblings, verify_tree, verify_tree_greedy
@@ -105,6 +106,12 @@ def _flatten(draft: MultiDraft) -> tuple[list[int], list[int] | None, torch.Tens
     return tokens, (parents if len(draft.sequences) > 1 else None), probs
 
 
+def _release(cache) -> None:
+    release = getattr(cache, "release", None)   # KV held by remote shards (orchestrator/ray_runtime.py)
+    if release:
+        release()
+
+
 class DuoEngine:
     """Pipelined speculative decoding: target here, drafter behind a client (actor or in-process)."""
 
@@ -119,6 +126,7 @@ class DuoEngine:
         self.name = name
         self.calibration_steps = calibration_steps
         self._calibrated = calibration_steps == 0
+        self.gpu = GpuMonitor()      # reads nothing (and says so once) without a GPU
 
     def calibrate(self) -> None:
         """Seed the budget controller with one timed drafter token and one timed verify forward."""
@@ -132,6 +140,7 @@ class DuoEngine:
             self.target.forward(cache, ids)
             cache.crop(0, 16)
         verify_s = (time.perf_counter() - t0) / max(1, steps // 2)
+        _release(cache)
         self.budget.observe(draft_token_s, verify_s)
         self._calibrated = True
 
@@ -150,16 +159,17 @@ class DuoEngine:
         t_start = time.perf_counter()
         # The drafter samples with its own generator (any randomness keeps verification lossless).
         self.drafter.call("open", rid, prompt, params, None if params.seed is None else params.seed + 1)
+        cache = self.target.new_cache(1, capacity=len(prompt) + max_new_tokens + 16)
         try:
-            return self._generate(rid, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens)
+            return self._generate(rid, cache, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens)
         finally:
             self.drafter.call("close", rid)
+            _release(cache)
 
-    def _generate(self, rid, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens):
+    def _generate(self, rid, cache, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens):
         target = self.target
         # Round 0: draft length 1, so the drafter's prefill runs alongside the target's.
         first_guess = self.drafter.call("draft", rid, prompt, 1, False)
-        cache = target.new_cache(1, capacity=len(prompt) + max_new_tokens + 16)
         t0 = time.perf_counter()
         logits = target.prefill(cache, 0, prompt)                                 # [vocab]
         stats.target_busy_s += time.perf_counter() - t0
@@ -190,10 +200,11 @@ class DuoEngine:
                 speculation = self.drafter.call("draft", rid, context + main,
                                                 min(gamma, max_new_tokens - after_main), self.multi_sequence)
             tokens, parents, probs = _flatten(draft)
+            tv = time.perf_counter()     # (inline, the speculative draft was made above: not the target's time)
             nodes, next_token, logits = self._verify(cache, out[-1], tokens, parents, probs, params, generator)
             t2 = time.perf_counter()
-            stats.target_busy_s += t2 - t1
-            self.budget.observe(verify_s=t2 - t1)
+            stats.target_busy_s += t2 - tv
+            self.budget.observe(verify_s=t2 - tv)
             next_draft = None
             if speculation is not None:
                 spec = self._observe_draft(speculation.result(), stats)
@@ -212,20 +223,23 @@ class DuoEngine:
             out.extend(emitted)
             # "drafted" is the depth (the most tokens that could be accepted); draft_s = time the target waited.
             depth = max((len(s) for s in draft.sequences), default=0)
-            stats.observe_step(depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
+            stats.observe_step(depth, len(accepted), len(emitted), t1 - t0, t2 - tv)
             if on_tokens:
                 on_tokens(emitted)
             draft = next_draft
 
         stats.generated_tokens = len(out)
         stats.total_s = time.perf_counter() - t_start
+        readings = self.gpu.read()
+        if readings:
+            stats.events.append("at the end: " + "; ".join(map(str, readings)))
         return GenerationResult(tokens=out, stats=stats, finish_reason=finish)
 
     def _observe_draft(self, draft: MultiDraft, stats: RequestStats) -> MultiDraft:
         stats.drafter_busy_s += draft.compute_s
-        drafted = sum(len(s) for s in draft.sequences)
-        if drafted:
-            self.budget.observe(draft_token_s=draft.compute_s / drafted)
+        # Per drafter forward: a plan of k sequences costs about budget - k + 1 forwards, not budget.
+        if draft.forwards:
+            self.budget.observe(draft_token_s=draft.compute_s / draft.forwards)
         return draft
 
     def _take_speculation(self, p: torch.Tensor, spec: MultiDraft, generator):

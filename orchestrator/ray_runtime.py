@@ -27,7 +27,8 @@ import ray
 import torch
 
 from orchestrator.build import Built, eos_ids, make_drafter, pick_device, policy_factory
-from orchestrator.config import CascadeStrategy, DraftModelStrategy, EasySpecStrategy, EngineConfig
+from orchestrator.config import CascadeStrategy, DraftModelStrategy, DuoDecodingStrategy, EasySpecStrategy, EngineConfig
+from orchestrator.duo import build_duo_engine
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.errors import WorkerUnavailable
 from placement.plan import Plan, PlacementError, easyspec_rank_name
@@ -280,6 +281,9 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     built = Built(config, device, meta, tokenizer, target,
                   {"plain": SpeculativeEngine(target, None, eos_token_ids=eos, name="plain")})
     for st in chosen:
+        if isinstance(st, DuoDecodingStrategy):   # pipelined, with its own CPU drafter actor (orchestrator/duo.py)
+            built.engines[st.name] = build_duo_engine(st, config.models.drafters[st.drafter], target, eos)
+            continue
         if st.name in easyspec_ranks:
             drafter = DistributedEasySpecDrafter(easyspec_ranks[st.name], st.name, timeout)
         elif isinstance(st, (DraftModelStrategy, EasySpecStrategy)) or (isinstance(st, CascadeStrategy)
