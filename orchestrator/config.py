@@ -224,6 +224,12 @@ class TargetPlacement(_Strict):
     device: Literal["gpu", "cpu"] = "gpu"
     tensor_parallel: int = Field(1, ge=1, description="Devices per tensor-parallel group")
     pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages (contiguous layer ranges)")
+    stage_transport: Literal["auto", "ray"] = Field("auto", description=(
+        "How hidden states move between stages: auto = torch.distributed (gloo / NCCL) for hops of at "
+        "least link_min_tokens tokens, Ray's object store below; ray = always the object store"))
+    link_min_tokens: int = Field(1, ge=1, description=(
+        "Smallest hop (tokens, summed over a batch) sent over torch.distributed; gloo measured faster "
+        "than the object store at every size here (docs/distributed.md)"))
 
 
 class DrafterPlacement(_Strict):

@@ -19,6 +19,7 @@ falls back to target-only steps, output unchanged).
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -48,7 +49,7 @@ def get(ref, timeout: float | None, what: str):
     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
         raise WorkerUnavailable(f"{what}: actor died ({type(exc).__name__})") from None
     except LostRequestState as exc:
-        raise WorkerUnavailable(f"{what}: {exc}") from None
+        raise WorkerUnavailable(f"{what}: {exc}", actor_lost=False) from None
 
 
 # ------------------------------------------------------------------ target
@@ -89,42 +90,83 @@ class RemoteCache:
 
 
 class PipelineTarget:
-    """A ModelRunner stand-in over pipeline-stage actors (see module doc)."""
+    """A ModelRunner stand-in over pipeline-stage actors (see module doc).
+
+    Hidden states between stages go through Ray's object store (each stage's output
+    ObjectRef is passed to the next), or, for hops of at least `link_min_tokens` tokens,
+    over the stages' torch.distributed link (workers/stage_link.py): then every stage's
+    call is submitted at once, under one lock so all stages see forwards in the same
+    order, and only the last stage's logits come back through Ray. A link whose actor
+    died cannot be re-formed with the restarted actor: after such a failure every hop
+    goes through Ray.
+    """
 
     def __init__(self, shards: list, vocab_size: int, device: torch.device = torch.device("cpu"),
-                 timeout: float | None = None):
+                 timeout: float | None = None, link_min_tokens: int | None = None):
         self.shards, self.vocab_size, self.device, self.timeout = shards, vocab_size, device, timeout
+        self.link_min_tokens = link_min_tokens if len(shards) > 1 else None
+        self._submit_lock = threading.Lock()
+        self.hops = {"ray": 0, "link": 0}
 
     def new_cache(self, batch: int = 1, capacity: int = 256) -> RemoteCache:
         if batch != 1:
             raise ValueError("PipelineTarget keeps one sequence per cache")
         return RemoteCache(self.shards, capacity)
 
+    def _through_stages(self, method: str, inputs, tokens, what: str, **kwargs):
+        """One forward through every stage; the last stage's output."""
+        total = tokens if isinstance(tokens, int) else sum(tokens)
+        link = self.link_min_tokens is not None and total >= self.link_min_tokens
+        refs = []
+        with self._submit_lock:
+            ref = inputs
+            for i, shard in enumerate(self.shards):
+                call = getattr(shard, method)
+                if link:
+                    refs.append(call.remote(inputs=inputs if i == 0 else None, recv_tokens=tokens if i else None,
+                                            send=i < len(self.shards) - 1, **kwargs))
+                else:
+                    ref = call.remote(inputs=ref, **kwargs)
+                    refs.append(ref)
+        self.hops["link" if link else "ray"] += len(self.shards) - 1
+        try:
+            return get(refs[-1], self.timeout, what)
+        except WorkerUnavailable as exc:
+            if link and exc.actor_lost:
+                self.link_min_tokens = None      # the link lost a member: Ray from now on
+            raise
+        except Exception:
+            if link:       # a later stage only knows that an earlier one failed: report that one's error
+                try:
+                    for r in refs[:-1]:
+                        get(r, self.timeout, what)
+                except WorkerUnavailable as exc:
+                    if exc.actor_lost:
+                        self.link_min_tokens = None
+                    raise
+            raise
+
     def forward(self, cache: RemoteCache, input_ids: torch.Tensor, num_new=None, depths=None, tree_mask=None,
                 logits_rows=None, **unsupported) -> torch.Tensor:
         if unsupported or num_new is not None:
             raise ValueError(f"PipelineTarget.forward does not take {sorted(unsupported) or 'num_new'}")
-        ref = input_ids.cpu()
         d = depths.cpu() if depths is not None else None
         m = tree_mask.cpu() if tree_mask is not None else None
-        edits = cache.take_edits()
-        for shard in self.shards:
-            ref = shard.forward.remote(cache.rid, ref, d, m, logits_rows, edits)
-        out = get(ref, self.timeout, "target forward")
-        cache.lengths[0] += int(input_ids.shape[1])
+        t = int(input_ids.shape[1])
+        out = self._through_stages("forward", input_ids.cpu(), t, "target forward", rid=cache.rid, depths=d,
+                                   tree_mask=m, logits_rows=logits_rows, edits=cache.take_edits())
+        cache.lengths[0] += t
         return out.to(self.device).float()       # logits travel in the model dtype (exact; actors.py)
 
     def forward_many(self, requests: list[tuple]) -> list[torch.Tensor]:
-        rids = [r[0].rid for r in requests]
         extras = [(r[2].cpu() if r[2] is not None else None, r[3].cpu() if r[3] is not None else None, r[4])
                   for r in requests]
-        ref = [r[1].cpu() for r in requests]
-        edits = [r[0].take_edits() for r in requests]
-        for shard in self.shards:
-            ref = shard.forward_many.remote(rids, ref, extras, edits)
-        outs = get(ref, self.timeout, "batched target forward")
-        for r in requests:
-            r[0].lengths[0] += int(r[1].shape[1])
+        tokens = [int(r[1].shape[1]) for r in requests]
+        outs = self._through_stages("forward_many", [r[1].cpu() for r in requests], tokens,
+                                    "batched target forward", rids=[r[0].rid for r in requests], extras=extras,
+                                    edits=[r[0].take_edits() for r in requests])
+        for r, t in zip(requests, tokens):
+            r[0].lengths[0] += t
         return [o.to(self.device).float() for o in outs]
 
     prefill = ModelRunner.prefill     # built on forward()
@@ -229,6 +271,13 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         actors[s.name] = ray.remote(TargetShard).options(**options(s)).remote(
             t.source, t.dtype, tuple(s.layers), "cuda" if s.device == "gpu" else "cpu", threads or s.cpus)
     shards = [actors[s.name] for s in sorted(targets, key=lambda s: s.layers[0])]
+    placement = config.placement.target if config.placement else None
+    link_min_tokens = None
+    if len(shards) > 1 and placement is not None and placement.stage_transport == "auto":
+        init = get(shards[0].rendezvous.remote(), config.cluster.actor_call_timeout_s, "stage rendezvous")
+        get([s.join_stages.remote(init, i, len(shards), config.cluster.actor_call_timeout_s)
+             for i, s in enumerate(shards)], config.cluster.actor_call_timeout_s, "stage process group")
+        link_min_tokens = placement.link_min_tokens
 
     chosen = [s for s in config.strategies if only is None or s.name in only]
     for st in chosen:
@@ -275,7 +324,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
 
     device = pick_device(config.runtime.device)
     timeout = config.cluster.actor_call_timeout_s
-    target = PipelineTarget(shards, vocab, timeout=timeout)
+    target = PipelineTarget(shards, vocab, timeout=timeout, link_min_tokens=link_min_tokens)
     tokenizer, meta = _tokenizer_and_meta(t.source, t.dtype)
     eos = eos_ids(meta, tokenizer)
     built = Built(config, device, meta, tokenizer, target,

@@ -33,7 +33,7 @@ def models(tmp_path_factory):
     return root, target
 
 
-def config_file(root, stages: int):
+def config_file(root, stages: int, transport: str = "auto"):
     cfg = {
         "name": f"pp{stages}",
         "models": {"target": {"source": str(root / "target"), "dtype": "float32"},
@@ -45,10 +45,11 @@ def config_file(root, stages: int):
         ],
         "runtime": {"device": "cpu", "threads": 1},
         "node_pools": [{"name": "local", "count": 1, "cpus": 4, "memory_gb": 8}],
-        "placement": {"target": {"pool": "local", "device": "cpu", "pipeline_parallel": stages},
+        "placement": {"target": {"pool": "local", "device": "cpu", "pipeline_parallel": stages,
+                                 "stage_transport": transport},
                       "drafters": {"d": {"pool": "local", "device": "cpu", "cpus": 1}}},
     }
-    path = root / f"pp{stages}.yaml"
+    path = root / f"pp{stages}-{transport}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return load_config(path)
 
@@ -68,9 +69,9 @@ def test_pipeline_split_target_equals_one_process_target(models, ray_local):
     root, target_model = models
     local = SpeculativeEngine(ModelRunner(target_model), eos_token_ids=(95,))
     expected = [local.generate(p, MAX_NEW).tokens for p in PROMPTS]
-    for stages in (1, 2):
-        cfg = config_file(root, stages)
-        built, runtime = place(cfg, plan_placement(cfg), name=f"test-pp{stages}")
+    for stages, transport in ((1, "auto"), (2, "auto"), (2, "ray")):
+        cfg = config_file(root, stages, transport)
+        built, runtime = place(cfg, plan_placement(cfg), name=f"test-pp{stages}-{transport}")
         try:
             assert isinstance(built.target, PipelineTarget) and len(built.target.shards) == stages
             infos = ray.get([s.info.remote() for s in built.target.shards])
@@ -84,6 +85,10 @@ def test_pipeline_split_target_equals_one_process_target(models, ray_local):
             assert res.tokens == again.tokens and len(res.tokens) == MAX_NEW    # seeded sampling reproduces
             # every request released its KV on every stage
             assert all(i["requests"] == 0 for i in ray.get([s.info.remote() for s in built.target.shards]))
+            hops = built.target.hops
+            if stages == 2:     # hidden states crossed by the transport asked for
+                assert hops["link" if transport == "auto" else "ray"] > 0
+                assert hops["ray" if transport == "auto" else "link"] == 0
         finally:
             runtime.shutdown()
         names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
@@ -136,5 +141,27 @@ def test_bf16_logits_cross_actors_exactly(models, ray_local):
         remote = built.target.forward(built.target.new_cache(1, 64), ids)
         expected = local.forward(local.new_cache(1, 64), ids)
         assert remote.dtype == expected.dtype == torch.float32 and torch.equal(remote, expected)
+    finally:
+        runtime.shutdown()
+
+
+def test_stage_link_reports_the_failing_stage_and_keeps_working(models, ray_local):
+    import torch
+
+    from orchestrator.errors import WorkerUnavailable
+
+    root, target_model = models
+    cfg = config_file(root, 2, "auto")
+    built, runtime = place(cfg, plan_placement(cfg), only=[], name="test-link-fail")
+    try:
+        target = built.target
+        cache = target.new_cache(1, 64)
+        ray.get(target.shards[0].close.remote(cache.rid))      # stage 0 loses the request's state
+        with pytest.raises(WorkerUnavailable, match="no KV state"):
+            target.forward(cache, torch.tensor([PROMPTS[0]]))
+        assert target.link_min_tokens is not None              # the link itself is fine
+        local = SpeculativeEngine(ModelRunner(target_model), eos_token_ids=(95,))
+        assert built.engines["plain"].generate(PROMPTS[1], 8).tokens == local.generate(PROMPTS[1], 8).tokens
+        assert target.hops["link"] >= 2
     finally:
         runtime.shutdown()

@@ -18,6 +18,7 @@ from orchestrator.monitoring import BusyTimer
 from orchestrator.sampling import SamplingParams, make_generator
 from workers.drafters import Draft
 from workers.runner import KVCache, ModelRunner
+from workers.stage_link import StageLink
 
 
 class LostRequestState(KeyError):
@@ -50,6 +51,46 @@ class TargetShard:
         # The last stage's float32 logits are the model dtype's values widened (the head runs in it),
         # so sending them back in that dtype is exact and halves the bytes for bf16/fp16 models.
         self.wire_dtype = self.runner.dtype
+        self.link: StageLink | None = None        # set when the stages join a torch.distributed group
+
+    # --------------------------------------------------- the stage link (workers/stage_link.py)
+    def rendezvous(self) -> str:
+        """init_method for the stages' process group: this actor's address and a free port (stage 0)."""
+        import socket
+
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as sock:
+            sock.bind((ip, 0))
+            return f"tcp://{ip}:{sock.getsockname()[1]}"
+
+    def join_stages(self, init_method: str, rank: int, world: int, timeout_s: float) -> None:
+        self.link = StageLink.join(init_method, rank, world, self.device, timeout_s)
+
+    def leave_stages(self) -> None:
+        if self.link is not None:
+            self.link.leave()
+            self.link = None
+
+    def _hop(self, recv_tokens, send: bool, compute):
+        """Run `compute(received)` between a receive from the previous stage (recv_tokens: tokens
+        per request, or None = inputs came with the call) and a send to the next (send = True:
+        returns None). A failure still sends a failure header on, then raises."""
+        try:
+            received = None
+            if recv_tokens is not None:
+                shapes = [(1, t, self.runner.config.hidden_size) for t in recv_tokens]
+                received = self.link.recv(shapes, self.runner.dtype)
+            outs = compute(received)
+        except BaseException:
+            if send:
+                self.link.send(None)
+            raise
+        if not send:
+            return outs
+        self.link.send(outs)
+        return None
 
     def info(self) -> dict:
         import ray
@@ -86,27 +127,46 @@ class TargetShard:
                 cache.keep(0, edit[1], edit[2].to(self.device))
 
     # ---------------------------------------------------------------- compute
-    def forward(self, rid: str, inputs: torch.Tensor, depths=None, tree_mask=None, logits_rows=None, edits=()):
-        """inputs: ids [1, T] (first stage) or hidden [1, T, hidden]; returns hidden or logits, on the CPU."""
+    def forward(self, rid: str, inputs: torch.Tensor | None, depths=None, tree_mask=None, logits_rows=None,
+                edits=(), recv_tokens: int | None = None, send: bool = False):
+        """inputs: ids [1, T] (first stage) or hidden [1, T, hidden]; returns hidden or logits, on the CPU.
+        Over the stage link: recv_tokens = T (inputs arrive from the previous stage), send = the
+        output goes to the next stage (returns None)."""
         dev = self.device
-        self._apply(rid, edits)
-        with self._busy.busy():
-            out = self.runner.forward(self._cache(rid), inputs.to(dev),
-                                      depths=depths.to(dev) if depths is not None else None,
-                                      tree_mask=tree_mask.to(dev) if tree_mask is not None else None,
-                                      logits_rows=logits_rows)
-            return out.to(self.wire_dtype).cpu()
 
-    def forward_many(self, rids: list[str], inputs: list[torch.Tensor], extras: list[tuple],
-                     edits: list | None = None) -> list[torch.Tensor]:
-        """Batched forward of several requests (the global verifier's batch); extras: (depths, mask, rows)."""
+        def compute(received):
+            x = received[0] if received is not None else inputs.to(dev)
+            self._apply(rid, edits)
+            with self._busy.busy():
+                out = self.runner.forward(self._cache(rid), x,
+                                          depths=depths.to(dev) if depths is not None else None,
+                                          tree_mask=tree_mask.to(dev) if tree_mask is not None else None,
+                                          logits_rows=logits_rows)
+            return [out] if send else out.to(self.wire_dtype).cpu()
+
+        if recv_tokens is None and not send:
+            return compute(None)
+        return self._hop([recv_tokens] if recv_tokens is not None else None, send, compute)
+
+    def forward_many(self, rids: list[str], inputs: list[torch.Tensor] | None, extras: list[tuple],
+                     edits: list | None = None, recv_tokens: list[int] | None = None, send: bool = False):
+        """Batched forward of several requests (the global verifier's batch); extras: (depths, mask, rows).
+        recv_tokens / send: as for forward, per request."""
         dev = self.device
-        for rid, request_edits in zip(rids, edits or [()] * len(rids)):
-            self._apply(rid, request_edits)
-        reqs = [(self._cache(rid), x.to(dev), d.to(dev) if d is not None else None,
-                 m.to(dev) if m is not None else None, rows) for rid, x, (d, m, rows) in zip(rids, inputs, extras)]
-        with self._busy.busy():
-            return [o.to(self.wire_dtype).cpu() for o in self.runner.forward_many(reqs)]
+
+        def compute(received):
+            xs = received if received is not None else [x.to(dev) for x in inputs]
+            for rid, request_edits in zip(rids, edits or [()] * len(rids)):
+                self._apply(rid, request_edits)
+            reqs = [(self._cache(rid), x, d.to(dev) if d is not None else None,
+                     m.to(dev) if m is not None else None, rows) for rid, x, (d, m, rows) in zip(rids, xs, extras)]
+            with self._busy.busy():
+                outs = self.runner.forward_many(reqs)
+            return outs if send else [o.to(self.wire_dtype).cpu() for o in outs]
+
+        if recv_tokens is None and not send:
+            return compute(None)
+        return self._hop(recv_tokens, send, compute)
 
 
 class DrafterWorker:
