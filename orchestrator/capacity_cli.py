@@ -68,19 +68,26 @@ def plots(points, out_dir: Path, closed_loop: bool) -> list[Path]:
     series: dict[tuple[str, str], list] = {}
     for p in points:
         series.setdefault((p.strategy, p.placement), []).append(p)
-    fig, ax = plt.subplots(figsize=(9, 6))
+    styles = ["-", "--", ":", "-."]
+    placements = sorted({pl for _, pl in series})
+    fig, ax = plt.subplots(figsize=(10, 7))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for (s, pl), ps in series.items():
-        ax.plot([p.throughput for p in ps], [p.result.tpot_p50 * 1e3 for p in ps], marker="o", label=f"{s} @ {pl}")
+        peak = max(range(len(ps)), key=lambda i: ps[i].throughput)
+        ps = ps[: peak + 1]                     # past the peak the replica is overloaded: its queue only grows
+        ax.plot([p.throughput for p in ps], [p.result.tpot_p50 * 1e3 for p in ps], marker="o", markersize=3,
+                linestyle=styles[placements.index(pl) % len(styles)], label=f"{s} @ {pl}")
     ax.set_xlabel("throughput (output tokens/s)")
     ax.set_ylabel("per-token latency p50 (ms)")
     ax.set_yscale("log")
-    ax.set_title("throughput vs latency per strategy and placement")
+    ax.set_title("throughput vs latency per strategy and placement (up to each one's peak)")
     ax.legend(fontsize=6)
     first = out_dir / "throughput_vs_latency.png"
     fig.savefig(first, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 7))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     base = {}
     for (s, pl), ps in series.items():
         if s == "plain":
@@ -98,7 +105,7 @@ def plots(points, out_dir: Path, closed_loop: bool) -> list[Path]:
             ys.append(p.throughput / b.throughput if closed_loop else b.result.tpot_p50 / max(p.result.tpot_p50, 1e-12))
         ax.plot(xs, ys, marker="o", label=f"{s} @ {pl}")
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("client concurrency" if closed_loop else "request rate (req/s) = offered concurrency")
+    ax.set_xlabel("client concurrency" if closed_loop else "request rate (req/s)")
     ax.set_ylabel("speedup vs plain: throughput" if closed_loop else "speedup vs plain: per-token latency p50")
     ax.set_xscale("log", base=2)
     ax.set_title("speedup vs concurrency")
@@ -130,7 +137,7 @@ def cmd_simulate(args) -> int:
                   + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in profile["draft_token_s"].items()))
         models = strategy_models(cfg, wl, bench, alphas, profile.get("draft_token_s"), args.calibrate)
         replicas, pool_devices = local_replicas(cfg, profile, models, args.host_s, args.in_process,
-                                                        args.bus_contention), None
+                                                        args.bus_contention, args.drafter_batch), None
         for m in models:
             print(f"  {m.name}: {m.family}, gamma {m.gamma}, alpha {m.effective_alpha:.3f} "
                   f"-> {m.expected_tokens:.2f} tokens/step ({m.source})")
@@ -196,6 +203,8 @@ def add_parsers(sub) -> None:
                           "the profile's target curves for their shape only (scaled, or shifted)")
     sim.add_argument("--bus-contention", type=float, default=1.0,
                      help="with --profile: drafter and verifier running together each slow by n x this")
+    sim.add_argument("--drafter-batch", type=int, default=1,
+                     help="with --profile: requests a drafter actor drafts at once (1 = one at a time)")
     sim.add_argument("--in-process", action="store_true",
                      help="with --profile: predict in-process engines (no Ray hop per draft), as `bench` runs them")
     sim.add_argument("--cpu-device", default="CPU-EPYC-7742", help="hardware entry for CPU drafters of a GPU cluster")

@@ -111,15 +111,26 @@ def calibrate_profile(profile: dict, bench_path: str | Path, categories: list[st
     return out
 
 
-def _family(s) -> str:
+def _family(s) -> str | None:
+    """The step model's family of a configured strategy (None: a kind the simulator does not model)."""
     if isinstance(s, EasySpecStrategy):
         return "easyspec"
     if isinstance(s, PromptLookupStrategy):
         return "prompt_lookup"
-    return "hybrid" if s.lookup_first is not None else "draft_model"
+    if isinstance(s, DraftModelStrategy):
+        return "hybrid" if s.lookup_first is not None else "draft_model"
+    return {"cascade": "cs_drafting", "duodecoding": "duodecoding"}.get(getattr(s, "kind", None))
+
+
+def _drafter(s) -> str | None:
+    return getattr(s, "drafter", None) or (getattr(s, "drafters", None) or [None])[0]
 
 
 def _gamma(s) -> int:
+    if getattr(s, "k_matrix", None):                 # a cascade: the target's row is the whole draft
+        return sum(s.k_matrix[0])
+    if getattr(s, "gamma_init", None):               # DuoDecoding's controller starts here
+        return s.gamma_init
     dl = s.draft_length
     return dl.k if dl.policy == "fixed" else dl.k_init
 
@@ -131,7 +142,9 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
     out = [StrategyModel("plain", "plain", source="-")]
     for s in cfg.strategies:
         fam = _family(s)
-        drafter = getattr(s, "drafter", None)
+        if fam is None:
+            continue
+        drafter = _drafter(s)
         gamma, source = _gamma(s), ""
         if s.name in bench:
             m = bench[s.name]
@@ -148,16 +161,20 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
             # Fitted: the share of steps that drafted with the model, from the bench's draft seconds.
             model_share = min(1.0, bench[s.name].draft_s_per_step / (gamma * draft_token_s[s.name]))
             source += f"; model drafts {model_share:.0%} of steps (fit to the bench's draft time)"
-        out.append(StrategyModel(s.name, fam, gamma, alpha, drafter, model_share=model_share, source=source))
+        chunk = s.k_matrix[-1][-1] if getattr(s, "k_matrix", None) else 1.0   # MaG tokens per review
+        out.append(StrategyModel(s.name, fam, gamma, alpha, drafter, model_share=model_share,
+                                 review_chunk=chunk, source=source))
     return out
 
 
 # ----------------------------------------------------------------------------- local (profile)
 def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel], host_s: float,
-                   in_process: bool = False, bus_contention: float = 1.0) -> dict:
-    """This machine as measured: one verifier (the global verifier), one single-request drafter actor
-    (in_process: the drafter runs beside the engine, no Ray hop per draft)."""
+                   in_process: bool = False, bus_contention: float = 1.0, drafter_batch: int = 1) -> dict:
+    """This machine as measured: one verifier (the global verifier), drafter actors drafting
+    `drafter_batch` requests at a time (1: as when the serving runs of docs/distributed.md were
+    measured; in_process: the drafter runs beside the engine, no Ray hop per draft)."""
     verify = MeasuredStep(profile["target"])
+    grow = Curve({int(k): v for k, v in profile["target"]["batch"].items()})   # batched drafts grow like this
     out = {}
     for m in models:
         tok_s = profile.get("draft_token_s", {}).get(m.name)
@@ -168,8 +185,9 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
             replicas = cfg.placement.drafters[m.drafter].replicas
         out[(m.name, "local")] = Replica(
             m, verify, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
-            draft_step=(lambda rows, s=tok_s: s) if tok_s else None, drafter_servers=replicas,
-            drafter_max_batch=1, transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
+            draft_step=(lambda rows, s=tok_s: s * grow(len(rows)) / grow(1)) if tok_s else None,
+            drafter_servers=replicas,
+            drafter_max_batch=drafter_batch, transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
             host_s=host_s, shared_bus=True, bus_contention=bus_contention, devices=1)
     return out
 
