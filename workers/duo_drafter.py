@@ -19,6 +19,7 @@ never share a pool).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,9 @@ class DuoDrafterSide:
 
     def vocab_size(self) -> int:
         return self.runner.vocab_size
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def open(self, rid: str, prompt_ids: list[int], params: SamplingParams, seed: int | None) -> None:
         self.sessions[rid] = _Session(self.runner, prompt_ids, params, seed)
