@@ -271,7 +271,7 @@ def cluster_replicas(cfg: EngineConfig, workload: Workload, alphas: dict[str, fl
             drafter_servers=d.replicas, drafter_max_batch=64,
             transfer_s=transfer_time(draft_message_bytes(4, target.vocab, probs), hw.link_bw, hw.link_latency_s),
             devices=held)
-    return out, gpus
+    return out, gpus * pool.count          # replicas spread over every node of the pool; TP stays in a node
 
 
 # ----------------------------------------------------------------------------- sweep + plan
