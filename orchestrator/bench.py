@@ -119,6 +119,10 @@ def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=prin
                            ttft_s=stats.ttft_s, mean_accepted_tokens=stats.mean_accepted_tokens,
                            draft_cost=stats.draft_cost, draft_forwards=stats.draft_forwards,
                            cost_speedup=stats.cost_speedup)
+                if stats.drafter_busy_s:    # pipelined drafting (orchestrator/duo.py)
+                    rec.update(drafter_idle_fraction=stats.drafter_idle_fraction,
+                               target_idle_fraction=stats.target_idle_fraction, draft_budgets=stats.draft_budgets,
+                               speculative_drafts=stats.speculative_drafts, speculative_used=stats.speculative_used)
             records[name].append(rec)
         log(f"[{i + 1}/{len(encoded)}] {p.id} ({p.category}): " + ", ".join(
             f"{n} {records[n][-1]['tokens_per_s']:.2f}" for n in methods) + " tok/s")
@@ -159,8 +163,18 @@ def summarise(records: dict[str, list[dict]]) -> dict:
                 if steps else None,
                 "outputs_equal_plain": sum(r["equals_plain"] for r in rs),
                 "cost_speedup": _cost_speedup(rs),
+                "mean_ttft_s": _mean(rs, "ttft_s"),
+                "drafter_idle_fraction": _mean(rs, "drafter_idle_fraction"),
+                "target_idle_fraction": _mean(rs, "target_idle_fraction"),
+                "mean_draft_budget": _mean([{"b": b} for r in rs for b in r.get("draft_budgets", [])], "b"),
             })
     return {"records": records, "table": table}
+
+
+def _mean(rs: list[dict], key: str) -> float | None:
+    """Mean of a field over the records that have it (None when none do)."""
+    values = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
 
 
 def _cost_speedup(rs: list[dict]) -> float | None:
