@@ -189,13 +189,15 @@ def _cost_speedup(rs: list[dict]) -> float | None:
 def markdown(table: list[dict]) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = ["| scope | method | prompts | tokens/s | vs plain | vs HF plain | mean accepted | acceptance | = plain "
-             "| cost speedup |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| cost speedup | TTFT s | drafter idle | target idle | mean budget |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         lines.append(f"| {r['scope']} | {r['method']} | {r['prompts']} | {r['tokens_per_s']:.2f} | "
                      f"{fmt(r['speedup_vs_plain'], '.2f')}x | {fmt(r['speedup_vs_hf_plain'], '.2f')}x | "
                      f"{fmt(r['mean_accepted_tokens'], '.2f')} | {fmt(r['acceptance_rate'], '.2f')} | "
-                     f"{r['outputs_equal_plain']}/{r['prompts']} | {fmt(r.get('cost_speedup'), '.2f')} |")
+                     f"{r['outputs_equal_plain']}/{r['prompts']} | {fmt(r.get('cost_speedup'), '.2f')} | "
+                     f"{fmt(r.get('mean_ttft_s'), '.3f')} | {fmt(r.get('drafter_idle_fraction'), '.2f')} | "
+                     f"{fmt(r.get('target_idle_fraction'), '.2f')} | {fmt(r.get('mean_draft_budget'), '.1f')} |")
     return "\n".join(lines)
 
 
