@@ -52,8 +52,9 @@ class EasySpecDrafter(Drafter):
     def __init__(self, runner: ModelRunner, degree: int = 2, mode: str = "attn_only",
                  calibration: Calibration | str = Calibration.EVERY_MISMATCH,
                  groups: list[list[int]] | None = None, name: str = "easyspec", exchange=None):
-        """exchange: None in process; across workers an object with `members(group, compute, hidden)`
-        (every member's output, in group order) and `share_token(tok)` (rank 0's token on every rank)."""
+        """exchange: None in process; across workers an object with `rank`, `members(group, compute,
+        hidden)` (every member's output, in group order) and `share_token(tok)` (rank 0's token on
+        every rank; only rank 0 computes logits and samples)."""
         self.runner, self.mode, self.name, self.exchange = runner, mode, name, exchange
         self.calibration = Calibration(calibration)
         self.groups = groups or default_groups(runner.num_layers, degree)
@@ -65,6 +66,17 @@ class EasySpecDrafter(Drafter):
 
     def start(self, prompt_ids, params, generator):
         return _EasySpecSession(self, prompt_ids, params, generator)
+
+
+class _NoHead(torch.nn.Linear):
+    """A one-logit output head for ranks that never sample (weight and bias read by ModelRunner's _linear)."""
+
+    def __init__(self, runner: ModelRunner):
+        super().__init__(runner.config.hidden_size, 1, bias=False, device=runner.device, dtype=runner.dtype)
+        self.requires_grad_(False)
+
+    def expand(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
 
 class _EasySpecSession(_DraftModelSession):
@@ -86,6 +98,9 @@ class _EasySpecSession(_DraftModelSession):
         return self._logits(tokens, layer_groups=self.d.groups, group_mode=self.d.mode, group_exchange=exchange)
 
     def _prefill(self, prompt_ids):
+        if self.d.exchange is not None and self.d.exchange.rank != 0:
+            # Only rank 0 samples: the others skip the output head, a quarter of a small drafter's weights.
+            self.head = _NoHead(self.runner)
         ids = torch.tensor([prompt_ids], device=self.runner.device)
         if self._exact_prefill:
             self._logits(ids)
@@ -108,10 +123,15 @@ class _EasySpecSession(_DraftModelSession):
         return self._approx(token.view(1, 1))
 
     def _choose(self, logits):
-        tok, q, confidence = super()._choose(logits)
-        if self.d.exchange is not None:     # every rank feeds rank 0's token, so their KV stays in sync
-            tok = self.d.exchange.share_token(tok)
-        return tok, q, confidence
+        exchange = self.d.exchange
+        if exchange is None:
+            return super()._choose(logits)
+        if exchange.rank == 0:
+            tok, q, confidence = super()._choose(logits)
+        else:   # its logits are a stub (see _prefill); the token comes from rank 0
+            tok, q, confidence = torch.zeros((), dtype=torch.long, device=logits.device), None, None
+        # Every rank feeds rank 0's token, so their KV stays in sync.
+        return exchange.share_token(tok), q, confidence
 
     def propose(self, k: int) -> Draft:
         draft = super().propose(k)

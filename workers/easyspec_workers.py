@@ -19,10 +19,10 @@ the exchange only decides who computes which group member:
   exact passes                  prefill and KV calibration run every layer in order on
                                 every rank, so each rank's KV is exact up to the last
                                 exact point for every layer it will compute.
-  sampling                      every rank samples locally, then rank 0's token is
-                                broadcast and fed by all; rank 0 returns the draft and
-                                the q it sampled from, so q is exact whatever the others
-                                did.
+  sampling                      only rank 0 computes logits and samples (the others skip
+                                the output head, a quarter of the 0.5B drafter's weights);
+                                its token is broadcast and fed by all. Rank 0 returns the
+                                draft and the q it sampled from, so q is exact.
 
 Which KV a rank holds: layer l_r of each fused group only where it is rank r's
 member (other ranks never read the approximate KV of layers they do not compute),
