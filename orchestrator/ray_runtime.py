@@ -101,10 +101,15 @@ class PipelineTarget:
     goes through Ray.
     """
 
-    def __init__(self, shards: list, vocab_size: int, device: torch.device = torch.device("cpu"),
+    def __init__(self, stages: list, vocab_size: int, device: torch.device = torch.device("cpu"),
                  timeout: float | None = None, link_min_tokens: int | None = None):
-        self.shards, self.vocab_size, self.device, self.timeout = shards, vocab_size, device, timeout
-        self.link_min_tokens = link_min_tokens if len(shards) > 1 else None
+        """stages: per pipeline stage, its actor, or the list of its tensor-parallel ranks (rank 0
+        first; every rank gets every call, rank 0 answers)."""
+        self.stages = [g if isinstance(g, list) else [g] for g in stages]
+        self.shards = [a for g in self.stages for a in g]          # every actor holding request state
+        self.vocab_size, self.device, self.timeout = vocab_size, device, timeout
+        tensor_parallel = any(len(g) > 1 for g in self.stages)
+        self.link_min_tokens = link_min_tokens if len(self.stages) > 1 and not tensor_parallel else None
         self._submit_lock = threading.Lock()
         self.hops = {"ray": 0, "link": 0}
 
@@ -118,17 +123,18 @@ class PipelineTarget:
         total = tokens if isinstance(tokens, int) else sum(tokens)
         link = self.link_min_tokens is not None and total >= self.link_min_tokens
         refs = []
-        with self._submit_lock:
+        with self._submit_lock:         # every actor sees forwards in one order (links and all-reduces pair up)
             ref = inputs
-            for i, shard in enumerate(self.shards):
-                call = getattr(shard, method)
+            for i, group in enumerate(self.stages):
                 if link:
-                    refs.append(call.remote(inputs=inputs if i == 0 else None, recv_tokens=tokens if i else None,
-                                            send=i < len(self.shards) - 1, **kwargs))
+                    refs.append(getattr(group[0], method).remote(
+                        inputs=inputs if i == 0 else None, recv_tokens=tokens if i else None,
+                        send=i < len(self.stages) - 1, **kwargs))
                 else:
-                    ref = call.remote(inputs=ref, **kwargs)
-                    refs.append(ref)
-        self.hops["link" if link else "ray"] += len(self.shards) - 1
+                    group_refs = [getattr(rank, method).remote(inputs=ref, **kwargs) for rank in group]
+                    ref = group_refs[0]
+                    refs.extend(group_refs[1:] + [ref])     # rank 0's last: it is the stage's answer
+        self.hops["link" if link else "ray"] += len(self.stages) - 1
         try:
             return get(refs[-1], self.timeout, what)
         except WorkerUnavailable as exc:
@@ -136,7 +142,7 @@ class PipelineTarget:
                 self.link_min_tokens = None      # the link lost a member: Ray from now on
             raise
         except Exception:
-            if link:       # a later stage only knows that an earlier one failed: report that one's error
+            if link or len(refs) > len(self.stages):   # the answer may only reflect another actor's failure
                 try:
                     for r in refs[:-1]:
                         get(r, self.timeout, what)
@@ -262,22 +268,33 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
                     scheduling_strategy=shard_strategy(pg, plan, shard.name))
 
     threads = config.runtime.threads
-    targets = [s for s in plan.shards if s.role == "target"]
-    if any(s.tp_size > 1 for s in targets):
-        raise PlacementError("tensor-parallel target shards are planned but not executed yet; "
-                             "use placement.target.pipeline_parallel")
+    call_timeout = config.cluster.actor_call_timeout_s
+    targets = sorted((s for s in plan.shards if s.role == "target"), key=lambda s: (s.layers[0], s.tp_rank))
     t = config.models.target
-    for s in sorted(targets, key=lambda s: s.layers[0]):
+    for s in targets:
         actors[s.name] = ray.remote(TargetShard).options(**options(s)).remote(
-            t.source, t.dtype, tuple(s.layers), "cuda" if s.device == "gpu" else "cpu", threads or s.cpus)
-    shards = [actors[s.name] for s in sorted(targets, key=lambda s: s.layers[0])]
+            t.source, t.dtype, tuple(s.layers), "cuda" if s.device == "gpu" else "cpu", threads or s.cpus,
+            s.tp_rank, s.tp_size)
+    stages: list[list] = []                  # per pipeline stage, its tensor-parallel ranks in order
+    for s in targets:
+        if s.tp_rank == 0:
+            stages.append([])
+        stages[-1].append(actors[s.name])
+
+    def form_group(members: list, what: str) -> None:
+        init = get(members[0].rendezvous.remote(), call_timeout, what)
+        get([m.join_stages.remote(init, i, len(members), call_timeout) for i, m in enumerate(members)],
+            call_timeout, what)
+
     placement = config.placement.target if config.placement else None
     link_min_tokens = None
-    if len(shards) > 1 and placement is not None and placement.stage_transport == "auto":
-        init = get(shards[0].rendezvous.remote(), config.cluster.actor_call_timeout_s, "stage rendezvous")
-        get([s.join_stages.remote(init, i, len(shards), config.cluster.actor_call_timeout_s)
-             for i, s in enumerate(shards)], config.cluster.actor_call_timeout_s, "stage process group")
+    if any(len(g) > 1 for g in stages):      # each stage's ranks form their own group (all-reduces)
+        for g in stages:
+            form_group(g, "tensor-parallel process group")
+    elif len(stages) > 1 and placement is not None and placement.stage_transport == "auto":
+        form_group([g[0] for g in stages], "pipeline stage process group")
         link_min_tokens = placement.link_min_tokens
+    shards = [g[0] for g in stages]
 
     chosen = [s for s in config.strategies if only is None or s.name in only]
     for st in chosen:
@@ -324,7 +341,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
 
     device = pick_device(config.runtime.device)
     timeout = config.cluster.actor_call_timeout_s
-    target = PipelineTarget(shards, vocab, timeout=timeout, link_min_tokens=link_min_tokens)
+    target = PipelineTarget(stages, vocab, timeout=timeout, link_min_tokens=link_min_tokens)
     tokenizer, meta = _tokenizer_and_meta(t.source, t.dtype)
     eos = eos_ids(meta, tokenizer)
     built = Built(config, device, meta, tokenizer, target,

@@ -34,13 +34,21 @@ class TargetShard:
     """A pipeline stage of the target: layers [start, end), plus per-request KV caches."""
 
     def __init__(self, source: str, dtype: str, layer_range: tuple[int, int] | None, device: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, tp_rank: int = 0, tp_size: int = 1):
+        """tp_size > 1: this actor is rank tp_rank of the stage's tensor-parallel group
+        (workers/tensor_parallel.py); join_stages() forms the group before the first forward."""
         from orchestrator.build import load_for_decoding, pick_device
 
         _threads(threads)
         self.device = pick_device(device)
         model, _ = load_for_decoding(source, dtype, self.device, with_tokenizer=False)
-        self.runner = ModelRunner(model, self.device, layer_range)
+        if tp_size > 1:
+            from workers.tensor_parallel import TensorParallelRunner
+
+            self.runner = TensorParallelRunner(model, self.device, layer_range, tp_rank, tp_size)
+        else:
+            self.runner = ModelRunner(model, self.device, layer_range)
+        self.tp_rank = tp_rank
         start, end = self.runner.layer_range
         layers = model.model.layers
         for i in range(len(layers)):          # free the layers other stages hold
@@ -66,6 +74,8 @@ class TargetShard:
             return f"tcp://{ip}:{sock.getsockname()[1]}"
 
     def join_stages(self, init_method: str, rank: int, world: int, timeout_s: float) -> None:
+        """Join this actor's process group: all pipeline stages (their link), or, with tensor
+        parallelism, the ranks of this stage (their all-reduces)."""
         self.link = StageLink.join(init_method, rank, world, self.device, timeout_s)
 
     def leave_stages(self) -> None:
@@ -95,7 +105,8 @@ class TargetShard:
     def info(self) -> dict:
         import ray
 
-        return {"layers": self.runner.layer_range, "device": str(self.device), "pid": os.getpid(),
+        return {"layers": self.runner.layer_range, "tp_rank": self.tp_rank, "device": str(self.device),
+                "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
                 "requests": len(self.caches)}
 
@@ -145,7 +156,8 @@ class TargetShard:
             return [out] if send else out.to(self.wire_dtype).cpu()
 
         if recv_tokens is None and not send:
-            return compute(None)
+            out = compute(None)
+            return out if self.tp_rank == 0 else None     # tensor-parallel ranks agree; rank 0 answers
         return self._hop([recv_tokens] if recv_tokens is not None else None, send, compute)
 
     def forward_many(self, rids: list[str], inputs: list[torch.Tensor] | None, extras: list[tuple],
@@ -165,7 +177,8 @@ class TargetShard:
             return outs if send else [o.to(self.wire_dtype).cpu() for o in outs]
 
         if recv_tokens is None and not send:
-            return compute(None)
+            outs = compute(None)
+            return outs if self.tp_rank == 0 else None
         return self._hop(recv_tokens, send, compute)
 
 

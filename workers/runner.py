@@ -295,8 +295,7 @@ class ModelRunner:
             out = torch.zeros_like(q)
             for i, (ctx, n) in enumerate(zip(ctxs, lengths)):
                 out[i:i + 1, :, :n] = self._attend(li, q[i:i + 1, :, :n], k[i:i + 1, :, :n], v[i:i + 1, :, :n], ctx)
-            attn = self.layers[li].self_attn
-            hidden = hidden + _linear(out.transpose(1, 2).reshape(len(requests), t_max, -1), attn.o_proj, self.gemv)
+            hidden = hidden + self._o_proj(li, out.transpose(1, 2).reshape(len(requests), t_max, -1))
             hidden = hidden + self._mlp(li, hidden)
         results = []
         for i, request in enumerate(requests):
@@ -329,7 +328,12 @@ class ModelRunner:
         """Layer li's attention block on `hidden` (norm -> qkv -> rope -> KV write -> sdpa -> o_proj)."""
         batch, t = hidden.shape[:2]
         out = self._attend(li, *self._qkv(li, hidden), ctx)               # [batch, heads, T, hd]
-        return _linear(out.transpose(1, 2).reshape(batch, t, -1), self.layers[li].self_attn.o_proj, self.gemv)
+        return self._o_proj(li, out.transpose(1, 2).reshape(batch, t, -1))
+
+    def _o_proj(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer li's attention output projection; x [batch, T, heads * hd]. (Tensor-parallel
+        ranks hold a slice of the heads and sum the partial results: workers/tensor_parallel.py.)"""
+        return _linear(x, self.layers[li].self_attn.o_proj, self.gemv)
 
     def _attend(self, li: int, q, k, v, ctx: "_Step") -> torch.Tensor:
         """Rotary, KV write into ctx.cache, attention over the cache. q/k/v [batch, heads, T, hd]."""
