@@ -106,6 +106,36 @@ def _flatten(draft: MultiDraft) -> tuple[list[int], list[int] | None, torch.Tens
     return tokens, (parents if len(draft.sequences) > 1 else None), probs
 
 
+class _RequestDrafter:
+    """One request's draft calls. A failed drafter (an error, a dead actor) costs speed, never the
+    request: the failure is recorded once and every later draft is empty (plain decoding)."""
+
+    def __init__(self, client, rid: str, stats: RequestStats):
+        self.client, self.rid, self.stats = client, rid, stats
+        self.failed = False
+
+    def _fail(self, exc: Exception) -> MultiDraft:
+        if not self.failed:
+            self.stats.events.append(f"drafter failed before step {self.stats.steps + 1} "
+                                     f"({type(exc).__name__}: {exc}); target-only decoding from there")
+        self.failed = True
+        return MultiDraft([], None)
+
+    def draft(self, base: list[int], budget: int, multi_sequence: bool):
+        if self.failed:
+            return _Done(MultiDraft([], None))
+        try:
+            return self.client.call("draft", self.rid, base, budget, multi_sequence)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            return _Done(self._fail(exc))
+
+    def result(self, future) -> MultiDraft:
+        try:
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            return self._fail(exc)
+
+
 def _release(cache) -> None:
     release = getattr(cache, "release", None)   # KV held by remote shards (orchestrator/ray_runtime.py)
     if release:
@@ -158,23 +188,30 @@ class DuoEngine:
         rid = uuid.uuid4().hex
         t_start = time.perf_counter()
         # The drafter samples with its own generator (any randomness keeps verification lossless).
-        self.drafter.call("open", rid, prompt, params, None if params.seed is None else params.seed + 1)
+        try:
+            self.drafter.call("open", rid, prompt, params, None if params.seed is None else params.seed + 1)
+        except Exception:  # noqa: BLE001 - the first draft call reports the failure (_RequestDrafter)
+            pass
         cache = self.target.new_cache(1, capacity=len(prompt) + max_new_tokens + 16)
         try:
             return self._generate(rid, cache, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens)
         finally:
-            self.drafter.call("close", rid)
             _release(cache)
+            try:
+                self.drafter.call("close", rid)
+            except Exception:  # noqa: BLE001 - a broken drafter has nothing left to free
+                pass
 
     def _generate(self, rid, cache, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens):
         target = self.target
         # Round 0: draft length 1, so the drafter's prefill runs alongside the target's.
-        first_guess = self.drafter.call("draft", rid, prompt, 1, False)
+        drafter = _RequestDrafter(self.drafter, rid, stats)
+        first_guess = drafter.draft(prompt, 1, False)
         t0 = time.perf_counter()
         logits = target.prefill(cache, 0, prompt)                                 # [vocab]
         stats.target_busy_s += time.perf_counter() - t0
         stats.prefill_s = time.perf_counter() - t0
-        guess = self._observe_draft(first_guess.result(), stats)
+        guess = self._observe_draft(drafter.result(first_guess), stats)
         first, draft = self._take_speculation(warp_probs(logits, params), guess, generator)
         stats.ttft_s = time.perf_counter() - t_start
         out = [first]
@@ -189,16 +226,16 @@ class DuoEngine:
             context = prompt + out
             t0 = time.perf_counter()
             if draft is None and remaining > 1:     # nothing usable was speculated: draft now, the target waits
-                draft = self._observe_draft(self.drafter.call(
-                    "draft", rid, context, min(gamma, remaining - 1), self.multi_sequence).result(), stats)
+                draft = self._observe_draft(drafter.result(drafter.draft(
+                    context, min(gamma, remaining - 1), self.multi_sequence)), stats)
             draft = _clip(draft, remaining - 1) if draft is not None else MultiDraft([], None)
             t1 = time.perf_counter()
             main = draft.sequences[0] if draft.sequences else []
             after_main = len(out) + len(main) + 1       # tokens once the main sequence and a bonus are in
             speculation = None
-            if after_main < max_new_tokens:
-                speculation = self.drafter.call("draft", rid, context + main,
-                                                min(gamma, max_new_tokens - after_main), self.multi_sequence)
+            if after_main < max_new_tokens and not drafter.failed:
+                speculation = drafter.draft(context + main, min(gamma, max_new_tokens - after_main),
+                                            self.multi_sequence)
             tokens, parents, probs = _flatten(draft)
             tv = time.perf_counter()     # (inline, the speculative draft was made above: not the target's time)
             nodes, next_token, logits = self._verify(cache, out[-1], tokens, parents, probs, params, generator)
@@ -207,7 +244,7 @@ class DuoEngine:
             self.budget.observe(verify_s=t2 - tv)
             next_draft = None
             if speculation is not None:
-                spec = self._observe_draft(speculation.result(), stats)
+                spec = self._observe_draft(drafter.result(speculation), stats)
                 stats.speculative_drafts += 1
                 if nodes == list(range(len(main))):          # the main sequence accepted in full
                     p_bonus = warp_probs(logits[len(main)], params)                   # [vocab]

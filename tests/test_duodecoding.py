@@ -1,0 +1,285 @@
+"""DuoDecoding (orchestrator/duo.py): lossless output, the multi-sequence plan, the budget controller."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from orchestrator.duo import DuoEngine, InProcessDrafterClient
+from orchestrator.duo_policy import DraftBudgetController, largest_divisor_at_most, plan_num_sequences
+from orchestrator.engine import SpeculativeEngine
+from orchestrator.sampling import SamplingParams
+from tests.test_sampling_lossless import N_NEW, SAMPLES, V, exact_sequence_probs, small_vocab_model
+from tests.test_verification import chi_square_p_value
+from workers.duo_drafter import DuoDrafterSide
+from workers.runner import ModelRunner
+
+
+def duo(target: ModelRunner, drafter: ModelRunner, gamma=(4, 1, 8), multi=True, overlap=False, calibration=0):
+    side = DuoDrafterSide(drafter)
+    return DuoEngine(target, InProcessDrafterClient(side, overlap), DraftBudgetController(*gamma),
+                     multi_sequence=multi, calibration_steps=calibration)
+
+
+# ------------------------------------------------------------------ the multi-sequence plan
+def test_plan_counts_alternatives_in_order_until_one_does_not_beat_lp12():
+    lp12 = -2.0
+    alternatives = torch.tensor([-1.0, -1.5, -3.0, -0.5])   # the 4th beats lp12 but comes after a miss
+    assert plan_num_sequences(alternatives, lp12, budget=12) == 3
+    assert plan_num_sequences(alternatives, lp12, budget=8) == 2     # 3 does not divide 8
+    assert plan_num_sequences(alternatives, lp12, budget=7) == 1
+    assert plan_num_sequences(torch.tensor([-3.0, -1.0]), lp12, budget=12) == 1
+    assert plan_num_sequences(torch.full((7,), -0.1), lp12, budget=24) == 8
+    assert plan_num_sequences(torch.full((7,), -0.1), lp12, budget=16) == 8
+    assert plan_num_sequences(torch.full((7,), -0.1), lp12, budget=12) == 6
+    assert [largest_divisor_at_most(24, k) for k in range(1, 9)] == [1, 2, 3, 4, 4, 6, 6, 8]
+
+
+def test_drafter_builds_the_planned_sequences_from_a_hand_built_distribution():
+    """A drafter whose next-token log-probs are fixed: x1 = 0 with log q = log .4, then q(.|x1) peaks at .5,
+    so lp12 = log .2; tokens 1 (.3) and 2 (.25) beat it, 3 (.05) does not: k = 3 sequences of 12 / 3."""
+    probs = torch.tensor([0.4, 0.3, 0.25, 0.05])
+
+    class FixedRunner:   # only what DuoDrafterSide calls
+        device = torch.device("cpu")
+        vocab_size = 4
+
+        def new_cache(self, batch, capacity):
+            class Cache:
+                lengths = [0]
+
+                def crop(self, row, n):
+                    self.lengths[row] = n
+            return Cache()
+
+        def forward(self, cache, ids, logits_rows=None):
+            cache.lengths[0] += ids.shape[1]
+            after_x1 = ids[0, -1].item() == 0 and cache.lengths[0] > 3
+            row = torch.tensor([0.5, 0.2, 0.2, 0.1]) if after_x1 else probs
+            return row.log().expand(1, 1, 4)
+
+    side = DuoDrafterSide(FixedRunner(), top_alternatives=8)
+    side.open("r", [3, 3, 3], SamplingParams(), None)
+    draft = side.draft("r", [3, 3, 3], budget=12, multi_sequence=True)
+    assert [s[0] for s in draft.sequences] == [0, 1, 2]
+    assert [len(s) for s in draft.sequences] == [4, 4, 4]
+    assert draft.probs is None      # greedy: deterministic drafts
+
+
+# ------------------------------------------------------------------ the budget controller
+def test_budget_matches_drafting_time_to_verify_time_and_shrinks_for_a_slower_drafter():
+    c = DraftBudgetController(gamma_init=4, gamma_min=1, gamma_max=16, decay=0.5)
+    assert c.budget() == 4                       # nothing measured yet
+    c.observe(draft_token_s=0.01, verify_s=0.08)
+    assert c.budget() == 8
+    for _ in range(10):                          # the drafter becomes 4x slower
+        c.observe(draft_token_s=0.04, verify_s=0.08)
+    assert c.budget() == 2
+    for _ in range(10):                          # a very fast drafter is clamped
+        c.observe(draft_token_s=0.0001, verify_s=0.08)
+    assert c.budget() == 16
+    with pytest.raises(ValueError, match="gamma_min"):
+        DraftBudgetController(gamma_init=0)
+
+
+class SlowedRunner(ModelRunner):
+    """A real drafter with a fixed delay per forward (the drafter made artificially slower)."""
+
+    delay_s = 0.0
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay_s)
+        return super().forward(*args, **kwargs)
+
+
+def test_engine_budget_reacts_to_an_artificially_slowed_drafter(target_model, draft_model, prompts):
+    target = ModelRunner(target_model)
+    drafter = SlowedRunner(draft_model)
+    engine = duo(target, drafter, gamma=(4, 1, 16), calibration=2)
+    engine.generate(prompts[1], 24)
+    fast = engine.budget.budget()
+    drafter.delay_s = 0.02            # >> a tiny target's verify forward
+    engine.generate(prompts[1], 24)
+    slow = engine.budget.budget()
+    assert slow < fast or fast == 1
+    assert slow == 1
+
+
+# ------------------------------------------------------------------ lossless output
+@pytest.mark.parametrize("multi", [True, False])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_output_equals_plain_decoding(target_model, draft_model, prompts, multi, overlap):
+    target = ModelRunner(target_model)
+    plain = SpeculativeEngine(target, None)
+    for drafter_model in (draft_model, target_model):      # mostly rejected / mostly accepted drafts
+        engine = duo(target, ModelRunner(drafter_model), gamma=(4, 2, 8), multi=multi, overlap=overlap)
+        for prompt in prompts:
+            expected = plain.generate(prompt, 30).tokens
+            res = engine.generate(prompt, 30)
+            assert res.tokens == expected
+            assert len(res.stats.draft_budgets) == res.stats.steps
+
+
+def head_scaled_copy(model, factor: float):
+    """The model with its output head (untied) multiplied by factor: -1 ranks tokens in reverse."""
+    copy = type(model)(model.config)
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        copy.lm_head.weight = torch.nn.Parameter(model.get_output_embeddings().weight * factor)
+    return copy.float().eval()
+
+
+def test_rounds_whose_pipelined_draft_is_discarded_still_decode_like_plain(target_model, prompts):
+    """A drafter ranking tokens in reverse is rejected every round: every pipelined draft is thrown away;
+    the target's copy as drafter gets them used. Both decode like plain."""
+    target = ModelRunner(target_model)
+    plain = SpeculativeEngine(target, None).generate(prompts[2], 40).tokens
+    reversed_ = duo(target, ModelRunner(head_scaled_copy(target_model, -1.0)), gamma=(4, 4, 4)).generate(
+        prompts[2], 40)
+    matched = duo(target, ModelRunner(target_model), gamma=(4, 4, 4), multi=False).generate(prompts[2], 40)
+    assert reversed_.tokens == plain == matched.tokens
+    r = reversed_.stats
+    assert r.speculative_drafts > 0 and r.speculative_used == 0 and r.accepted_tokens == 0
+    assert matched.stats.speculative_used > 0
+    assert matched.stats.mean_accepted_tokens > 1.5
+    assert 0 <= matched.stats.drafter_idle_fraction <= 1 and 0 <= matched.stats.target_idle_fraction <= 1
+
+
+def test_multi_sequence_drafts_are_trees_and_stay_exact(target_model, prompts):
+    """A drafter with the target's ranking but flatter log-probs plans several sequences."""
+    target = ModelRunner(target_model)
+    engine = duo(target, ModelRunner(head_scaled_copy(target_model, 0.05)), gamma=(8, 8, 8))
+    side = engine.drafter.side
+    side.open("probe", prompts[0], SamplingParams(), None)
+    assert len(side.draft("probe", prompts[0], 8, True).sequences) > 1
+    plain = SpeculativeEngine(target, None)
+    for prompt in prompts:
+        res = engine.generate(prompt, 24)
+        assert res.tokens == plain.generate(prompt, 24).tokens
+        assert res.stats.speculative_used > 0
+
+
+# ------------------------------------------------------------------ sampling distribution
+CASES = {
+    "multi-seq-gamma4-t1": (4, True, SamplingParams(temperature=1.0)),
+    "multi-seq-gamma2-t0.7-topk-topp": (2, True, SamplingParams(temperature=0.7, top_k=5, top_p=0.9)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pipelined_sampling_matches_target_distribution(case):
+    gamma, multi, params = CASES[case]
+    target_model = small_vocab_model(0)
+    prompt = [3, 5, 3, 5, 3]
+    exact = exact_sequence_probs(target_model, prompt, params)               # [V, V, V, V]
+    # The drafter's logits flattened: its alternatives beat lp12 often, so rounds have several sequences.
+    drafter_model = small_vocab_model(1)
+    with torch.no_grad():
+        drafter_model.lm_head.weight.mul_(0.15)
+    engine = duo(ModelRunner(target_model), ModelRunner(drafter_model), gamma=(gamma, gamma, gamma), multi=multi)
+    gen = torch.Generator().manual_seed(0)
+    outs = torch.empty(SAMPLES, N_NEW, dtype=torch.long)
+    used = trees = 0
+    for i in range(SAMPLES):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        res = engine.generate(prompt, N_NEW, SamplingParams(params.temperature, params.top_k, params.top_p, seed))
+        outs[i] = torch.tensor(res.tokens)
+        used += res.stats.speculative_used
+    side = engine.drafter.side
+    for i in range(20):       # the drafts really have several sequences in this setting
+        side.open("probe", prompt, params, i)
+        trees += len(side.draft("probe", prompt, gamma, multi).sequences) > 1
+    assert used > SAMPLES // 4, f"{case}: too few pipelined drafts used to test them"
+    assert trees > 0 or not multi
+    # The first token (round 0's guess), and pairs covering the later rounds.
+    for dims, cols in [((1, 2, 3), (0,)), ((0, 3), (1, 2)), ((0, 1), (2, 3)), ((0, 1, 2), (3,))]:
+        probs = exact.sum(dim=dims).reshape(-1)
+        ids = sum(outs[:, c] * V ** (len(cols) - 1 - j) for j, c in enumerate(cols))
+        p_value = chi_square_p_value(ids, probs)
+        assert p_value > 1e-3, f"{case}: tokens {cols} deviate from the target (p={p_value:.2e})"
+
+
+# ------------------------------------------------------------------ GPU readings
+def test_gpu_monitor_without_a_driver_says_so_once_and_reads_nothing(caplog):
+    import pynvml    # nvidia-ml-py is a dependency: importing works with or without a GPU
+
+    from orchestrator.gpu_stats import GpuMonitor
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the reading test below covers it")
+    monitor = GpuMonitor(pynvml)
+    with caplog.at_level("INFO", logger="orchestrator.gpu_stats"):
+        assert monitor.read() is None
+        assert monitor.read() is None
+        assert not monitor.available
+    assert len([r for r in caplog.records if "no GPU" in r.getMessage()]) == 1
+
+
+def test_gpu_monitor_reads_utilisation_and_memory():
+    from types import SimpleNamespace
+
+    from orchestrator.gpu_stats import GpuMonitor
+
+    class FakeNvml:   # the four calls GpuMonitor makes
+        nvmlInit = staticmethod(lambda: None)
+        nvmlDeviceGetCount = staticmethod(lambda: 1)
+        nvmlDeviceGetHandleByIndex = staticmethod(lambda i: f"h{i}")
+        nvmlDeviceGetUtilizationRates = staticmethod(lambda h: SimpleNamespace(gpu=37, memory=5))
+        nvmlDeviceGetMemoryInfo = staticmethod(lambda h: SimpleNamespace(used=2e9, total=80e9, free=78e9))
+
+    (reading,) = GpuMonitor(FakeNvml).read()
+    assert (reading.utilization_pct, reading.memory_used_gb, reading.memory_total_gb) == (37, 2.0, 80.0)
+    assert str(reading) == "gpu0: 37% busy, 2.0/80.0 GB"
+
+
+def test_engine_records_gpu_readings_when_there_is_a_gpu(target_model, draft_model, prompts):
+    res = duo(ModelRunner(target_model), ModelRunner(draft_model)).generate(prompts[0], 4)
+    has_reading = any(e.startswith("at the end: gpu0") for e in res.stats.events)
+    assert has_reading == gpu_available()
+
+
+def gpu_available() -> bool:
+    from orchestrator.gpu_stats import GpuMonitor
+
+    return GpuMonitor().available
+
+
+# ------------------------------------------------------------------ config
+def test_config_errors_name_the_key(tmp_path):
+    from orchestrator.config import ConfigError, load_config
+
+    def load(strategy: dict):
+        cfg = {"models": {"target": {"source": "t"}, "drafters": {"d": {"source": "d"}}},
+               "strategies": [{"name": "duo", "kind": "duodecoding", "drafter": "d", **strategy}]}
+        path = tmp_path / "c.yaml"
+        path.write_text(__import__("yaml").safe_dump(cfg))
+        return load_config(path)
+
+    assert load({}).strategies[0].process == "actor"
+    with pytest.raises(ConfigError, match="gamma_min <= gamma_init <= gamma_max"):
+        load({"gamma_init": 20, "gamma_max": 16})
+    with pytest.raises(ConfigError, match="strategies.0.duodecoding.gama"):
+        load({"gama": 3})
+    with pytest.raises(ConfigError, match="strategies.0.drafter"):
+        load({"drafter": "nope"})
+    with pytest.raises(ConfigError, match="backend"):
+        load({"backend": "llama_cpp"})        # not built yet: rejected rather than silently ignored
+
+
+def test_a_failing_drafter_costs_speed_not_the_request(target_model, draft_model, prompts):
+    class FailingSide(DuoDrafterSide):
+        calls = 0
+
+        def draft(self, *args):
+            FailingSide.calls += 1
+            if FailingSide.calls == 3:
+                raise RuntimeError("drafter process died")
+            return super().draft(*args)
+
+    target = ModelRunner(target_model)
+    engine = DuoEngine(target, InProcessDrafterClient(FailingSide(ModelRunner(draft_model))),
+                       DraftBudgetController(4, 4, 4), calibration_steps=0)
+    res = engine.generate(prompts[0], 20)
+    assert res.tokens == SpeculativeEngine(target, None).generate(prompts[0], 20).tokens
+    assert len([e for e in res.stats.events if "drafter failed" in e]) == 1
