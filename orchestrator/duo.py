@@ -158,6 +158,13 @@ class DuoEngine:
         self._calibrated = calibration_steps == 0
         self.gpu = GpuMonitor()      # reads nothing (and says so once) without a GPU
 
+    def with_target(self, target) -> "DuoEngine":
+        """The same strategy (drafter, budget controller) over another target (e.g. the global verifier)."""
+        engine = DuoEngine(target, self.drafter, self.budget, self.multi_sequence, tuple(self.eos_token_ids),
+                           self.name, self.calibration_steps)
+        engine._calibrated = self._calibrated
+        return engine
+
     def calibrate(self) -> None:
         """Seed the budget controller with one timed drafter token and one timed verify forward."""
         steps = self.calibration_steps

@@ -283,3 +283,29 @@ def test_a_failing_drafter_costs_speed_not_the_request(target_model, draft_model
     res = engine.generate(prompts[0], 20)
     assert res.tokens == SpeculativeEngine(target, None).generate(prompts[0], 20).tokens
     assert len([e for e in res.stats.events if "drafter failed" in e]) == 1
+
+
+def test_concurrent_requests_through_the_global_verifier_decode_like_plain(target_model, draft_model, prompts):
+    """The server's setup: one engine, requests in threads, target forwards batched by the global verifier."""
+    import threading
+
+    from orchestrator.global_verifier import GlobalVerifier
+
+    target = ModelRunner(target_model)
+    expected = [SpeculativeEngine(target, None).generate(p, 16).tokens for p in prompts]
+    verifier = GlobalVerifier(ModelRunner(target_model), max_batch=4)
+    try:
+        engine = duo(target, ModelRunner(draft_model), gamma=(4, 2, 6), overlap=True).with_target(verifier)
+        got: list = [None] * len(prompts)
+
+        def run(i):
+            got[i] = engine.generate(prompts[i], 16).tokens
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == expected
+    finally:
+        verifier.close()

@@ -54,6 +54,8 @@ class _Session:
         self.generator = make_generator(seed, runner.device)
         self.cache = runner.new_cache(1, capacity=len(prompt_ids) + 256)
         self.fed: list[int] = []      # tokens whose KV is in the cache, in order
+        self.forwards = 0             # forwards of the current draft call
+        self.last_logits: torch.Tensor | None = None   # [vocab] after the last fed token
 
 
 class DuoDrafterSide:
@@ -91,7 +93,7 @@ class DuoDrafterSide:
         """A draft of about `budget` tokens continuing `base` (every token before the draft)."""
         t0 = time.perf_counter()
         s = self.sessions[rid]
-        self._forwards = 0
+        s.forwards = 0
         if budget < 1:
             return MultiDraft([], None if s.params.greedy else [], time.perf_counter() - t0)
         logits0 = self._sync(s, base)                                            # [vocab]
@@ -118,7 +120,7 @@ class DuoDrafterSide:
             probs.append(rows)
         greedy = s.params.greedy
         return MultiDraft(sequences, None if greedy else [torch.stack(r) for r in probs],
-                          time.perf_counter() - t0, self._forwards)
+                          time.perf_counter() - t0, s.forwards)
 
     def _alternatives(self, first_logprobs: torch.Tensor, x1: int) -> torch.Tensor:
         """Token ids of the best first-token alternatives to x1, best first: [top_alternatives - 1]."""
@@ -129,7 +131,7 @@ class DuoDrafterSide:
         """Extend `seq` (its tokens after `base`) to `length` tokens; next_logits: after seq, if known."""
         if length > 1 and next_logits is None:
             self._sync(s, base + seq)        # rolls back over the previous sequence, feeds seq
-            next_logits = self._last
+            next_logits = s.last_logits
         while len(seq) < length:
             tok, q = self._choose(s, next_logits)
             seq.append(tok)
@@ -169,8 +171,8 @@ class DuoDrafterSide:
         ids = torch.tensor([tokens], device=self.runner.device)                  # [1, n]
         logits = self.runner.forward(s.cache, ids, logits_rows=slice(-1, None))[0, -1]   # [vocab]
         s.fed.extend(tokens)
-        self._forwards += 1
-        self._last = logits
+        s.forwards += 1
+        s.last_logits = logits
         return logits
 
 
