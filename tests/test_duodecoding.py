@@ -41,25 +41,24 @@ def test_drafter_builds_the_planned_sequences_from_a_hand_built_distribution():
     so lp12 = log .2; tokens 1 (.3) and 2 (.25) beat it, 3 (.05) does not: k = 3 sequences of 12 / 3."""
     probs = torch.tensor([0.4, 0.3, 0.25, 0.05])
 
-    class FixedRunner:   # only what DuoDrafterSide calls
+    class FixedModel:   # a draft-model backend (workers/duo_drafter.py) with hand-built distributions
         device = torch.device("cpu")
         vocab_size = 4
 
-        def new_cache(self, batch, capacity):
-            class Cache:
-                lengths = [0]
+        def new_kv(self, prompt_len):
+            class KV:
+                fed: list[int] = []
 
-                def crop(self, row, n):
-                    self.lengths[row] = n
-            return Cache()
+                def truncate(self, n):
+                    del self.fed[n:]
 
-        def forward(self, cache, ids, logits_rows=None):
-            cache.lengths[0] += ids.shape[1]
-            after_x1 = ids[0, -1].item() == 0 and cache.lengths[0] > 3
-            row = torch.tensor([0.5, 0.2, 0.2, 0.1]) if after_x1 else probs
-            return row.log().expand(1, 1, 4)
+                def feed(self, tokens):
+                    self.fed = self.fed + tokens
+                    after_x1 = self.fed[-1] == 0 and len(self.fed) > 3
+                    return (torch.tensor([0.5, 0.2, 0.2, 0.1]) if after_x1 else probs).log()
+            return KV()
 
-    side = DuoDrafterSide(FixedRunner(), top_alternatives=8)
+    side = DuoDrafterSide(FixedModel(), top_alternatives=8)
     side.open("r", [3, 3, 3], SamplingParams(), None)
     draft = side.draft("r", [3, 3, 3], budget=12, multi_sequence=True)
     assert [s[0] for s in draft.sequences] == [0, 1, 2]

@@ -48,44 +48,74 @@ class MultiDraft:
         return torch.stack([p[0] for p in self.probs])
 
 
-class _Session:
-    def __init__(self, runner: ModelRunner, prompt_ids: list[int], params: SamplingParams, seed: int | None):
-        self.params = params
-        self.generator = make_generator(seed, runner.device)
-        self.cache = runner.new_cache(1, capacity=len(prompt_ids) + 256)
+class TorchKV:
+    """A session's KV state on a ModelRunner (torch/transformers weights): the cache and its tokens."""
+
+    def __init__(self, runner: ModelRunner, capacity: int):
+        self.runner = runner
+        self.cache = runner.new_cache(1, capacity=capacity)
         self.fed: list[int] = []      # tokens whose KV is in the cache, in order
+
+    def truncate(self, length: int) -> None:
+        self.cache.crop(0, length)
+        del self.fed[length:]
+
+    def feed(self, tokens: list[int]) -> torch.Tensor:
+        """Append tokens; logits after the last one [vocab] (float32)."""
+        ids = torch.tensor([tokens], device=self.runner.device)                  # [1, n]
+        logits = self.runner.forward(self.cache, ids, logits_rows=slice(-1, None))[0, -1]   # [vocab]
+        self.fed.extend(tokens)
+        return logits
+
+
+class TorchDraftModel:
+    """The torch backend: per-session KV caches on one ModelRunner."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner, self.device, self.vocab_size = runner, runner.device, runner.vocab_size
+
+    def new_kv(self, prompt_len: int) -> TorchKV:
+        return TorchKV(self.runner, prompt_len + 256)
+
+
+class _Session:
+    def __init__(self, model, prompt_ids: list[int], params: SamplingParams, seed: int | None):
+        self.params = params
+        self.generator = make_generator(seed, model.device)
+        self.kv = model.new_kv(len(prompt_ids))
         self.forwards = 0             # forwards of the current draft call
         self.last_logits: torch.Tensor | None = None   # [vocab] after the last fed token
 
 
 class DuoDrafterSide:
-    def __init__(self, runner: ModelRunner, top_alternatives: int = 8):
+    def __init__(self, model, top_alternatives: int = 8):
+        """model: a ModelRunner (wrapped in TorchDraftModel) or a backend with the same two members
+        (device, vocab_size) and new_kv(prompt_len) -> an object with fed, truncate(n), feed(tokens)."""
         if top_alternatives < 1:
             raise ValueError(f"top_alternatives must be >= 1, got {top_alternatives}")
-        self.runner = runner
+        self.model = TorchDraftModel(model) if isinstance(model, ModelRunner) else model
         self.top_alternatives = top_alternatives
         self.sessions: dict[str, _Session] = {}
 
     def vocab_size(self) -> int:
-        return self.runner.vocab_size
+        return self.model.vocab_size
 
     def pid(self) -> int:
         return os.getpid()
 
     def open(self, rid: str, prompt_ids: list[int], params: SamplingParams, seed: int | None) -> None:
-        self.sessions[rid] = _Session(self.runner, prompt_ids, params, seed)
+        self.sessions[rid] = _Session(self.model, prompt_ids, params, seed)
 
     def close(self, rid: str) -> None:
         self.sessions.pop(rid, None)
 
     def seconds_per_token(self, steps: int = 4, context: int = 16) -> float:
         """Start-up calibration: the mean time of one single-token draft forward after a short context."""
-        cache = self.runner.new_cache(1, capacity=context + steps + 1)
-        self.runner.forward(cache, torch.zeros(1, context, dtype=torch.long, device=self.runner.device))
-        token = torch.zeros(1, 1, dtype=torch.long, device=self.runner.device)
+        kv = self.model.new_kv(context)
+        kv.feed([0] * context)
         t0 = time.perf_counter()
         for _ in range(steps):
-            self.runner.forward(cache, token, logits_rows=slice(-1, None))
+            kv.feed([0])
         return (time.perf_counter() - t0) / steps
 
     # ------------------------------------------------------------------ drafting
@@ -157,20 +187,18 @@ class DuoDrafterSide:
     def _sync(self, s: _Session, base: list[int]) -> torch.Tensor:
         """Make the cache hold base (rolling back to the common prefix); logits after base [vocab]."""
         common = 0
-        limit = min(len(s.fed), len(base) - 1)   # always re-feed >= 1 token: its logits are needed
-        while common < limit and s.fed[common] == base[common]:
+        fed = s.kv.fed
+        limit = min(len(fed), len(base) - 1)   # always re-feed >= 1 token: its logits are needed
+        while common < limit and fed[common] == base[common]:
             common += 1
-        s.cache.crop(0, common)
-        del s.fed[common:]
+        s.kv.truncate(common)
         return self._run(s, base[common:])
 
     def _feed(self, s: _Session, token: int) -> torch.Tensor:
         return self._run(s, [token])
 
     def _run(self, s: _Session, tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor([tokens], device=self.runner.device)                  # [1, n]
-        logits = self.runner.forward(s.cache, ids, logits_rows=slice(-1, None))[0, -1]   # [vocab]
-        s.fed.extend(tokens)
+        logits = s.kv.feed(tokens)                                                # [vocab]
         s.forwards += 1
         s.last_logits = logits
         return logits
