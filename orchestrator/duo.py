@@ -331,7 +331,7 @@ class DuoEngine:
 def build_duo_engine(strategy, drafter_spec, target, eos_token_ids: tuple[int, ...]) -> DuoEngine:
     """A DuoEngine for a `kind: duodecoding` strategy (orchestrator/config.DuoDecodingStrategy) over a
     loaded target; the drafter is loaded on the CPU, in a Ray actor or in this process."""
-    from workers.duo_drafter import DuoDrafterActor, DuoDrafterSide
+    from workers.duo_drafter import DuoDrafterActor, DuoDrafterSide, load_draft_model
 
     s = strategy
     if s.process == "actor":
@@ -340,15 +340,11 @@ def build_duo_engine(strategy, drafter_spec, target, eos_token_ids: tuple[int, .
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
         actor = ray.remote(DuoDrafterActor).options(num_cpus=s.threads).remote(
-            drafter_spec.model_dump(), "cpu", s.threads, s.top_alternatives)
+            drafter_spec.model_dump(), "cpu", s.threads, s.top_alternatives, s.backend, target.vocab_size)
         client = RayDrafterClient(actor)
     else:
-        from orchestrator.build import load_for_decoding
-
-        model, _ = load_for_decoding(drafter_spec.source, drafter_spec.dtype, torch.device("cpu"),
-                                     drafter_spec.quantize, with_tokenizer=False)
-        client = InProcessDrafterClient(DuoDrafterSide(ModelRunner(model, "cpu"), s.top_alternatives),
-                                        overlap=s.process == "thread")
+        model = load_draft_model(drafter_spec.model_dump(), s.backend, target.vocab_size, "cpu", s.threads)
+        client = InProcessDrafterClient(DuoDrafterSide(model, s.top_alternatives), overlap=s.process == "thread")
     if client.call("vocab_size").result() != target.vocab_size:
         raise ValueError(f"models.drafters.{s.drafter}: vocabulary size differs from the target's")
     return DuoEngine(target, client, DraftBudgetController(s.gamma_init, s.gamma_min, s.gamma_max),

@@ -204,17 +204,28 @@ class DuoDrafterSide:
         return logits
 
 
+def load_draft_model(drafter_spec: dict, backend: str, vocab_size: int, device: str = "cpu",
+                     threads: int | None = None):
+    """The drafter side's model: torch weights through the model store, or the GGUF through llama.cpp."""
+    from orchestrator.config import ModelSpec
+
+    spec = ModelSpec.model_validate(drafter_spec)
+    if backend == "llama_cpp":
+        from workers.llama_cpp_drafter import LlamaCppDraftModel
+
+        return LlamaCppDraftModel(spec.source, vocab_size, threads=threads or 1)
+    from orchestrator.build import load_for_decoding, pick_device
+
+    dev = pick_device(device)
+    model, _ = load_for_decoding(spec.source, spec.dtype, dev, spec.quantize, with_tokenizer=False)
+    return TorchDraftModel(ModelRunner(model, dev))
+
+
 class DuoDrafterActor(DuoDrafterSide):
     """The drafter side in its own process (wrapped by ray.remote): loads its model, owns its threads."""
 
     def __init__(self, drafter_spec: dict, device: str = "cpu", threads: int | None = None,
-                 top_alternatives: int = 8):
-        from orchestrator.build import load_for_decoding, pick_device
-        from orchestrator.config import ModelSpec
-
+                 top_alternatives: int = 8, backend: str = "torch", vocab_size: int = 0):
         if threads:
             torch.set_num_threads(threads)
-        spec = ModelSpec.model_validate(drafter_spec)
-        dev = pick_device(device)
-        model, _ = load_for_decoding(spec.source, spec.dtype, dev, spec.quantize, with_tokenizer=False)
-        super().__init__(ModelRunner(model, dev), top_alternatives)
+        super().__init__(load_draft_model(drafter_spec, backend, vocab_size, device, threads), top_alternatives)
