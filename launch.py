@@ -160,8 +160,9 @@ def cmd_bench(args) -> int:
     for i, path in enumerate(args.data):
         prompts += load_prompts(path, limits[i] if len(limits) > 1 else limits[0])
     built = build_engines(cfg, only=args.strategies)
-    if args.no_hf:
-        cfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"hf_peers": []})})
+    if args.no_hf or args.hf_peers is not None:
+        peers = [] if args.no_hf else args.hf_peers
+        cfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"hf_peers": peers})})
         built.config = cfg
     print(f"{len(prompts)} prompts, methods: {', '.join(built.engines)} + HF {cfg.bench.hf_peers}", flush=True)
     t0 = time.time()
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--out", default=None, help="JSON result path (a .md table is written beside it)")
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() rows")
+    bench.add_argument("--hf-peers", nargs="*", choices=["plain", "assisted", "prompt_lookup"], default=None,
+                       help="override bench.hf_peers (which HF generate() rows to measure)")
     bench.set_defaults(func=cmd_bench)
     mag = sub.add_parser("mag-table", help="MaG bigram table from the target's greedy outputs (docs/cascade.md)")
     mag.add_argument("--cluster", required=True, help="config file whose target generates the text")
