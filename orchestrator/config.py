@@ -146,7 +146,9 @@ class DuoDecodingStrategy(_Strict):
     name: str
     kind: Literal["duodecoding"]
     drafter: str = Field(description="Key of models.drafters")
-    backend: Literal["torch"] = Field("torch", description="Drafter runtime (torch/transformers weights)")
+    backend: Literal["torch", "llama_cpp"] = Field("torch", description=(
+        "Drafter runtime: torch (transformers weights via the model store) or llama_cpp (llama-cpp-python "
+        "reading the GGUF directly; the optional extra `llama`)"))
     process: Literal["actor", "thread", "inline"] = Field("actor", description=(
         "Where the drafter runs: its own Ray actor process with its own torch threads (pipelined), a thread "
         "of this process (pipelined, one shared torch pool), or inline (sequential, same outputs; tests)"))

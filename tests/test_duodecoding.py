@@ -262,8 +262,9 @@ def test_config_errors_name_the_key(tmp_path):
         load({"gama": 3})
     with pytest.raises(ConfigError, match="strategies.0.drafter"):
         load({"drafter": "nope"})
-    with pytest.raises(ConfigError, match="backend"):
-        load({"backend": "llama_cpp"})        # not built yet: rejected rather than silently ignored
+    assert load({"backend": "llama_cpp"}).strategies[0].backend == "llama_cpp"
+    with pytest.raises(ConfigError, match="strategies.0.duodecoding.backend"):
+        load({"backend": "onnx"})
 
 
 def test_a_failing_drafter_costs_speed_not_the_request(target_model, draft_model, prompts):
