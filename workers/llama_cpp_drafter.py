@@ -65,8 +65,11 @@ class LlamaCppDraftModel:
 
     def __init__(self, source: str, vocab_size: int, threads: int = 1, n_ctx: int = 4096):
         """vocab_size: the target's (logits are laid out over it)."""
-        from llama_cpp import Llama
-
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise RuntimeError("backend: llama_cpp needs llama-cpp-python, the optional extra `llama`: "
+                               "pip install -e '.[llama]' (builds llama.cpp with cmake)") from None
         self.llm = Llama(model_path=str(gguf_path(source)), n_ctx=n_ctx, n_threads=threads,
                          n_threads_batch=threads, logits_all=False, verbose=False)
         if self.llm.n_vocab() > vocab_size:
