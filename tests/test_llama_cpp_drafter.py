@@ -65,7 +65,8 @@ def test_duodecoding_with_the_llama_cpp_drafter_is_lossless(smol, llama_model, p
         assert len(res.tokens) == 32 or res.finish_reason == "stop"
 
 
-def test_config_builds_a_llama_cpp_drafter(tmp_path, smol):
+@pytest.mark.parametrize("process", ["thread", "actor"])
+def test_config_builds_a_llama_cpp_drafter(tmp_path, smol, process):
     import yaml
 
     from orchestrator.build import build_engines
@@ -74,12 +75,23 @@ def test_config_builds_a_llama_cpp_drafter(tmp_path, smol):
     cfg = {"models": {"target": {"source": "smollm2-135m", "dtype": "float32"},
                       "drafters": {"smol": {"source": "smollm2-135m", "dtype": "float32"}}},
            "strategies": [{"name": "duo-llama", "kind": "duodecoding", "drafter": "smol", "backend": "llama_cpp",
-                           "process": "thread", "calibration_steps": 2}],
+                           "process": process, "calibration_steps": 2}],
            "runtime": {"device": "cpu", "threads": 1}}
     path = tmp_path / "duo-llama.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    built = build_engines(load_config(path))
-    side = built.engines["duo-llama"].drafter.side
-    assert type(side.model).__name__ == "LlamaCppDraftModel"
-    ids = smol[1]("print('hello", return_tensors=None)["input_ids"]
-    assert built.engines["duo-llama"].generate(ids, 16).tokens == built.engines["plain"].generate(ids, 16).tokens
+    if process == "actor":
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="specorch-llama-test")
+    try:
+        built = build_engines(load_config(path))
+        engine = built.engines["duo-llama"]
+        if process == "thread":
+            assert type(engine.drafter.side.model).__name__ == "LlamaCppDraftModel"
+        ids = smol[1]("print('hello", return_tensors=None)["input_ids"]
+        res = engine.generate(ids, 16)
+        assert res.tokens == built.engines["plain"].generate(ids, 16).tokens
+        assert res.stats.speculative_used > 0
+    finally:
+        if process == "actor":
+            ray.shutdown()
