@@ -19,7 +19,9 @@ never share a pool).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -96,6 +98,8 @@ class DuoDrafterSide:
         self.model = TorchDraftModel(model) if isinstance(model, ModelRunner) else model
         self.top_alternatives = top_alternatives
         self.sessions: dict[str, _Session] = {}
+        # A backend with one shared context (llama.cpp) runs one draft at a time; torch caches are per session.
+        self._lock = threading.Lock() if getattr(self.model, "one_context", False) else contextlib.nullcontext()
 
     def vocab_size(self) -> int:
         return self.model.vocab_size
@@ -111,16 +115,22 @@ class DuoDrafterSide:
 
     def seconds_per_token(self, steps: int = 4, context: int = 16) -> float:
         """Start-up calibration: the mean time of one single-token draft forward after a short context."""
-        kv = self.model.new_kv(context)
-        kv.feed([0] * context)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            kv.feed([0])
-        return (time.perf_counter() - t0) / steps
+        with self._lock:
+            kv = self.model.new_kv(context)
+            kv.truncate(0)
+            kv.feed([0] * context)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                kv.feed([0])
+            return (time.perf_counter() - t0) / steps
 
     # ------------------------------------------------------------------ drafting
     def draft(self, rid: str, base: list[int], budget: int, multi_sequence: bool) -> MultiDraft:
         """A draft of about `budget` tokens continuing `base` (every token before the draft)."""
+        with self._lock:
+            return self._draft(rid, base, budget, multi_sequence)
+
+    def _draft(self, rid: str, base: list[int], budget: int, multi_sequence: bool) -> MultiDraft:
         t0 = time.perf_counter()
         s = self.sessions[rid]
         s.forwards = 0

@@ -62,6 +62,7 @@ class LlamaCppKV:
 
 class LlamaCppDraftModel:
     device = torch.device("cpu")
+    one_context = True      # DuoDrafterSide runs one draft at a time on it
 
     def __init__(self, source: str, vocab_size: int, threads: int = 1, n_ctx: int = 4096):
         """vocab_size: the target's (logits are laid out over it)."""
