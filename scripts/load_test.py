@@ -7,7 +7,7 @@ status code, p50/p99 latency of the successful ones, and health during the run.
 
     # against a running server (launch.py serve ...):
     .venv/bin/python scripts/load_test.py --address 127.0.0.1:50051 --clients 16 --duration 60
-    # or start the config's engines in this process, with a small admission queue:
+    # or start `launch.py serve --in-process` on the config (its own process), with a small admission queue:
     .venv/bin/python scripts/load_test.py --cluster cluster_configs/ci-tiny.yaml --clients 16 \
         --duration 60 --server-concurrency 4 --max-queue 4 --out bench_out/load.json
 """
@@ -32,6 +32,12 @@ from orchestrator.client import Client, build_request  # noqa: E402
 PROMPTS = ["def fibonacci(n):\n", "Write a haiku about the sea.", "import numpy as np\n\ndef normalize(x):\n",
            "The capital of France is", "class Stack:\n    def __init__(self):\n"]
 BAD = [dict(temperature=-1.0), dict(top_p=0.0), dict(max_new_tokens=0), dict(strategy="no-such-strategy")]
+
+
+def strategy_names(message: str) -> list[str]:
+    """The strategy names in "strategy: unknown '?' (available: ['a', 'b'])" (parsed, not evaluated)."""
+    inside = message[message.index("[") + 1: message.rindex("]")]
+    return [part.strip().strip("'") for part in inside.split(",") if part.strip()]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -89,16 +95,31 @@ def health_loop(address, token, stop_at, out):
             time.sleep(0.5)
 
 
-def start_local_server(cluster: str, concurrency: int | None, max_queue: int | None):
-    from orchestrator.build import build_engines
-    from orchestrator.config import load_config
-    from tests.serving import serve_in_thread
+def start_server_process(cluster: str, concurrency: int | None, max_queue: int | None):
+    """`launch.py serve --in-process` on a copy of the config with the overrides, in its own process
+    (so the load generator's threads do not share the server's interpreter). Returns (process, address)."""
+    import subprocess
+    import tempfile
 
-    cfg = load_config(cluster)
-    updates = {k: v for k, v in (("concurrency", concurrency), ("max_queue", max_queue)) if v is not None}
-    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=updates)})
-    ctx = serve_in_thread(build_engines(cfg))
-    return ctx, ctx.__enter__()
+    import yaml
+
+    raw = yaml.safe_load(Path(cluster).read_text())
+    server = raw.setdefault("server", {})
+    server.update({k: v for k, v in (("concurrency", concurrency), ("max_queue", max_queue)) if v is not None})
+    tmp = Path(tempfile.mkdtemp()) / Path(cluster).name
+    tmp.write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "launch.py", "serve", "--cluster", str(tmp), "--port", "0",
+                             "--in-process"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        if line.startswith("gRPC endpoint:"):
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()   # keep draining
+            return proc, line.split()[2]
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError("the server did not start")
 
 
 def main() -> None:
@@ -120,18 +141,20 @@ def main() -> None:
         ap.error("give exactly one of --address and --cluster")
     token = args.token or __import__("os").environ.get("SPECORCH_TOKEN")
 
-    server_ctx = None
+    server = None
     if args.cluster:
-        server_ctx, served = start_local_server(args.cluster, args.server_concurrency, args.max_queue)
-        address = served.address
+        server, address = start_server_process(args.cluster, args.server_concurrency, args.max_queue)
     else:
         address = args.address
     try:
-        with Client(address, timeout=60, token=token) as client:
-            strategies = args.strategies or ["plain"] + [s.strategy for s in client.stats().strategies
-                                                         if s.strategy != "plain"]
-            if args.cluster and not args.strategies:
-                strategies = list(served.built.engines)
+        if args.strategies:
+            strategies = args.strategies
+        else:       # the server names its strategies in INVALID_ARGUMENT's message for an unknown one
+            with Client(address, timeout=60, token=token) as client:
+                try:
+                    client.generate("x", max_new_tokens=1, strategy="?")
+                except grpc.RpcError as exc:
+                    strategies = strategy_names(exc.details())
         results: list[dict] = []
         healths: list[str] = []
         lock = threading.Lock()
@@ -150,8 +173,9 @@ def main() -> None:
             final = client.stats()
             ok_after = len(client.generate("def ok():", max_new_tokens=4).token_ids) == 4
     finally:
-        if server_ctx is not None:
-            server_ctx.__exit__(None, None, None)
+        if server is not None:
+            server.terminate()
+            server.wait(60)
 
     ok_lat = [r["latency_s"] for r in results if r["code"] == "OK" and r["kind"] == "ok"]
     report = {
