@@ -73,6 +73,32 @@ class Built:
     drafter_models: dict[str, object] = field(default_factory=dict)
 
 
+def missing_backend(strategy) -> str | None:
+    """Why a strategy cannot run here (an optional extra not installed), or None."""
+    import importlib.util
+
+    if getattr(strategy, "backend", None) == "llama_cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "its llama.cpp drafter needs the optional extra: pip install -e '.[llama]'"
+    return None
+
+
+def runnable_strategies(config: EngineConfig, only: list[str] | None):
+    """The strategies to build: `only` (all must be runnable), or every configured one that is,
+    the others skipped with a note (so the main job runs without optional extras)."""
+    if only is not None:
+        for s in config.strategies:
+            if s.name in only and (why := missing_backend(s)):
+                raise RuntimeError(f"strategy {s.name!r}: {why}")
+        return [s for s in config.strategies if s.name in only]
+    chosen = []
+    for s in config.strategies:
+        if why := missing_backend(s):
+            print(f"note: skipping strategy {s.name!r}: {why}", flush=True)
+        else:
+            chosen.append(s)
+    return chosen
+
+
 def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
     """Load the target and the drafters the selected strategies need; build one engine per strategy."""
     if config.runtime.threads:
@@ -84,9 +110,7 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
     built = Built(config, device, model, tokenizer, target,
                   {"plain": SpeculativeEngine(target, None, eos_token_ids=eos, name="plain")})
     runners: dict[str, ModelRunner] = {}
-    for s in config.strategies:
-        if only is not None and s.name not in only:
-            continue
+    for s in runnable_strategies(config, only):
         if isinstance(s, DuoDecodingStrategy):   # its drafter lives on the CPU, in its own process
             built.engines[s.name] = build_duo_engine(s, config.models.drafters[s.drafter], target, eos)
             continue

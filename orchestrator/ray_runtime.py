@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import ray
 import torch
 
-from orchestrator.build import Built, eos_ids, make_drafter, pick_device, policy_factory
+from orchestrator.build import Built, eos_ids, make_drafter, pick_device, policy_factory, runnable_strategies
 from orchestrator.config import CascadeStrategy, DraftModelStrategy, DuoDecodingStrategy, EasySpecStrategy, EngineConfig
 from orchestrator.duo import build_duo_engine
 from orchestrator.engine import SpeculativeEngine
@@ -296,7 +296,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         link_min_tokens = placement.link_min_tokens
     shards = [g[0] for g in stages]
 
-    chosen = [s for s in config.strategies if only is None or s.name in only]
+    chosen = runnable_strategies(config, only)
     for st in chosen:
         if isinstance(st, CascadeStrategy) and len(st.drafters) > 1:
             raise PlacementError(f"strategy {st.name!r}: cascades of several neural drafters run in process only "

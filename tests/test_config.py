@@ -65,3 +65,18 @@ strategies:
 """)
     with pytest.raises(ConfigError, match=r"strategies\.0\.draft_model\.lookup_first"):
         load_config(p)
+
+
+def test_strategies_missing_an_optional_extra_are_skipped_unless_asked_for(monkeypatch, capsys):
+    import importlib.util
+
+    from orchestrator.build import runnable_strategies
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    cfg = load_config(ROOT / "cluster_configs/local.yaml")
+    names = [s.name for s in runnable_strategies(cfg, None)]
+    assert "duo-0.5b-llama" not in names and "duo-0.5b" in names
+    assert "skipping strategy 'duo-0.5b-llama'" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match=r"duo-0.5b-llama.*\[llama\]"):
+        runnable_strategies(cfg, ["duo-0.5b-llama"])
