@@ -336,7 +336,8 @@ def _format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path) -> EngineConfig:
+def load_yaml_model(path: str | Path, model_cls, what: str = "config"):
+    """Read a YAML file into a pydantic model; every error names the file and the dotted key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -347,6 +348,10 @@ def load_config(path: str | Path) -> EngineConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     try:
-        return EngineConfig.model_validate(raw)
+        return model_cls.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{path}: invalid config\n{_format_errors(e)}") from None
+        raise ConfigError(f"{path}: invalid {what}\n{_format_errors(e)}") from None
+
+
+def load_config(path: str | Path) -> EngineConfig:
+    return load_yaml_model(path, EngineConfig)

@@ -9,10 +9,9 @@ import random
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.config import ConfigError, _format_errors
+from orchestrator.config import load_yaml_model
 
 
 class _Strict(BaseModel):
@@ -124,16 +123,4 @@ class Workload(_Strict):
 
 
 def load_workload(path: str | Path) -> Workload:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    try:
-        return Workload.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: invalid workload\n{_format_errors(e)}") from None
+    return load_yaml_model(path, Workload, "workload")
