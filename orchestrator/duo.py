@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from orchestrator.duo_policy import DraftBudgetController
-from orchestrator.engine import GenerationResult, tree_attention
+from orchestrator.engine import GenerationResult, emit, tree_attention
 from orchestrator.gpu_stats import GpuMonitor
 from orchestrator.metrics import RequestStats
 from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
@@ -259,11 +259,8 @@ class DuoEngine:
                     stats.speculative_used += next_draft is not None
             accepted = [tokens[i] for i in nodes]
             new_tokens = accepted + [next_token]
-            emitted = new_tokens[:remaining]
-            for i, tok in enumerate(emitted):
-                if tok in self.eos_token_ids:
-                    emitted, finish = emitted[: i + 1], "stop"
-                    break
+            emitted, stopped = emit(new_tokens, remaining, self.eos_token_ids)
+            finish = "stop" if stopped else finish
             out.extend(emitted)
             # "drafted" is the depth (the most tokens that could be accepted); draft_s = time the target waited.
             depth = max((len(s) for s in draft.sequences), default=0)

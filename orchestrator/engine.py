@@ -55,6 +55,16 @@ def _clip(draft: Draft, limit: int) -> Draft:
     return Draft(tokens=draft.tokens[:limit], probs=probs, source=draft.source)
 
 
+def emit(new_tokens: list[int], remaining: int, eos_token_ids) -> tuple[list[int], bool]:
+    """A step's tokens as output: at most `remaining`, cut after the first end-of-sequence
+    token. Returns (tokens, whether an end-of-sequence token ended them)."""
+    emitted = new_tokens[:remaining]
+    for i, tok in enumerate(emitted):
+        if tok in eos_token_ids:
+            return emitted[: i + 1], True
+    return emitted, False
+
+
 class SpeculativeEngine:
     """Runs requests through a target runner with an optional drafter."""
 
@@ -128,11 +138,8 @@ class SpeculativeEngine:
                 t2 = time.perf_counter()
 
                 new_tokens = accepted + [next_token]
-                emitted = new_tokens[:remaining]
-                for i, tok in enumerate(emitted):
-                    if tok in self.eos_token_ids:
-                        emitted, finish = emitted[: i + 1], "stop"
-                        break
+                emitted, stopped = emit(new_tokens, remaining, self.eos_token_ids)
+                finish = "stop" if stopped else finish
                 out.extend(emitted)
                 # For tree drafts "drafted" is the depth: the positions that could be accepted.
                 stats.observe_step(draft.depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
