@@ -234,10 +234,6 @@ class DrafterWorker:
             draft.probs = draft.probs.cpu()
         return draft
 
-    def update(self, sid: str, new_tokens: list[int], num_accepted: int) -> None:
-        if sid in self.sessions:          # fire-and-forget: a lost session fails at its next propose
-            self.sessions[sid].update(new_tokens, num_accepted)
-
     def live_requests(self) -> int:
         return len(self.sessions)
 
