@@ -153,6 +153,10 @@ class DuoDecodingStrategy(_Strict):
         "Where the drafter runs: its own Ray actor process with its own torch threads (pipelined), a thread "
         "of this process (pipelined, one shared torch pool), or inline (sequential, same outputs; tests)"))
     threads: int = Field(1, ge=1, le=256, description="torch threads of the drafter actor's process")
+    target_threads: int | None = Field(None, ge=1, le=256, description=(
+        "torch threads of the target while a DuoDecoding request decodes (None: runtime.threads). When the "
+        "drafter shares the target's cores, target + drafter threads should not exceed them. Process-wide: "
+        "requests of other strategies decoding in this process at the same time run with it too"))
     gamma_init: int = Field(4, ge=1, le=64, description="Draft budget (tokens per round) before any measurement")
     gamma_min: int = Field(1, ge=1, le=64, description="Smallest budget the controller may choose")
     gamma_max: int = Field(16, ge=1, le=64, description="Largest budget the controller may choose")

@@ -11,14 +11,19 @@ Round structure, with `pending` the newest committed token (not yet in the targe
      the deterministic alternatives one-hot). If one is accepted it is the step's last token and the rest
      of its sequence is the next round's draft, already made: the drafter never waited. Otherwise the
      recovered token comes from the residual and the speculative draft is discarded.
-   - Anything else (a rejection, or another sequence accepted): the speculative draft is discarded, the
-     drafter rolls back to the committed tokens (it keeps its KV up to the common prefix) and drafts
-     the next round fresh while the target waits.
+   - Anything else (a rejection, or another sequence accepted): the speculative draft is discarded and
+     the next round has an empty draft: the target forwards the pending token alone while the drafter
+     rolls back to the committed tokens (it keeps its KV up to the common prefix) and drafts past it.
+     That draft's first tokens are the bonus candidates of the one-token round, so the target never
+     waits for a fresh draft.
    Each round's draft is verified against the q it was drawn from, so the output is exactly the
    target's, whatever is speculated or discarded; the walk's own bonus sample, when replaced, is an
    independent draw that is simply not used.
-3. Round 0 uses draft length 1: the drafter prefills and proposes the first token while the target
-   prefills (the TTFT gain); the proposal is verified against the prefill's p like any bonus candidate.
+3. Round 0: the drafter prefills the prompt while the target prefills it (the TTFT gain). The first
+   token is sampled from the target's prefill without waiting for the drafter, so the time to first
+   token is the target's prefill alone. (The spec's round-0 draft of length 1 would be a guess checked
+   against this same p: it cannot add a token, and waiting for it puts the drafter's prefill, here
+   often slower than the target's, on the first token's path.)
 The draft budget per round comes from `DraftBudgetController` (orchestrator/duo_policy.py), fed with
 the drafter's per-token compute time and the target's verify time, measured online and by a short
 start-up calibration.
@@ -29,6 +34,7 @@ client runs the drafter side sequentially (tests; same outputs as the actor) or 
 """
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -91,7 +97,7 @@ def _clip(draft: MultiDraft, limit: int) -> MultiDraft:
     """Every sequence cut to `limit` tokens (a decision made before verification, from the lengths only)."""
     seqs = [s[:limit] for s in draft.sequences if s[:limit]]
     probs = None if draft.probs is None else [p[:limit] for s, p in zip(draft.sequences, draft.probs) if s[:limit]]
-    return MultiDraft(seqs, probs, draft.compute_s, draft.forwards)
+    return MultiDraft(seqs, probs, draft.compute_s, draft.forwards, draft.step_s)
 
 
 def _flatten(draft: MultiDraft) -> tuple[list[int], list[int] | None, torch.Tensor | None]:
@@ -121,6 +127,14 @@ class _RequestDrafter:
         self.failed = True
         return MultiDraft([], None)
 
+    def prefill(self, prompt: list[int]) -> None:
+        """Start the drafter's prefill; not waited for (a failure shows in the next draft's result)."""
+        if not self.failed:
+            try:
+                self.client.call("prefill", self.rid, prompt)
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                self._fail(exc)
+
     def draft(self, base: list[int], budget: int, multi_sequence: bool):
         if self.failed:
             return _Done(MultiDraft([], None))
@@ -136,6 +150,34 @@ class _RequestDrafter:
             return self._fail(exc)
 
 
+class _TargetThreads:
+    """torch's intra-op thread count for the target while DuoDecoding requests decode. torch's pool
+    is process-wide, so concurrent requests share one setting: the first to enter sets it, the last to
+    leave restores what was there."""
+
+    _lock = threading.Lock()
+    _active = 0
+    _saved = 0
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+
+    def __enter__(self):
+        if self.threads:
+            with self._lock:
+                if _TargetThreads._active == 0:
+                    _TargetThreads._saved = torch.get_num_threads()
+                    torch.set_num_threads(self.threads)
+                _TargetThreads._active += 1
+
+    def __exit__(self, *exc):
+        if self.threads:
+            with self._lock:
+                _TargetThreads._active -= 1
+                if _TargetThreads._active == 0:
+                    torch.set_num_threads(_TargetThreads._saved)
+
+
 def _release(cache) -> None:
     release = getattr(cache, "release", None)   # KV held by remote shards (orchestrator/ray_runtime.py)
     if release:
@@ -147,8 +189,9 @@ class DuoEngine:
 
     def __init__(self, target: ModelRunner, drafter, budget: DraftBudgetController | None = None,
                  multi_sequence: bool = True, eos_token_ids: tuple[int, ...] = (), name: str = "duo",
-                 calibration_steps: int = 4):
+                 calibration_steps: int = 4, target_threads: int | None = None):
         self.target = target
+        self.target_threads = target_threads       # torch threads while decoding (None: leave as is)
         self.drafter = drafter
         self.budget = budget or DraftBudgetController()
         self.multi_sequence = multi_sequence
@@ -161,7 +204,7 @@ class DuoEngine:
     def with_target(self, target) -> "DuoEngine":
         """The same strategy (drafter, budget controller) over another target (e.g. the global verifier)."""
         engine = DuoEngine(target, self.drafter, self.budget, self.multi_sequence, tuple(self.eos_token_ids),
-                           self.name, self.calibration_steps)
+                           self.name, self.calibration_steps, self.target_threads)
         engine._calibrated = self._calibrated
         return engine
 
@@ -188,7 +231,8 @@ class DuoEngine:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not self._calibrated:
-            self.calibrate()
+            with _TargetThreads(self.target_threads):
+                self.calibrate()
         prompt = list(prompt_ids)
         stats = RequestStats(prompt_tokens=len(prompt))
         generator = make_generator(params.seed, self.target.device)
@@ -211,30 +255,48 @@ class DuoEngine:
 
     def _generate(self, rid, cache, prompt, max_new_tokens, params, generator, stats, t_start, on_tokens):
         target = self.target
-        # Round 0: draft length 1, so the drafter's prefill runs alongside the target's.
+        # Round 0: the first token is the target's own sample and never waits for the drafter (a
+        # first-token guess could only be checked against this same p, and waiting for it would put
+        # the drafter's prefill on the time to first token). On separate hardware the drafter prefills
+        # at the same time. With target_threads set the two share cores: the target prefills on all of
+        # this process's threads alone, and the drafter's prefill runs in round 1 beside the target's
+        # one-token forward.
         drafter = _RequestDrafter(self.drafter, rid, stats)
-        first_guess = drafter.draft(prompt, 1, False)
+        if self.target_threads is None:
+            drafter.prefill(prompt)
         t0 = time.perf_counter()
         logits = target.prefill(cache, 0, prompt)                                 # [vocab]
         stats.target_busy_s += time.perf_counter() - t0
         stats.prefill_s = time.perf_counter() - t0
-        guess = self._observe_draft(drafter.result(first_guess), stats)
-        first, draft = self._take_speculation(warp_probs(logits, params), guess, generator)
+        first = int(sample(warp_probs(logits, params), generator))
         stats.ttft_s = time.perf_counter() - t_start
         out = [first]
         if on_tokens:
             on_tokens([first])
         finish = "stop" if first in self.eos_token_ids else "length"
+        with _TargetThreads(self.target_threads):
+            finish = self._decode(drafter, cache, prompt, out, finish, max_new_tokens, params, generator,
+                                  stats, on_tokens)
+        stats.generated_tokens = len(out)
+        stats.total_s = time.perf_counter() - t_start
+        readings = self.gpu.read()
+        if readings:
+            stats.events.append("at the end: " + "; ".join(map(str, readings)))
+        return GenerationResult(tokens=out, stats=stats, finish_reason=finish)
 
+    def _decode(self, drafter, cache, prompt, out, finish, max_new_tokens, params, generator, stats, on_tokens):
+        """Rounds after the first token, until max_new_tokens or a stop; extends `out`, returns finish."""
+        draft = None
         while finish != "stop" and len(out) < max_new_tokens:
             remaining = max_new_tokens - len(out)
             gamma = self.budget.budget()
             stats.draft_budgets.append(gamma)
             context = prompt + out
             t0 = time.perf_counter()
-            if draft is None and remaining > 1:     # nothing usable was speculated: draft now, the target waits
-                draft = self._observe_draft(drafter.result(drafter.draft(
-                    context, min(gamma, remaining - 1), self.multi_sequence)), stats)
+            # Nothing usable was speculated (round 1, or the last speculation was discarded): the target
+            # does not wait for a fresh draft. It forwards the pending token alone while the drafter
+            # drafts past it; that draft's first tokens are then the bonus candidates, as after any
+            # fully accepted round, so neither side idles.
             draft = _clip(draft, remaining - 1) if draft is not None else MultiDraft([], None)
             t1 = time.perf_counter()
             main = draft.sequences[0] if draft.sequences else []
@@ -262,25 +324,20 @@ class DuoEngine:
             emitted, stopped = emit(new_tokens, remaining, self.eos_token_ids)
             finish = "stop" if stopped else finish
             out.extend(emitted)
-            # "drafted" is the depth (the most tokens that could be accepted); draft_s = time the target waited.
+            # "drafted" is the depth (the most tokens that could be accepted); draft_s = time the target
+            # spent on the draft before verifying (only clipping now: it never waits for the drafter).
             depth = max((len(s) for s in draft.sequences), default=0)
             stats.observe_step(depth, len(accepted), len(emitted), t1 - t0, t2 - tv)
             if on_tokens:
                 on_tokens(emitted)
             draft = next_draft
-
-        stats.generated_tokens = len(out)
-        stats.total_s = time.perf_counter() - t_start
-        readings = self.gpu.read()
-        if readings:
-            stats.events.append("at the end: " + "; ".join(map(str, readings)))
-        return GenerationResult(tokens=out, stats=stats, finish_reason=finish)
+        return finish
 
     def _observe_draft(self, draft: MultiDraft, stats: RequestStats) -> MultiDraft:
         stats.drafter_busy_s += draft.compute_s
-        # Per drafter forward: a plan of k sequences costs about budget - k + 1 forwards, not budget.
+        # Per one-token drafter forward: a plan of k sequences costs about budget - k + 1 of them.
         if draft.forwards:
-            self.budget.observe(draft_token_s=draft.compute_s / draft.forwards)
+            self.budget.observe(draft_token_s=draft.step_s / draft.forwards)
         return draft
 
     def _take_speculation(self, p: torch.Tensor, spec: MultiDraft, generator):
@@ -345,4 +402,4 @@ def build_duo_engine(strategy, drafter_spec, target, eos_token_ids: tuple[int, .
     if client.call("vocab_size").result() != target.vocab_size:
         raise ValueError(f"models.drafters.{s.drafter}: vocabulary size differs from the target's")
     return DuoEngine(target, client, DraftBudgetController(s.gamma_init, s.gamma_min, s.gamma_max),
-                     s.multi_sequence, eos_token_ids, s.name, s.calibration_steps)
+                     s.multi_sequence, eos_token_ids, s.name, s.calibration_steps, s.target_threads)

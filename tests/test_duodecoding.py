@@ -105,6 +105,46 @@ def test_engine_budget_reacts_to_an_artificially_slowed_drafter(target_model, dr
     assert slow == 1
 
 
+def test_first_token_never_waits_for_the_drafter(target_model, draft_model, prompts):
+    """Round 0: the drafter's prefill and drafts run on its own thread; the first token comes from the
+    target's prefill alone, however slow the drafter is (the time-to-first-token regression)."""
+    target = ModelRunner(target_model)
+    drafter = SlowedRunner(draft_model)
+    drafter.delay_s = 0.5
+    for target_threads in (None, 1):       # drafter prefill beside the target's / deferred to round 1
+        engine = DuoEngine(target, InProcessDrafterClient(DuoDrafterSide(drafter), overlap=True),
+                           DraftBudgetController(2, 1, 2), calibration_steps=0, target_threads=target_threads)
+        res = engine.generate(prompts[0], 4)
+        assert res.stats.ttft_s < drafter.delay_s, (target_threads, res.stats.ttft_s)
+        assert res.tokens == SpeculativeEngine(target, None).generate(prompts[0], 4).tokens
+
+
+def test_budget_counts_one_token_drafter_forwards_only(target_model, draft_model, prompts):
+    """A prompt prefill or a rollback re-feed is one long forward: timing it as one drafted token made
+    the budget collapse to 1. Only one-token forwards (and their seconds) reach the controller."""
+    side = DuoDrafterSide(ModelRunner(draft_model))
+    side.open("r", prompts[0], SamplingParams(), None)
+    draft = side.draft("r", prompts[0], 4, False)           # prefill (one long forward) + 3 one-token forwards
+    assert draft.forwards == 3 and len(draft.sequences[0]) == 4
+    assert 0 < draft.step_s < draft.compute_s
+
+
+def test_target_threads_are_set_while_decoding_and_restored(target_model, draft_model, prompts):
+    seen = []
+
+    class ThreadsSeen(ModelRunner):
+        def forward(self, *args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return super().forward(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    engine = DuoEngine(ThreadsSeen(target_model), InProcessDrafterClient(DuoDrafterSide(ModelRunner(draft_model))),
+                       DraftBudgetController(2, 1, 2), calibration_steps=0, target_threads=1)
+    engine.generate(prompts[0], 6)
+    assert seen[1:] and set(seen[1:]) == {1}      # every forward after the prefill ran on 1 thread
+    assert torch.get_num_threads() == before
+
+
 # ------------------------------------------------------------------ lossless output
 @pytest.mark.parametrize("multi", [True, False])
 @pytest.mark.parametrize("overlap", [False, True])

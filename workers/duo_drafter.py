@@ -36,8 +36,9 @@ from workers.runner import ModelRunner
 class MultiDraft:
     sequences: list[list[int]]                 # k sequences, first tokens distinct; sequence 0 is the main one
     probs: list[torch.Tensor] | None           # per sequence [len, vocab] q of each token; None = greedy (one-hot)
-    compute_s: float = 0.0                     # drafter busy seconds for this draft
-    forwards: int = 0                          # drafter forwards it took (rollback re-feeds included)
+    compute_s: float = 0.0                     # drafter busy seconds for this draft (prefill, re-feeds included)
+    forwards: int = 0                          # one-token drafter forwards it took
+    step_s: float = 0.0                        # seconds those one-token forwards took (the budget's unit)
 
     @property
     def roots(self) -> list[int]:
@@ -85,7 +86,8 @@ class _Session:
         self.params = params
         self.generator = make_generator(seed, model.device)
         self.kv = model.new_kv(len(prompt_ids))
-        self.forwards = 0             # forwards of the current draft call
+        self.forwards = 0             # one-token forwards of the current draft call
+        self.step_s = 0.0             # and their seconds (multi-token re-feeds are left out: see _run)
         self.last_logits: torch.Tensor | None = None   # [vocab] after the last fed token
 
 
@@ -124,6 +126,13 @@ class DuoDrafterSide:
                 kv.feed([0])
             return (time.perf_counter() - t0) / steps
 
+    def prefill(self, rid: str, prompt_ids: list[int]) -> float:
+        """Build the prompt's KV ahead of the first draft (round 0, while the target prefills); seconds."""
+        with self._lock:
+            t0 = time.perf_counter()
+            self._sync(self.sessions[rid], prompt_ids)
+            return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ drafting
     def draft(self, rid: str, base: list[int], budget: int, multi_sequence: bool) -> MultiDraft:
         """A draft of about `budget` tokens continuing `base` (every token before the draft)."""
@@ -133,7 +142,7 @@ class DuoDrafterSide:
     def _draft(self, rid: str, base: list[int], budget: int, multi_sequence: bool) -> MultiDraft:
         t0 = time.perf_counter()
         s = self.sessions[rid]
-        s.forwards = 0
+        s.forwards, s.step_s = 0, 0.0
         if budget < 1:
             return MultiDraft([], None if s.params.greedy else [], time.perf_counter() - t0)
         logits0 = self._sync(s, base)                                            # [vocab]
@@ -160,7 +169,7 @@ class DuoDrafterSide:
             probs.append(rows)
         greedy = s.params.greedy
         return MultiDraft(sequences, None if greedy else [torch.stack(r) for r in probs],
-                          time.perf_counter() - t0, s.forwards)
+                          time.perf_counter() - t0, s.forwards, s.step_s)
 
     def _alternatives(self, first_logprobs: torch.Tensor, x1: int) -> torch.Tensor:
         """Token ids of the best first-token alternatives to x1, best first: [top_alternatives - 1]."""
@@ -208,8 +217,13 @@ class DuoDrafterSide:
         return self._run(s, [token])
 
     def _run(self, s: _Session, tokens: list[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
         logits = s.kv.feed(tokens)                                                # [vocab]
-        s.forwards += 1
+        # Only one-token forwards feed the budget: a prompt prefill or a rollback re-feed timed as
+        # "one forward" would make a drafted token look many times dearer than it is.
+        if len(tokens) == 1:
+            s.forwards += 1
+            s.step_s += time.perf_counter() - t0
         s.last_logits = logits
         return logits
 
