@@ -49,7 +49,7 @@ def compare(points, measured_files: list[str], categories: list[str] | None = No
                        "|---|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         m = measured.get((p.strategy, int(p.level)))
-        if m is None:
+        if m is None or p.placement.endswith("+drafter-node"):    # measured runs: drafters on the target's node
             continue
         err = (p.throughput - m["tokens_per_s"]) / m["tokens_per_s"]
         rows.append({"strategy": p.strategy, "concurrency": int(p.level), "predicted": p.throughput,
@@ -117,30 +117,46 @@ def plots(points, out_dir: Path, closed_loop: bool) -> list[Path]:
 
 
 def cmd_simulate(args) -> int:
-    from placement.capacity import (bench_acceptance, calibrate_profile, cluster_replicas, local_replicas,
-                                    recommend, strategy_models, sweep)
+    from placement.capacity import (bench_acceptance, calibrate_profile, cluster_replicas, cpu_contention,
+                                    draft_costs, local_replicas, node_share, recommend, strategy_models, sweep)
     from placement.workload import ClosedLoopArrivals, load_workload
 
     cfg = load_config(args.cluster)
     wl = load_workload(args.workload)
     alphas = _alphas(args.alpha)
-    bench = bench_acceptance(args.bench, wl.bench_categories) if args.bench else {}
+    calib = bench_acceptance(args.bench, wl.bench_categories) if args.bench else {}
+    accept_path = args.acceptance or args.bench
+    accept = bench_acceptance(accept_path, wl.bench_categories) if accept_path else {}
     if args.profile:
         profile = json.loads(Path(args.profile).read_text())
+        models = strategy_models(cfg, wl, accept, alphas)
         if args.calibrate:
             if not args.bench:
                 raise ConfigError("--calibrate needs --bench (the batch-1 records it takes the costs from)")
-            profile = calibrate_profile(profile, args.bench, wl.bench_categories, bench, args.calibrate)
+            profile = calibrate_profile(profile, args.bench, wl.bench_categories, args.calibrate)
+            costs = draft_costs(models, calib)
             c = profile["calibration"]
-            print(f"calibrated ({c['how']}): target one-token step {c['target_step_s'] * 1e3:.0f} ms "
-                  f"(profile x {c['scale']:.3f} or {c['shift_s'] * 1e3:+.0f} ms); draft seconds per forward "
-                  + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in profile["draft_token_s"].items()))
-        models = strategy_models(cfg, wl, bench, alphas, profile.get("draft_token_s"), args.calibrate)
-        replicas, pool_devices = local_replicas(cfg, profile, models, args.host_s, args.in_process,
-                                                        args.bus_contention, args.drafter_batch), None
+            print(f"calibrated ({c['how']}) on {args.bench}: target one-token step {c['target_step_s'] * 1e3:.0f} ms "
+                  f"(profile x {c['scale']:.3f} or {c['shift_s'] * 1e3:+.0f} ms); seconds per drafter forward: "
+                  + ", ".join(f"{k} {v * 1e3:.0f} ms ({src})" for k, (v, src) in costs.items()))
+            forward_s = {k: v for k, (v, _) in costs.items()}
+        else:
+            forward_s = dict(profile.get("draft_token_s", {}))
+        print(f"acceptance from {accept_path or 'parameters'}:")
         for m in models:
-            print(f"  {m.name}: {m.family}, gamma {m.gamma}, alpha {m.effective_alpha:.3f} "
-                  f"-> {m.expected_tokens:.2f} tokens/step ({m.source})")
+            line = (f"  {m.name}: {m.family}, gamma {m.gamma}, alpha {m.effective_alpha:.3f} "
+                    f"-> {m.expected_tokens:.2f} tokens/step ({m.source})")
+            if m.draft_forwards() > 0 and m.name in forward_s and cfg.placement:
+                share = node_share(cfg, profile, m, forward_s[m.name], args.oversubscription)
+                slow_t, slow_d = cpu_contention(share)
+                line += (f"\n      shared node: {share.cores} cores, threads target {share.target_threads} + drafter "
+                         f"{share.drafter_threads}, bus {share.bus_gbs:.1f} GB/s (target draws {share.target_gbs:.1f}, "
+                         f"drafter {share.drafter_gbs:.1f}) -> while both run target x{slow_t:.2f}, drafter x{slow_d:.2f}")
+            print(line)
+        replicas = local_replicas(cfg, profile, models, args.host_s, forward_s, args.in_process,
+                                  args.oversubscription, args.drafter_batch,
+                                  ("shared", "separate") if args.drafter_node == "both" else (args.drafter_node,))
+        pool_devices = None
     else:
         if cfg.placement is None or cfg.placement.target.device != "gpu":
             print(f"error: {args.cluster}: a CPU target is predicted from a measured profile: pass --profile "
@@ -201,8 +217,17 @@ def add_parsers(sub) -> None:
     sim.add_argument("--calibrate", choices=["scale", "shift"], default=None,
                      help="with --profile and --bench: absolute step costs from the bench's batch-1 records, "
                           "the profile's target curves for their shape only (scaled, or shifted)")
-    sim.add_argument("--bus-contention", type=float, default=1.0,
-                     help="with --profile: drafter and verifier running together each slow by n x this")
+    sim.add_argument("--acceptance", default=None,
+                     help="bench JSON whose records give acceptance (tokens/step, draft length, the hybrid's "
+                          "model share); default: --bench. Lets the costs come from one day's bench and acceptance "
+                          "from another's")
+    sim.add_argument("--oversubscription", choices=["gang", "fair"], default="gang",
+                     help="with --profile: how a drafter actor and the target share cores when their threads "
+                          "outnumber them: 'gang' (a side runs only while all its threads hold a core: OpenMP "
+                          "barriers) or 'fair' (each thread cores/threads of a core); see docs/capacity.md")
+    sim.add_argument("--drafter-node", choices=["shared", "separate", "both"], default="shared",
+                     help="with --profile: drafter actors on the target's CPU node (shared cores and bus), on a "
+                          "CPU node of their own (no contention), or both placements")
     sim.add_argument("--drafter-batch", type=int, default=1,
                      help="with --profile: requests a drafter actor drafts at once (1 = one at a time)")
     sim.add_argument("--in-process", action="store_true",

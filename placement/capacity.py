@@ -6,7 +6,11 @@ Two sources of step times:
   - the roofline (placement/roofline.py) from the hardware table and model sizes, for
     clusters that are not this machine (8xA100.yaml).
 Acceptance: a bench JSON's per-strategy mean accepted tokens and draft lengths (inverted to
-alpha through Leviathan's formula), else the workload's `acceptance`, else --alpha.
+alpha through Leviathan's formula), else the workload's `acceptance`, else --alpha. The bench
+that calibrates the costs and the one that gives acceptance may differ (`--acceptance`).
+On a CPU node the drafter actor and the target slow each other by factors derived from the
+node's cores, each side's threads and the memory bus (`cpu_contention`); a drafter on its own
+node (`drafter_node="separate"`) does not.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.config import DraftModelStrategy, EasySpecStrategy, EngineConfig, PromptLookupStrategy
 from placement.hardware import KNOWN_DEVICES
@@ -64,13 +71,22 @@ class MeasuredStep:
 @dataclass(frozen=True)
 class Measured:
     mean_accepted: float      # tokens per step (accepted + 1)
-    mean_drafted: float       # draft length per step
+    mean_drafted: float       # draft length per step (tokens)
     draft_s_per_step: float   # measured draft seconds per step (bench, batch 1)
     prompts: int
+    # Model forwards per step by source, counted by the bench (`draft_forwards`: drafter key or
+    # strategy name -> forwards); None when the records do not count them (older bench files).
+    forwards_per_step: dict[str, float] | None = None
 
     @property
     def alpha(self) -> float:
         return alpha_for_mean_accepted(self.mean_accepted, self.mean_drafted) if self.mean_drafted else 0.0
+
+    def model_forwards(self, drafter: str | None, name: str) -> float | None:
+        """Counted forwards of the neural drafter per step (the MaG table or a lookup is not one)."""
+        if self.forwards_per_step is None:
+            return None
+        return self.forwards_per_step.get(drafter or "", self.forwards_per_step.get(name, 0.0))
 
 
 def bench_acceptance(path: str | Path, categories: list[str] | None = None) -> dict[str, Measured]:
@@ -82,21 +98,27 @@ def bench_acceptance(path: str | Path, categories: list[str] | None = None) -> d
         steps = sum(r["steps"] for r in rs)
         if not steps or name == "plain":
             continue
+        forwards = None
+        if all(isinstance(r.get("draft_forwards"), dict) for r in rs):
+            forwards = {}
+            for r in rs:
+                for key, n in r["draft_forwards"].items():
+                    forwards[key] = forwards.get(key, 0.0) + n / steps
         out[name] = Measured(sum(r["step_tokens"] for r in rs) / steps, sum(r["drafted"] for r in rs) / steps,
-                             sum(r["draft_s"] for r in rs) / steps, len(rs))
+                             sum(r["draft_s"] for r in rs) / steps, len(rs), forwards)
     return out
 
 
 def calibrate_profile(profile: dict, bench_path: str | Path, categories: list[str] | None,
-                      measured: dict[str, "Measured"], how: str = "scale") -> dict:
-    """A copy of `profile` whose absolute costs come from the batch-1 bench records: the target's
-    curves scaled so one token costs plain decoding's verify seconds per step, and each strategy's
-    draft cost per forward = its draft seconds per step / its mean draft length. The profile
-    keeps only the *shape* of the target's cost against tokens and batch (for a profile taken on
-    a loaded machine, or of a smaller model of the same family). how = "scale": every point
-    times one factor (all costs grow with the model); "shift": every point plus one offset (the
-    extra cost of more tokens or requests does not grow with the model: per-request attention
-    and Python in forward_many)."""
+                      how: str = "scale") -> dict:
+    """A copy of `profile` whose target costs come from the batch-1 bench records: the target's
+    curves scaled so one token costs plain decoding's verify seconds per step. The profile keeps
+    only the *shape* of the target's cost against tokens and batch (for a profile taken on a
+    loaded machine, or of a smaller model of the same family). how = "scale": every point times
+    one factor (all costs grow with the model); "shift": every point plus one offset (the extra
+    cost of more tokens or requests does not grow with the model: per-request attention and
+    Python in forward_many). Draft costs are calibrated per strategy model (`draft_costs`), since
+    what one drafter forward costs depends on how many forwards a strategy's step makes."""
     recs = [r for r in json.loads(Path(bench_path).read_text())["records"]["plain"]
             if not categories or r["category"] in categories]
     t1 = sum(r["verify_s"] for r in recs) / sum(r["steps"] for r in recs)
@@ -105,9 +127,27 @@ def calibrate_profile(profile: dict, bench_path: str | Path, categories: list[st
     adjust = (lambda v: v * scale) if how == "scale" else (lambda v: v - base + t1)
     out = dict(profile)
     out["target"] = {k: {n: adjust(v) for n, v in profile["target"][k].items()} for k in ("tokens", "batch")}
-    out["draft_token_s"] = {name: m.draft_s_per_step / max(1, round(m.mean_drafted)) for name, m in measured.items()}
     out["calibration"] = {"bench": str(bench_path), "target_step_s": t1, "how": how, "scale": scale,
                           "shift_s": t1 - base}
+    return out
+
+
+def draft_costs(models: list["StrategyModel"], calib: dict[str, Measured]) -> dict[str, tuple[float, str]]:
+    """Seconds per drafter forward per strategy -> (seconds, where from), so that at batch 1 a
+    simulated step drafts for the calibration bench's draft seconds per step:
+    draft_s_per_step / (the model's drafter forwards per step). A strategy the calibration bench
+    did not run takes the per-forward cost of a same-drafter strategy that did (its drafter's
+    forward costs the same; the hybrid's lookups are not forwards)."""
+    out: dict[str, tuple[float, str]] = {}
+    by_drafter: dict[str, tuple[float, str]] = {}
+    for m in models:
+        if m.name in calib and m.draft_forwards() > 0:
+            out[m.name] = (calib[m.name].draft_s_per_step / m.draft_forwards(), f"bench {m.name}")
+            if m.family == "draft_model" and m.drafter:
+                by_drafter.setdefault(m.drafter, (out[m.name][0], f"bench {m.name} (same drafter)"))
+    for m in models:
+        if m.name not in out and m.draft_forwards() > 0 and m.drafter in by_drafter:
+            out[m.name] = by_drafter[m.drafter]
     return out
 
 
@@ -135,10 +175,33 @@ def _gamma(s) -> int:
     return dl.k if dl.policy == "fixed" else dl.k_init
 
 
+def _hybrid_split(name: str, m: Measured, siblings: dict[str, Measured], drafter: str | None
+                  ) -> tuple[float, float, str]:
+    """(model_share, model_draft_len, how) of a hybrid from its bench record: the share of steps the
+    model drafts, and the forwards of such a step. Forwards per step are counted when the records
+    have `draft_forwards`; else estimated as the hybrid's draft seconds per step / the per-forward
+    cost of a same-drafter draft-model strategy (`siblings`: same file, so same day and prompts).
+    A model-drafted step is taken to draft that sibling's mean length (same draft-length policy)."""
+    sib = next(iter(siblings.values()), None)
+    model_len = sib.mean_drafted if sib else m.mean_drafted
+    counted = m.model_forwards(drafter, name)
+    if counted is not None:
+        fwd, how = counted, "counted"
+    elif sib is not None:
+        per_fwd = sib.draft_s_per_step / (sib.model_forwards(drafter, "") or sib.mean_drafted)
+        fwd, how = m.draft_s_per_step / per_fwd, f"estimated from draft seconds vs {next(iter(siblings))}"
+    else:
+        return 1.0, 0.0, "no per-source counts and no same-drafter strategy: every step drafts with the model"
+    share = min(1.0, fwd / model_len) if model_len else 1.0
+    return share, model_len, (f"model drafts {share:.0%} of steps, {model_len:.1f} forwards each "
+                              f"({fwd:.2f} forwards/step {how})")
+
+
 def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Measured],
-                    alphas: dict[str, float], draft_token_s: dict[str, float] | None = None,
-                    calibrated: bool = False) -> list[StrategyModel]:
-    """The config's strategies (and plain) with gamma/alpha from the bench, else parameters."""
+                    alphas: dict[str, float]) -> list[StrategyModel]:
+    """The config's strategies (and plain) with gamma/alpha from the bench (acceptance), else parameters."""
+    plain_sd = {s.name: s.drafter for s in cfg.strategies              # draft every step with the model
+                if isinstance(s, DraftModelStrategy) and s.lookup_first is None and not s.min_confidence}
     out = [StrategyModel("plain", "plain", source="-")]
     for s in cfg.strategies:
         fam = _family(s)
@@ -146,49 +209,147 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
             continue
         drafter = _drafter(s)
         gamma, source = _gamma(s), ""
+        model_share, model_len = 1.0, 0.0
         if s.name in bench:
             m = bench[s.name]
             gamma, alpha = max(1, round(m.mean_drafted)), m.alpha
             source = f"bench: {m.mean_accepted:.2f} tokens/step at {m.mean_drafted:.1f} drafted ({m.prompts} prompts)"
+            if fam == "hybrid":
+                siblings = {n: b for n, b in bench.items() if plain_sd.get(n) == drafter}
+                model_share, model_len, how = _hybrid_split(s.name, m, siblings, drafter)
+                source += "; " + how
         else:
             alpha = next((table[k] for table in (alphas, workload.acceptance) for k in (s.name, drafter, fam)
                           if k is not None and k in table), None)
             if alpha is None:
                 continue                      # nothing known about this strategy's acceptance: not simulated
             source = "parameter"
-        model_share = 1.0
-        if fam == "hybrid" and s.name in bench and draft_token_s and s.name in draft_token_s and not calibrated:
-            # Fitted: the share of steps that drafted with the model, from the bench's draft seconds.
-            model_share = min(1.0, bench[s.name].draft_s_per_step / (gamma * draft_token_s[s.name]))
-            source += f"; model drafts {model_share:.0%} of steps (fit to the bench's draft time)"
         chunk = s.k_matrix[-1][-1] if getattr(s, "k_matrix", None) else 1.0   # MaG tokens per review
         out.append(StrategyModel(s.name, fam, gamma, alpha, drafter, model_share=model_share,
-                                 review_chunk=chunk, source=source))
+                                 model_draft_len=model_len, review_chunk=chunk, source=source))
     return out
 
 
+# ----------------------------------------------------------------------------- CPU contention
+class CpuNodeShare(BaseModel):
+    """What a drafter actor and the target share on one CPU node (from the config and the profile)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cores: int = Field(ge=1, description="cores of the node (node_pools[].cpus)")
+    target_threads: int = Field(ge=1, description="torch threads of the target actor")
+    drafter_threads: int = Field(ge=1, description="torch threads of the drafter actor")
+    bus_gbs: float = Field(gt=0, description="memory bandwidth of the node, GB/s (profile memory_bw_gbs)")
+    target_gbs: float = Field(ge=0, description="bandwidth the target's one-token forward draws alone: "
+                                                "weight bytes / its solo step, GB/s")
+    drafter_gbs: float = Field(ge=0, description="the same for one drafter forward, GB/s")
+    oversubscription: Literal["fair", "gang"] = Field("gang", description=(
+        "while threads outnumber cores: 'fair' = each runnable thread gets cores / threads of a core "
+        "(threads that wait sleep); 'gang' = a side progresses only while all its threads hold a core "
+        "(OpenMP threads spin at each parallel region's barrier for the slowest one)"))
+
+
+def cpu_contention(n: CpuNodeShare) -> tuple[float, float]:
+    """(target, drafter) slowdown while both run: solo time x this. Per side x with T_x threads,
+    N = target + drafter threads, C cores:
+    - cores, when N > C: 'fair': the OS gives each runnable thread C / N of a core, so side x gets
+      C * T_x / N core-equivalents against min(T_x, C) alone: min(T_x, C) * N / (C * T_x);
+      'gang': x progresses only while all T_x threads run, which with C of the N threads running
+      at a time (uniformly) happens with probability P = comb(N - T_x, C - T_x) / comb(N, C):
+      slowdown 1 / P (2 + 2 threads on 2 cores: fair 2, gang 6);
+    - bus: max-min fair shares of bus_gbs between the two demands (each capped at the bus; a side
+      under half the bus keeps its demand, the other gets the rest): slowdown demand / share;
+    the larger of the two."""
+    threads = n.target_threads + n.drafter_threads
+    over = threads > n.cores
+    # A side alone draws at most the whole bus (a larger figure: the step is not all weight streaming,
+    # or the profile's bandwidth was read under load).
+    d_t, d_d = min(n.target_gbs, n.bus_gbs), min(n.drafter_gbs, n.bus_gbs)
+
+    def one(t_x: int, d_x: float, d_other: float) -> float:
+        compute = 1.0
+        if over:
+            compute = min(t_x, n.cores) * threads / (n.cores * t_x)
+            if n.oversubscription == "gang" and t_x <= n.cores:
+                compute = math.comb(threads, n.cores) / math.comb(threads - t_x, n.cores - t_x)
+        fair = max(n.bus_gbs / 2, n.bus_gbs - d_other)           # max-min fair share of the bus (GB/s)
+        bus = d_x / min(d_x, fair) if d_x + d_other > n.bus_gbs and d_x > 0 else 1.0
+        return max(compute, bus)
+
+    return one(n.target_threads, d_t, d_d), one(n.drafter_threads, d_d, d_t)
+
+
+def _drafter_threads(cfg: EngineConfig, strategy_name: str, drafter: str | None) -> int:
+    """Threads of the process that runs this strategy's drafts, as orchestrator/ray_runtime.py sets them:
+    a DuoDecoding drafter its own `threads`; a drafter actor runtime.threads, else its placement's cpus."""
+    st = next((s for s in cfg.strategies if s.name == strategy_name), None)
+    if st is not None and getattr(st, "kind", None) == "duodecoding":
+        return st.threads
+    pl = cfg.placement.drafters.get(drafter) if cfg.placement and drafter else None
+    return cfg.runtime.threads or (pl.cpus if pl else 1)
+
+
+def _target_threads(cfg: EngineConfig) -> int:
+    pool = next((p for p in cfg.node_pools if cfg.placement and p.name == cfg.placement.target.pool), None)
+    return cfg.runtime.threads or (pool.cpus if pool else 1)
+
+
+def node_share(cfg: EngineConfig, profile: dict, m: StrategyModel, draft_forward_s: float,
+               oversubscription: str = "gang") -> CpuNodeShare:
+    """The CPU node's share inputs for strategy `m` (target and its drafter on the target's node)."""
+    from placement.plan import footprint
+
+    pool = next(p for p in cfg.node_pools if p.name == cfg.placement.target.pool)
+    t1 = profile["target"]["tokens"]["1"]                                  # s, one-token forward alone
+    target_bytes = footprint(cfg.models.target).weight_bytes
+    drafter_bytes = footprint(cfg.models.drafters[m.drafter]).weight_bytes if m.drafter else 0.0
+    return CpuNodeShare(cores=pool.cpus, target_threads=_target_threads(cfg),
+                        drafter_threads=_drafter_threads(cfg, m.name, m.drafter),
+                        bus_gbs=profile["memory_bw_gbs"], target_gbs=target_bytes / t1 / 1e9,
+                        drafter_gbs=drafter_bytes / draft_forward_s / 1e9 if draft_forward_s else 0.0,
+                        oversubscription=oversubscription)
+
+
 # ----------------------------------------------------------------------------- local (profile)
+DRAFTER_NODES = ("shared", "separate")
+
+
 def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel], host_s: float,
-                   in_process: bool = False, bus_contention: float = 1.0, drafter_batch: int = 1) -> dict:
+                   draft_forward_s: dict[str, float], in_process: bool = False,
+                   oversubscription: str = "gang", drafter_batch: int = 1,
+                   drafter_nodes: tuple[str, ...] = ("shared",)) -> dict:
     """This machine as measured: one verifier (the global verifier), drafter actors drafting
     `drafter_batch` requests at a time (1: as when the serving runs of docs/distributed.md were
-    measured; in_process: the drafter runs beside the engine, no Ray hop per draft)."""
+    measured; in_process: the drafter runs beside the engine, no Ray hop per draft).
+    draft_forward_s: seconds per drafter forward per strategy (alone, batch 1).
+    drafter_nodes: "shared" = the drafter actor on the target's node (placement "local"; they slow
+    each other, `cpu_contention`); "separate" = on a CPU node of its own with the same per-forward
+    cost (placement "local+drafter-node"; no contention, a Ray hop per draft either way)."""
     verify = MeasuredStep(profile["target"])
     grow = Curve({int(k): v for k, v in profile["target"]["batch"].items()})   # batched drafts grow like this
     out = {}
     for m in models:
-        tok_s = profile.get("draft_token_s", {}).get(m.name)
+        tok_s = draft_forward_s.get(m.name)
         if m.draft_forwards() > 0 and tok_s is None:
             continue
         replicas = 1
         if m.drafter and cfg.placement and m.drafter in cfg.placement.drafters:
             replicas = cfg.placement.drafters[m.drafter].replicas
-        out[(m.name, "local")] = Replica(
-            m, verify, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
-            draft_step=(lambda rows, s=tok_s: s * grow(len(rows)) / grow(1)) if tok_s else None,
-            drafter_servers=replicas,
-            drafter_max_batch=drafter_batch, transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
-            host_s=host_s, shared_bus=True, bus_contention=bus_contention, devices=1)
+        slow_t, slow_d = (cpu_contention(node_share(cfg, profile, m, tok_s, oversubscription))
+                          if m.draft_forwards() > 0 and cfg.placement else (1.0, 1.0))
+        for node in drafter_nodes if m.draft_forwards() > 0 else ("shared",):
+            if node not in DRAFTER_NODES:
+                raise ValueError(f"drafter node {node!r}: expected one of {DRAFTER_NODES}")
+            shared = node == "shared"
+            out[(m.name, "local" if shared else "local+drafter-node")] = Replica(
+                m, verify, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
+                draft_step=(lambda rows, s=tok_s: s * grow(len(rows)) / grow(1)) if tok_s else None,
+                # Not profiled: the drafter's prompt prefill, taken to grow with tokens like the target's
+                # forward (one drafter forward x target(prompt tokens) / target(1 token)).
+                draft_prefill_step=(lambda rows, s=tok_s: s * verify(rows) / verify([Row(1, 0)])) if tok_s else None,
+                drafter_servers=replicas, drafter_max_batch=drafter_batch,
+                transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
+                host_s=host_s, shared_bus=shared, verify_shared_slowdown=slow_t, draft_shared_slowdown=slow_d,
+                devices=1 if shared else 2)
     return out
 
 

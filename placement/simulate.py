@@ -3,8 +3,9 @@
 Resources are batch servers (`BatchServer`): the verifier (the target's devices; the
 global verifier batches every queued request's forward, up to max_batch), the drafters
 (each a server; on the local machine one actor drafting one request at a time). On a CPU
-node the drafter and the verifier share one memory bus (`SharedBus`): both memory-bound, each
-runs at half speed while the other runs.
+node the drafter and the verifier share the cores and one memory bus (`SharedNode`): while both
+run, each runs `shared_slowdown` times slower than alone (the factor comes from the node's cores,
+each side's threads and bandwidth: placement/capacity.py `cpu_contention`).
 A request: arrives -> prefill on the verifier (first token) -> steps until its output length:
 draft (drafter, or nothing) -> transfer -> verify (verifier) -> host work (a delay) -> emit
 `sample_emitted(alpha, gamma)` tokens. DuoDecoding submits the next draft together with the
@@ -46,7 +47,7 @@ class Request:
 
 @dataclass
 class Job:
-    kind: str                  # "prefill", "verify", "draft"
+    kind: str                  # "prefill", "verify", "draft", "draft-prefill"
     row: Row
     forwards: float            # sequential forwards this job needs (drafts: draft length)
     on_done: Callable[[], None]
@@ -71,36 +72,34 @@ class Sim:
             fn()
 
 
-class SharedBus:
-    """Servers on one memory bus (a CPU node's drafter and verifier): while n of them run, each
-    progresses at 1/n of its solo speed (all memory-bound). Finish times are rescheduled on
-    every start and finish; a superseded finish event is ignored."""
+class SharedNode:
+    """Servers on one CPU node (a drafter actor and the verifier): alone, a job takes its solo
+    seconds; while another server of the node runs too, it progresses at 1 / its server's
+    `shared_slowdown` of its solo speed (compute and memory bus shared; see capacity.cpu_contention).
+    Finish times are rescheduled on every start and finish; a superseded finish event is ignored."""
 
-    def __init__(self, sim: Sim, contention: float = 1.0):
-        """contention > 1: running together costs more than a fair share (threads oversubscribing cores)."""
-        self.sim, self.contention = sim, contention
-        self.active: dict[int, list] = {}       # server id -> [remaining solo seconds, last update, version, done]
+    def __init__(self, sim: Sim):
+        self.sim = sim
+        self.active: dict[int, list] = {}       # server id -> [remaining solo s, last update s, version, done, slowdown]
 
-    def _slowdown(self) -> float:
-        n = len(self.active)
-        return n * self.contention if n > 1 else 1.0
+    def _rate_divisor(self, job: list) -> float:
+        return job[4] if len(self.active) > 1 else 1.0
 
     def run(self, server: "BatchServer", work: float, done: Callable[[], None]) -> None:
         self._progress()
-        self.active[id(server)] = [work, self.sim.now, 0, done]
+        self.active[id(server)] = [work, self.sim.now, 0, done, server.shared_slowdown]
         self._reschedule()
 
     def _progress(self) -> None:
-        n = self._slowdown()
         for job in self.active.values():
-            job[0] -= (self.sim.now - job[1]) / n
+            job[0] -= (self.sim.now - job[1]) / self._rate_divisor(job)
             job[1] = self.sim.now
 
     def _reschedule(self) -> None:
-        n = self._slowdown()
         for key, job in self.active.items():
             job[2] += 1
-            self.sim.at(self.sim.now + max(0.0, job[0]) * n, lambda k=key, v=job[2]: self._finish(k, v))
+            self.sim.at(self.sim.now + max(0.0, job[0]) * self._rate_divisor(job),
+                        lambda k=key, v=job[2]: self._finish(k, v))
 
     def _finish(self, key: int, version: int) -> None:
         job = self.active.get(key)
@@ -114,9 +113,10 @@ class SharedBus:
 
 class BatchServer:
     def __init__(self, sim: Sim, step: StepFn, max_batch: int, batch_wait_s: float = 0.0, name: str = "",
-                 bus: SharedBus | None = None):
+                 bus: SharedNode | None = None, shared_slowdown: float = 2.0):
         self.sim, self.step, self.max_batch, self.batch_wait_s, self.name = sim, step, max_batch, batch_wait_s, name
         self.bus = bus
+        self.shared_slowdown = shared_slowdown      # solo time x this while another server of the node runs
         self.queue: list[Job] = []
         self.busy = False
         self.waiting = False
@@ -174,13 +174,16 @@ class Replica:
     max_batch: int = 16
     batch_wait_s: float = 0.0
     draft_step: StepFn | None = None           # one drafter forward of these rows
+    draft_prefill_step: StepFn | None = None   # the drafter's prefill of the prompt (None: not modelled);
+                                               # the engine runs it after the first token, before step 1
     drafter_servers: int = 1
     drafter_max_batch: int = 1                 # 1: a drafter drafts one request at a time
     drafter_shared: bool = False               # drafter on the verifier's devices: its jobs queue there
     transfer_s: float = 0.0                    # draft -> verifier, per step
     host_s: float = 0.0                        # per request-step host work (each request's own thread)
-    shared_bus: bool = False                   # drafters and verifier share one memory bus (a CPU node)
-    bus_contention: float = 1.0                # > 1: sharing costs more than a fair share (see SharedBus)
+    shared_bus: bool = False                   # drafters and verifier share one CPU node (cores + memory bus)
+    verify_shared_slowdown: float = 2.0        # shared node: the verifier's solo time x this while a drafter runs
+    draft_shared_slowdown: float = 2.0         # shared node: a drafter's solo time x this while the verifier runs
     devices: float = 1.0                       # devices held, for device-hours
 
 
@@ -218,8 +221,9 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     rng = random.Random(seed)
     sim = Sim()
     s = rep.strategy
-    bus = SharedBus(sim, rep.bus_contention) if rep.shared_bus else None
-    verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier", bus)
+    bus = SharedNode(sim) if rep.shared_bus else None
+    verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier", bus,
+                           rep.verify_shared_slowdown)
     drafters = []
     if s.draft_forwards() > 0:
         if rep.draft_step is None:
@@ -227,8 +231,8 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         if rep.drafter_shared:
             drafters = [verifier]
         else:
-            drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch, 0.0, f"drafter-{i}", bus)
-                        for i in range(rep.drafter_servers)]
+            drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch, 0.0, f"drafter-{i}", bus,
+                                    rep.draft_shared_slowdown) for i in range(rep.drafter_servers)]
     done: list[Request] = []
     emissions: list[tuple[float, int]] = []     # (time, tokens emitted)
     pending = [arrivals.requests]          # requests not yet issued (closed loop)
@@ -248,16 +252,21 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     def emit(req: Request, n: int) -> None:
         emissions.append((sim.now, min(n, req.output - req.emitted)))
         req.emitted = min(req.output, req.emitted + n)
-        if req.first_token is None:
+        first = req.first_token is None
+        if first:
             req.first_token = sim.now
         if req.emitted >= req.output:
             finish(req)
+        elif first and drafters and rep.draft_prefill_step is not None:
+            # orchestrator/engine.py: the drafter session starts (prefills the prompt) after the first token.
+            after = lambda: sim.at(sim.now + rep.transfer_s, lambda: step(req))  # noqa: E731
+            drafter_for(req).submit(Job("draft-prefill", Row(req.prompt, 0), 1, after, rep.draft_prefill_step))
         else:
             step(req)
 
     def draft_forwards() -> float:
-        if s.family == "hybrid":                      # a lookup hit costs nothing, a miss the whole draft
-            return s.gamma if rng.random() < s.model_share else 0.0
+        if s.family == "hybrid":                      # a lookup hit costs nothing, a miss the model's draft
+            return s.model_draft_forwards if rng.random() < s.model_share else 0.0
         return s.draft_forwards()
 
     def drafter_for(req: Request) -> BatchServer:

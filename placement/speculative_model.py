@@ -64,6 +64,8 @@ class StrategyModel:
     alpha: float = 0.0                  # per-token acceptance
     drafter: str | None = None          # models.drafters key whose step time a draft pays
     model_share: float = 1.0            # hybrid: fraction of steps drafted by the model (rest: lookup)
+    model_draft_len: float = 0.0        # hybrid: drafter forwards of a model-drafted step (0: gamma; lookup
+                                        # drafts run longer than the model's, so the mean draft overstates it)
     easyspec_speedup: float = 1.0       # easyspec: drafter step divided by this
     easyspec_alpha_penalty: float = 0.0  # easyspec: alpha * (1 - penalty)
     review_chunk: float = 1.0           # cs_drafting: drafted tokens reviewed per drafter forward
@@ -94,12 +96,17 @@ class StrategyModel:
     def overlapped(self) -> bool:
         return self.family == "duodecoding"
 
+    @property
+    def model_draft_forwards(self) -> float:
+        """hybrid: drafter forwards when the lookup misses and the model drafts."""
+        return self.model_draft_len or float(self.gamma)
+
     def draft_forwards(self) -> float:
         """Expected drafter forwards (of one token each) per step."""
         if self.family in ("plain", "prompt_lookup"):
             return 0.0
         if self.family == "hybrid":
-            return self.model_share * self.gamma
+            return self.model_share * self.model_draft_forwards
         if self.family == "easyspec":
             return self.gamma / self.easyspec_speedup
         if self.family == "cs_drafting":

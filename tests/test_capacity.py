@@ -138,21 +138,134 @@ def test_simulate_cli_8xa100_recommends_a_plan(tmp_path):
     assert any(s.startswith("cs-drafting") for s in strategies) and any(s.startswith("easyspec") for s in strategies)
 
 
-def test_shared_bus_halves_speed_while_both_run():
-    # Drafter and verifier on one memory bus: two 1 s jobs started together both end at 2 s.
-    from placement.simulate import BatchServer, SharedBus, Sim
-    from placement.simulate import Job
+def test_shared_node_slows_each_side_by_its_own_factor_while_both_run():
+    # Drafter and verifier on one node, each 2x slower while the other runs: two jobs started together.
+    from placement.simulate import BatchServer, Job, SharedNode, Sim
 
     sim = Sim()
-    bus = SharedBus(sim)
+    bus = SharedNode(sim)
     ends = []
-    a = BatchServer(sim, lambda rows: 1.0, 1, bus=bus)
-    b = BatchServer(sim, lambda rows: 0.5, 1, bus=bus)
+    a = BatchServer(sim, lambda rows: 1.0, 1, bus=bus, shared_slowdown=2.0)
+    b = BatchServer(sim, lambda rows: 0.5, 1, bus=bus, shared_slowdown=4.0)
     a.submit(Job("verify", Row(1, 0), 1, lambda: ends.append(("a", sim.now))))
     b.submit(Job("draft", Row(1, 0), 1, lambda: ends.append(("b", sim.now))))
     sim.run()
-    # b needs 0.5 s alone: 1 s at half speed; a then has 0.5 s left at full speed: ends at 1.5 s.
-    assert ends == [("b", pytest.approx(1.0)), ("a", pytest.approx(1.5))]
+    # b needs 0.5 s alone: 2 s at 1/4 speed; meanwhile a did 2 s / 2 = 1 s of its 1 s: both end at 2 s.
+    assert sorted(ends) == [("a", pytest.approx(2.0)), ("b", pytest.approx(2.0))]
+    sim2, ends2 = Sim(), []
+    bus2 = SharedNode(sim2)
+    a2 = BatchServer(sim2, lambda rows: 1.0, 1, bus=bus2, shared_slowdown=2.0)
+    b2 = BatchServer(sim2, lambda rows: 0.25, 1, bus=bus2, shared_slowdown=2.0)
+    a2.submit(Job("verify", Row(1, 0), 1, lambda: ends2.append(("a", sim2.now))))
+    b2.submit(Job("draft", Row(1, 0), 1, lambda: ends2.append(("b", sim2.now))))
+    sim2.run()
+    # b: 0.25 s alone -> 0.5 s at half speed; a has done 0.25 s, its last 0.75 s alone: ends at 1.25 s.
+    assert ends2 == [("b", pytest.approx(0.5)), ("a", pytest.approx(1.25))]
+
+
+def _share(**kw):
+    from placement.capacity import CpuNodeShare
+    base = dict(cores=2, target_threads=2, drafter_threads=2, bus_gbs=20.0, target_gbs=10.0, drafter_gbs=5.0)
+    return CpuNodeShare(**{**base, **kw})
+
+
+def test_cpu_contention_from_cores_threads_and_bus():
+    from placement.capacity import cpu_contention
+    # 2 + 2 threads on 2 cores, bus not saturated (10 + 5 < 20): fair 4/2 = 2 each; gang: all of a
+    # side's 2 threads are the 2 running of 4 in 1 of comb(4, 2) = 6 cases -> 6 each.
+    assert cpu_contention(_share(oversubscription="fair")) == pytest.approx((2.0, 2.0))
+    assert cpu_contention(_share(oversubscription="gang")) == pytest.approx((6.0, 6.0))
+    # 2 + 1 threads on 2 cores, gang: target needs both running threads (1 of comb(3, 2) = 3) -> 3;
+    # the drafter's one thread runs in 2 of 3 -> 1.5.
+    assert cpu_contention(_share(drafter_threads=1)) == pytest.approx((3.0, 1.5))
+    # 8 cores, no oversubscription, bus 20 GB/s against demands 16 + 8: max-min fair shares give the
+    # drafter its 8 and the target 12: target x 16/12, drafter x 1.
+    assert cpu_contention(_share(cores=8, target_gbs=16.0, drafter_gbs=8.0)) == pytest.approx((16 / 12, 1.0))
+    # A demand above the bus is capped at it: both saturate it alone and get half each -> 2.
+    assert cpu_contention(_share(cores=8, target_gbs=50.0, drafter_gbs=30.0)) == pytest.approx((2.0, 2.0))
+    with pytest.raises(Exception, match="extra"):
+        _share(bogus=1)
+
+
+def _local_models_and_profile():
+    from orchestrator.config import load_config
+    cfg = load_config(ROOT / "cluster_configs/local.yaml")
+    profile = {"memory_bw_gbs": 20.0, "target": {"tokens": {"1": 0.2, "8": 0.22, "128": 0.6},
+                                                 "batch": {"1": 0.2, "16": 0.5}}}
+    # A hybrid: lookup hits skip the drafter, so requests fall out of step and drafts overlap verifies.
+    hybrid = StrategyModel("sd-0.5b-int8-hybrid", "hybrid", 6, 0.8, "qwen-0.5b-int8", model_share=0.5,
+                           model_draft_len=4)
+    return cfg, profile, [StrategyModel("plain", "plain"), hybrid]
+
+
+def test_drafter_on_a_separate_node_has_no_contention_and_is_faster_under_load():
+    from placement.capacity import local_replicas
+    from placement.workload import load_workload
+
+    cfg, profile, models = _local_models_and_profile()
+    reps = local_replicas(cfg, profile, models, 0.0, {"sd-0.5b-int8-hybrid": 0.08}, drafter_batch=16,
+                          drafter_nodes=("shared", "separate"))
+    shared, separate = reps[("sd-0.5b-int8-hybrid", "local")], reps[("sd-0.5b-int8-hybrid", "local+drafter-node")]
+    assert shared.shared_bus and not separate.shared_bus
+    assert (shared.verify_shared_slowdown, shared.draft_shared_slowdown) == pytest.approx((6.0, 6.0))  # 2+2 threads, 2 cores
+    assert ("plain", "local+drafter-node") not in reps                  # nothing to place for plain
+    wl = load_workload(ROOT / "cluster_configs/workloads/local-closed-loop.yaml")
+    p_len, o_len = wl.sampler()
+    a = Arrivals("closed", 8, concurrency=8)
+    slow, fast = simulate(shared, a, p_len, o_len, seed=1), simulate(separate, a, p_len, o_len, seed=1)
+    assert fast.throughput > 1.3 * slow.throughput
+    one = Arrivals("closed", 1, concurrency=1)     # one request: drafter and target alternate, nothing to share
+    assert simulate(separate, one, p_len, o_len, seed=1).throughput == pytest.approx(
+        simulate(shared, one, p_len, o_len, seed=1).throughput, rel=1e-9)
+
+
+def _bench_file(tmp_path, with_counts: bool):
+    def rec(steps, step_tokens, drafted, draft_s, forwards):
+        r = {"category": "humaneval", "steps": steps, "step_tokens": step_tokens, "drafted": drafted,
+             "draft_s": draft_s, "verify_s": 0.2 * steps}
+        if with_counts:
+            r["draft_forwards"] = forwards
+        return r
+    data = {"records": {
+        "plain": [rec(10, 10, 0, 0.0, {})],
+        "sd-0.5b-int8-adaptive": [rec(10, 40, 40, 4.0, {"qwen-0.5b-int8": 40})],    # 0.1 s per forward
+        # hybrid: 10 steps, 8 tokens drafted per step; 12 model forwards (3 steps of 4), the rest lookup
+        "sd-0.5b-int8-hybrid": [rec(10, 50, 80, 1.5, {"qwen-0.5b-int8": 12})],
+    }}
+    path = tmp_path / ("counted.json" if with_counts else "uncounted.json")
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("with_counts,share", [(True, 12 / 40), (False, 15 / 40)])
+def test_hybrid_model_share_from_counts_or_draft_seconds(tmp_path, with_counts, share):
+    # Counted: 1.2 model forwards per step / 4 per model-drafted step (the plain SD's length) = 30%.
+    # Uncounted: 0.15 s of drafting per step / 0.1 s per forward (the plain SD's) = 1.5 forwards -> 37.5%.
+    from orchestrator.config import load_config
+    from placement.capacity import bench_acceptance, draft_costs, strategy_models
+
+    cfg = load_config(ROOT / "cluster_configs/local.yaml")
+    wl = load_workload(ROOT / "cluster_configs/workloads/local-closed-loop.yaml")
+    bench = bench_acceptance(_bench_file(tmp_path, with_counts), ["humaneval"])
+    models = {m.name: m for m in strategy_models(cfg, wl, bench, {})}
+    hybrid = models["sd-0.5b-int8-hybrid"]
+    assert hybrid.gamma == 8 and hybrid.model_draft_len == pytest.approx(4.0)
+    assert hybrid.model_share == pytest.approx(share)
+    assert hybrid.draft_forwards() == pytest.approx(share * 4)
+    # Calibrated per-forward costs reproduce each strategy's draft seconds per step at batch 1.
+    costs = draft_costs(list(models.values()), bench)
+    for name in ("sd-0.5b-int8-adaptive", "sd-0.5b-int8-hybrid"):
+        assert costs[name][0] * models[name].draft_forwards() == pytest.approx(bench[name].draft_s_per_step)
+
+
+def test_drafter_prefill_runs_after_the_first_token_on_the_drafter():
+    # One request: prefill 0.1 s (first token), drafter prefill 0.3 s, then 2 steps of 4 x 0.01 + 0.1 s
+    # (alpha 1: 5 tokens per step; 11 tokens = 1 + 5 + 5).
+    sd = StrategyModel("sd", "draft_model", 4, 1.0, "d")
+    rep = Replica(sd, lambda rows: 0.1, max_batch=8, draft_step=lambda rows: 0.01,
+                  draft_prefill_step=lambda rows: 0.3)
+    res = simulate(rep, Arrivals("closed", 1, concurrency=1), lambda r: 10, lambda r: 11)
+    assert res.makespan == pytest.approx(0.1 + 0.3 + 2 * (0.04 + 0.1))
 
 
 def test_drafter_sharing_the_verifiers_devices_runs_its_own_model_there():
