@@ -104,9 +104,19 @@ def main() -> None:
                     tokens = sum(len(r.token_ids) for r in results)
                     mean_batch = ((verifier.stats.rows - before[1]) / max(1, verifier.stats.batches - before[0])
                                   if verifier else 1.0)
+                    # Per-request stats from the server, so acceptance can be read from the run itself.
+                    per_request = [{"steps": r.stats.steps, "generated_tokens": r.stats.generated_tokens,
+                                    "mean_accepted_tokens": r.stats.mean_accepted_tokens,
+                                    "acceptance_rate": r.stats.acceptance_rate, "ttft_s": r.stats.ttft_s,
+                                    "total_s": r.stats.total_s} for r in results if r.stats is not None]
+                    steps = sum(r["steps"] for r in per_request)
                     out["throughput"].append({"strategy": name, "concurrency": c, "requests": len(batch),
                                               "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-                                              "mean_verify_batch": mean_batch})
+                                              "mean_verify_batch": mean_batch,
+                                              # after the prefill's token: tokens per verification step
+                                              "tokens_per_step": (sum(r["generated_tokens"] - 1 for r in per_request)
+                                                                  / steps if steps else None),
+                                              "requests_stats": per_request})
                     print(f"| {name} | {c} | {len(batch)} | {tokens} | {wall:.1f} | {tokens / wall:.2f} | "
                           f"{mean_batch:.2f} |", flush=True)
     finally:
