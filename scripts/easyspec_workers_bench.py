@@ -8,6 +8,8 @@ Times `propose(k)` of the 0.5B drafter on one HumanEval prompt, every round full
   emulation    EasySpec in process (group members one after another), for each of --threads
   2 workers    EasySpec over 2 Ray actors x 1 thread, group outputs all-gathered with gloo
 for both group modes (attn_only parallelises only the members' attention, direct_mlp whole layers).
+With --e2e-prompts N, also tokens/s end to end on the 1.5B target: plain, sequential SD, the emulation
+and the workers, through SpeculativeEngine, interleaved prompt by prompt.
 Median ms per propose over --rounds rounds after --warmup. The drafts of the emulation and of
 the 2 workers are checked to be identical (greedy). Also timed: one gloo all_gather and one
 broadcast of a hidden state [1, 1, hidden] between two bare actors (what a fused group, or a
@@ -59,6 +61,50 @@ def time_proposes(drafter, prompt: list[int], k: int, rounds: int, warmup: int) 
     return statistics.median(times) * 1e3, drafts
 
 
+def end_to_end(args, ranks, prompts_text) -> dict:
+    """tokens/s through SpeculativeEngine (greedy, fixed k) on the 1.5B target in this process: plain,
+    sequential SD, the EasySpec emulation and EasySpec on the ranks, interleaved prompt by prompt."""
+    from orchestrator.build import eos_ids
+    from orchestrator.draft_length import FixedDraftLength
+    from orchestrator.engine import SpeculativeEngine
+    from workers.easyspec_workers import DistributedEasySpecDrafter
+
+    torch.set_num_threads(args.threads[0])
+    target_model, tok = load_for_decoding(args.target, args.dtype, torch.device("cpu"))
+    draft_model, _ = load_for_decoding(args.model, args.dtype, torch.device("cpu"), with_tokenizer=False)
+    target, runner = ModelRunner(target_model), ModelRunner(draft_model)
+    eos = eos_ids(target_model, tok)
+    policy = lambda: FixedDraftLength(args.k)  # noqa: E731
+    engines = {
+        "plain": SpeculativeEngine(target, eos_token_ids=eos),
+        "sequential SD": SpeculativeEngine(target, DraftModelDrafter(runner), policy, eos),
+        "EasySpec emulation (attn_only)": SpeculativeEngine(
+            target, EasySpecDrafter(runner, degree=args.degree), policy, eos),
+        f"EasySpec {args.degree} workers (attn_only)": SpeculativeEngine(
+            target, DistributedEasySpecDrafter(ranks, "attn_only"), policy, eos),
+    }
+    prompts = [encode(tok, p) for p in prompts_text]
+    totals = {name: [0, 0.0, 0, 0] for name in engines}       # tokens, seconds, steps, equal to plain
+    for ids in prompts:
+        reference = None
+        for name, engine in engines.items():
+            res = engine.generate(ids, args.e2e_tokens)
+            reference = res.tokens if reference is None else reference
+            t = totals[name]
+            t[0] += len(res.tokens)
+            t[1] += res.stats.total_s
+            t[2] += res.stats.steps
+            t[3] += res.tokens == reference
+    plain_tps = totals["plain"][0] / totals["plain"][1]
+    sd_tps = totals["sequential SD"][0] / totals["sequential SD"][1]
+    out = {}
+    for name, (tokens, seconds, steps, same) in totals.items():
+        tps = tokens / seconds
+        out[name] = {"tokens_per_s": tps, "vs_plain": tps / plain_tps, "vs_sequential_sd": tps / sd_tps,
+                     "mean_accepted_tokens": (tokens - len(prompts)) / max(1, steps), "equal_to_plain": same}
+    return out
+
+
 class CollectivePeer:
     def join(self, init_method: str, rank: int) -> None:
         import torch.distributed as dist
@@ -92,6 +138,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="threads of the in-process setups")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--e2e-prompts", type=int, default=0, help="also run end to end on this many prompts")
+    ap.add_argument("--e2e-tokens", type=int, default=64)
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, tok = load_for_decoding(args.model, args.dtype, torch.device("cpu"))
@@ -123,6 +172,7 @@ def main() -> None:
             rows[f"{args.degree} workers x 1 thread {mode}"], drafts = time_proposes(
                 DistributedEasySpecDrafter(ranks, mode), prompt, args.k, args.rounds, args.warmup)
             same[mode] = drafts == emulated[mode]
+        e2e = end_to_end(args, ranks, load_prompts(args.data, args.e2e_prompts)) if args.e2e_prompts else {}
         stop_ranks(ranks)
         peers = [ray.remote(num_cpus=1)(CollectivePeer).remote() for _ in range(2)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -138,9 +188,17 @@ def main() -> None:
     print(f"greedy drafts of the workers equal the emulation's: {same}")
     print("gloo between 2 actors, one hidden state [1, 1, %d] %s: " % (hidden, args.dtype)
           + ", ".join(f"{name} {ms:.3f} ms" for name, ms in collectives.items()))
+    if e2e:
+        print(f"\nend to end: {args.e2e_prompts} prompts x {args.e2e_tokens} tokens, greedy, k={args.k}, "
+              f"target {args.target} on {args.threads[0]} thread(s)")
+        print("| setup | tokens/s | vs plain | vs sequential SD | mean accepted | = plain |\n|---|---:|---:|---:|---:|---:|")
+        for name, r in e2e.items():
+            print(f"| {name} | {r['tokens_per_s']:.2f} | {r['vs_plain']:.2f}x | {r['vs_sequential_sd']:.2f}x | "
+                  f"{r['mean_accepted_tokens']:.2f} | {r['equal_to_plain']}/{args.e2e_prompts} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "ms_per_propose": rows, "groups": groups,
-                                              "drafts_equal": same, "gloo_ms": collectives}, indent=1))
+                                              "drafts_equal": same, "gloo_ms": collectives, "end_to_end": e2e},
+                                             indent=1))
 
 
 if __name__ == "__main__":
