@@ -118,7 +118,9 @@ def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=prin
                            accepted=stats.accepted_tokens, draft_s=stats.draft_s, verify_s=stats.verify_s,
                            ttft_s=stats.ttft_s, mean_accepted_tokens=stats.mean_accepted_tokens,
                            draft_cost=stats.draft_cost, draft_forwards=stats.draft_forwards,
-                           cost_speedup=stats.cost_speedup)
+                           cost_speedup=stats.cost_speedup,
+                           # steps whose draft was not empty (a lookup miss drafts nothing)
+                           draft_steps=stats.drafted_per_position[0] if stats.drafted_per_position else 0)
                 if stats.drafter_busy_s:    # pipelined drafting (orchestrator/duo.py)
                     rec.update(drafter_idle_fraction=stats.drafter_idle_fraction,
                                target_idle_fraction=stats.target_idle_fraction, draft_budgets=stats.draft_budgets,

@@ -77,6 +77,8 @@ class Measured:
     # Model forwards per step by source, counted by the bench (`draft_forwards`: drafter key or
     # strategy name -> forwards); None when the records do not count them (older bench files).
     forwards_per_step: dict[str, float] | None = None
+    # Share of steps with a non-empty draft (`draft_steps` / steps); None when not recorded.
+    draft_step_share: float | None = None
 
     @property
     def alpha(self) -> float:
@@ -104,8 +106,9 @@ def bench_acceptance(path: str | Path, categories: list[str] | None = None) -> d
             for r in rs:
                 for key, n in r["draft_forwards"].items():
                     forwards[key] = forwards.get(key, 0.0) + n / steps
+        share = (sum(r["draft_steps"] for r in rs) / steps) if all("draft_steps" in r for r in rs) else None
         out[name] = Measured(sum(r["step_tokens"] for r in rs) / steps, sum(r["drafted"] for r in rs) / steps,
-                             sum(r["draft_s"] for r in rs) / steps, len(rs), forwards)
+                             sum(r["draft_s"] for r in rs) / steps, len(rs), forwards, share)
     return out
 
 
@@ -209,7 +212,7 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
             continue
         drafter = _drafter(s)
         gamma, source = _gamma(s), ""
-        model_share, model_len = 1.0, 0.0
+        model_share, model_len, draft_share = 1.0, 0.0, 1.0
         if s.name in bench:
             m = bench[s.name]
             gamma, alpha = max(1, round(m.mean_drafted)), m.alpha
@@ -218,6 +221,9 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
                 siblings = {n: b for n, b in bench.items() if plain_sd.get(n) == drafter}
                 model_share, model_len, how = _hybrid_split(s.name, m, siblings, drafter)
                 source += "; " + how
+            if m.draft_step_share:
+                draft_share = min(1.0, m.draft_step_share)
+                source += f"; {draft_share:.0%} of steps draft"
         else:
             alpha = next((table[k] for table in (alphas, workload.acceptance) for k in (s.name, drafter, fam)
                           if k is not None and k in table), None)
@@ -226,7 +232,8 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
             source = "parameter"
         chunk = s.k_matrix[-1][-1] if getattr(s, "k_matrix", None) else 1.0   # MaG tokens per review
         out.append(StrategyModel(s.name, fam, gamma, alpha, drafter, model_share=model_share,
-                                 model_draft_len=model_len, review_chunk=chunk, source=source))
+                                 model_draft_len=model_len, review_chunk=chunk, source=source,
+                                 draft_share=draft_share))
     return out
 
 

@@ -273,7 +273,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         return min(drafters, key=lambda d: len(d.queue) + d.busy)
 
     def step(req: Request) -> None:
-        verify_row = Row(s.verify_tokens, req.context)
+        verify_row = Row(s.sample_verify_tokens(rng), req.context)
         after_verify = lambda: then_host(req, lambda: emit(req, sample_emitted(s.effective_alpha, s.gamma, rng)))  # noqa: E731
         forwards = draft_forwards() if drafters else 0.0
         if forwards <= 0:

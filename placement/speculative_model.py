@@ -70,10 +70,13 @@ class StrategyModel:
     easyspec_alpha_penalty: float = 0.0  # easyspec: alpha * (1 - penalty)
     review_chunk: float = 1.0           # cs_drafting: drafted tokens reviewed per drafter forward
     source: str = ""                    # where alpha came from (bench file, parameter)
+    draft_share: float = 1.0            # share of steps with a non-empty draft (a lookup miss drafts nothing)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"strategy {self.name!r}: unknown family {self.family!r} (known: {FAMILIES})")
+        if not 0 < self.draft_share <= 1:
+            raise ValueError(f"strategy {self.name!r}: draft_share must be in (0, 1], got {self.draft_share}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"strategy {self.name!r}: alpha must be in [0, 1], got {self.alpha}")
 
@@ -91,6 +94,16 @@ class StrategyModel:
     def verify_tokens(self) -> int:
         """Tokens the target forward takes per step: the draft plus the last accepted token."""
         return 1 if self.family == "plain" else self.gamma + 1
+
+    def sample_verify_tokens(self, rng) -> int:
+        """Target tokens of one step. With draft_share < 1 a step drafts with that probability, and then
+        gamma / draft_share tokens (the mean is kept): a batched forward pads every row to its longest
+        (workers/runner.py forward_many), so a few long lookup drafts cost the whole batch."""
+        if self.family == "plain" or self.draft_share >= 1:
+            return self.verify_tokens
+        if rng.random() < self.draft_share:
+            return 1 + max(1, round(self.gamma / self.draft_share))
+        return 1
 
     @property
     def overlapped(self) -> bool:

@@ -92,6 +92,24 @@ def test_des_single_drafter_serializes_concurrent_requests():
     assert res.throughput == pytest.approx(5 / 0.41, rel=0.05)      # 5 tokens per step, steps one after another
 
 
+def test_lookup_misses_draft_nothing_and_long_hits_pad_the_batch():
+    """A lookup strategy whose steps draft 16 tokens a quarter of the time and none otherwise has the
+    same mean draft as one drafting 4 every step, but a batched forward pads to its longest row."""
+    rng = random.Random(0)
+    sparse = StrategyModel("pld", "prompt_lookup", 4, 0.0, draft_share=0.25)
+    samples = [sparse.sample_verify_tokens(rng) for _ in range(4000)]
+    assert set(samples) == {1, 17}
+    assert statistics.mean(samples) == pytest.approx(5, rel=0.05)
+    assert StrategyModel("pld", "prompt_lookup", 4, 0.0).sample_verify_tokens(rng) == 5
+    with pytest.raises(ValueError, match="draft_share"):
+        StrategyModel("pld", "prompt_lookup", 4, 0.0, draft_share=0.0)
+    padded = lambda rows: 0.1 + 0.01 * len(rows) * max(r.new for r in rows)   # noqa: E731
+    even, uneven = (simulate(Replica(m, padded, max_batch=8), Arrivals("closed", 8, concurrency=8),
+                             lambda r: 10, lambda r: 40, seed=2)
+                    for m in (StrategyModel("pld", "prompt_lookup", 4, 0.0), sparse))
+    assert uneven.throughput < 0.8 * even.throughput
+
+
 def test_measured_step_interpolates_and_extrapolates():
     c = Curve({1: 0.2, 8: 0.2, 16: 0.3})
     assert c(4) == pytest.approx(0.2) and c(12) == pytest.approx(0.25) and c(32) == pytest.approx(0.5)
