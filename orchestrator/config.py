@@ -268,6 +268,10 @@ class ServerSection(_Strict):
     batch_verification: bool = Field(True, description=(
         "Batch the target forwards of concurrent requests into one (the global verifier)"))
     max_verify_batch: int = Field(16, ge=1, description="Most requests in one batched target forward")
+    verify_gather_factor: float = Field(0.1, ge=0, le=1, description=(
+        "The global verifier waits for requests of its last two batches that are between steps, up to "
+        "this fraction of the last forward's time (at least 5 ms); like vLLM's scheduler_delay_factor. "
+        "It re-merges batches that split when per-request host work outlasts a fixed wait"))
     batch_drafting: bool = Field(True, description=(
         "Drafter actors run concurrent requests' draft steps as one batched forward of the draft model"))
     max_queue: int = Field(64, ge=0, description=(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -64,15 +65,20 @@ class GlobalVerifier:
     """A ModelRunner stand-in that batches concurrent callers' forwards (see module doc)."""
 
     def __init__(self, runner: ModelRunner, max_batch: int = 16, gather_s: float = 0.005,
-                 name: str = "global-verifier"):
-        """gather_s: while fewer requests are queued than the last batch held, wait up to this
-        long for the others (they are between steps: picking the token, re-queuing); a lone
-        request never waits. The same batching serves a drafter actor's draft model
-        (workers/actors.py), under another name."""
+                 name: str = "global-verifier", gather_fraction: float = 0.1):
+        """While fewer requests are queued than took part in the last two batches, wait for the
+        others (they are between steps: verifying, picking the token, re-queuing) up to
+        max(gather_s, gather_fraction x the last forward's seconds); a lone request never waits.
+        Counting the last *two* batches is what re-merges a batch that split in halves: once the
+        host work of a few requests outlasts the wait, the halves would otherwise alternate for
+        good, each forward streaming the weights for half the requests. The same batching serves
+        a drafter actor's draft model (workers/actors.py), under another name."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.runner, self.max_batch, self.gather_s = runner, max_batch, gather_s
-        self._last_size = 0
+        self.gather_fraction = gather_fraction
+        self._recent: deque[set[int]] = deque(maxlen=2)   # cache ids of the last two batches
+        self._last_forward_s = 0.0
         self.device, self.vocab_size = runner.device, runner.vocab_size
         self.lm_head = getattr(runner, "lm_head", None)     # drafters build trimmed heads from it
         self.stats = VerifierStats()
@@ -109,10 +115,11 @@ class GlobalVerifier:
             if first is None:
                 return None
             pending = [first]
-        deadline = time.perf_counter() + self.gather_s
+        expected = min(len(set().union(*self._recent)), self.max_batch)
+        deadline = time.perf_counter() + max(self.gather_s, self.gather_fraction * self._last_forward_s)
         while True:                                   # everything queued now, or soon
             try:
-                if len(pending) < min(self._last_size, self.max_batch):
+                if len(pending) < expected:
                     item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
                 else:
                     item = self._queue.get_nowait()
@@ -126,7 +133,7 @@ class GlobalVerifier:
         batch = [it for it in pending if it.long == kind][: self.max_batch]
         chosen = {id(it) for it in batch}
         self._held = [it for it in pending if id(it) not in chosen]
-        self._last_size = len(batch)
+        self._recent.append({id(it.cache) for it in batch})
         return batch
 
     def _loop(self) -> None:
@@ -155,6 +162,7 @@ class GlobalVerifier:
                         it.future.set_result(self.runner.forward_many([it.as_request()])[0])
                     except Exception as exc:  # noqa: BLE001
                         it.future.set_exception(exc)
+        self._last_forward_s = time.perf_counter() - t0
         s = self.stats
         s.batches += 1
         s.rows += len(batch)

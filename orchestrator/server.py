@@ -86,7 +86,8 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
         self.verifier = None
         self.engines = dict(built.engines)
         if self.cfg.batch_verification and self.cfg.concurrency > 1:
-            self.verifier = GlobalVerifier(built.target, max_batch=self.cfg.max_verify_batch)
+            self.verifier = GlobalVerifier(built.target, max_batch=self.cfg.max_verify_batch,
+                                           gather_fraction=self.cfg.verify_gather_factor)
             self.engines = {name: e.with_target(self.verifier) for name, e in built.engines.items()}
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
         self.failed = self.cancelled = self.rejected = 0

@@ -72,6 +72,38 @@ def test_concurrent_requests_are_batched_and_exact(target_model, draft_model, pr
         verifier.close()
 
 
+class FixedForward(ModelRunner):
+    """Every batched forward takes 60 ms, whatever its rows (a memory-bound step)."""
+
+    def forward_many(self, requests):
+        time.sleep(0.06)
+        return super().forward_many(requests)
+
+
+@pytest.mark.parametrize("gather_fraction,merged", [(0.0, False), (0.5, True)])
+def test_requests_whose_host_work_outlasts_the_fixed_wait_are_re_merged(target_model, gather_fraction, merged):
+    """Four requests whose work between steps (15 ms, staggered) outlasts the 5 ms wait: with a wait of
+    a fraction of the forward (30 ms) they are verified together again; with the fixed wait alone
+    they split and stay in smaller batches."""
+    verifier = GlobalVerifier(FixedForward(target_model), max_batch=8, gather_fraction=gather_fraction)
+    try:
+        def run(i):
+            cache = verifier.new_cache(1, capacity=64)
+            for step in range(12):
+                verifier.forward(cache, torch.tensor([[1 + step]]))
+                time.sleep(0.015 + 0.004 * i)          # picking the token, streaming it: host work
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mean = verifier.stats.rows / verifier.stats.batches
+        assert (mean >= 3.3) if merged else (mean < 3.0), mean
+    finally:
+        verifier.close()
+
+
 def test_a_failing_request_fails_alone(target_model, prompts):
     verifier = GlobalVerifier(SlowRunner(target_model), max_batch=8)
     try:
