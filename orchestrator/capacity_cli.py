@@ -140,8 +140,12 @@ def cmd_simulate(args) -> int:
                   f"(profile x {c['scale']:.3f} or {c['shift_s'] * 1e3:+.0f} ms); seconds per drafter forward: "
                   + ", ".join(f"{k} {v * 1e3:.0f} ms ({src})" for k, (v, src) in costs.items()))
             forward_s = {k: v for k, (v, _) in costs.items()}
+            own_verify = {k: m.pipelined_verify_s for k, m in calib.items() if m.pipelined_verify_s}
+            for k, v in own_verify.items():
+                print(f"  {k}: verify {v * 1e3:.0f} ms per step as measured beside its drafter (own threads)")
         else:
             forward_s = dict(profile.get("draft_token_s", {}))
+            own_verify = {}
         print(f"acceptance from {accept_path or 'parameters'}:")
         for m in models:
             line = (f"  {m.name}: {m.family}, gamma {m.gamma}, alpha {m.effective_alpha:.3f} "
@@ -155,7 +159,8 @@ def cmd_simulate(args) -> int:
             print(line)
         replicas = local_replicas(cfg, profile, models, args.host_s, forward_s, args.in_process,
                                   args.oversubscription, args.drafter_batch,
-                                  ("shared", "separate") if args.drafter_node == "both" else (args.drafter_node,))
+                                  ("shared", "separate") if args.drafter_node == "both" else (args.drafter_node,),
+                                  own_verify)
         pool_devices = None
     else:
         if cfg.placement is None or cfg.placement.target.device != "gpu":

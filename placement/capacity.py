@@ -79,6 +79,11 @@ class Measured:
     forwards_per_step: dict[str, float] | None = None
     # Share of steps with a non-empty draft (`draft_steps` / steps); None when not recorded.
     draft_step_share: float | None = None
+    # Pipelined drafting (DuoDecoding records): the target's verify seconds per step and the drafter's
+    # busy seconds per step, both measured while the two ran side by side with the strategy's own
+    # thread split (`target_threads`), so contention is already in them. None for other records.
+    pipelined_verify_s: float | None = None
+    pipelined_draft_s: float | None = None
 
     @property
     def alpha(self) -> float:
@@ -107,8 +112,13 @@ def bench_acceptance(path: str | Path, categories: list[str] | None = None) -> d
                 for key, n in r["draft_forwards"].items():
                     forwards[key] = forwards.get(key, 0.0) + n / steps
         share = (sum(r["draft_steps"] for r in rs) / steps) if all("draft_steps" in r for r in rs) else None
+        verify_s = draft_step_s = None
+        if all("drafter_idle_fraction" in r for r in rs):
+            busy = sum((1 - r["drafter_idle_fraction"]) * r["seconds"] for r in rs)       # drafter busy s
+            verify_s, draft_step_s = sum(r["verify_s"] for r in rs) / steps, busy / steps
         out[name] = Measured(sum(r["step_tokens"] for r in rs) / steps, sum(r["drafted"] for r in rs) / steps,
-                             sum(r["draft_s"] for r in rs) / steps, len(rs), forwards, share)
+                             sum(r["draft_s"] for r in rs) / steps, len(rs), forwards, share,
+                             verify_s, draft_step_s)
     return out
 
 
@@ -144,7 +154,12 @@ def draft_costs(models: list["StrategyModel"], calib: dict[str, Measured]) -> di
     out: dict[str, tuple[float, str]] = {}
     by_drafter: dict[str, tuple[float, str]] = {}
     for m in models:
-        if m.name in calib and m.draft_forwards() > 0:
+        if m.name in calib and calib[m.name].pipelined_draft_s and m.draft_forwards() > 0:
+            # DuoDecoding: the target never waits, so draft_s says nothing of the drafter; its busy time
+            # per step (a budget of several tokens, more than the accepted depth) does.
+            out[m.name] = (calib[m.name].pipelined_draft_s / m.draft_forwards(),
+                           f"bench {m.name} (drafter busy seconds per step)")
+        elif m.name in calib and m.draft_forwards() > 0:
             out[m.name] = (calib[m.name].draft_s_per_step / m.draft_forwards(), f"bench {m.name}")
             if m.family == "draft_model" and m.drafter:
                 by_drafter.setdefault(m.drafter, (out[m.name][0], f"bench {m.name} (same drafter)"))
@@ -323,14 +338,18 @@ DRAFTER_NODES = ("shared", "separate")
 def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel], host_s: float,
                    draft_forward_s: dict[str, float], in_process: bool = False,
                    oversubscription: str = "gang", drafter_batch: int = 1,
-                   drafter_nodes: tuple[str, ...] = ("shared",)) -> dict:
+                   drafter_nodes: tuple[str, ...] = ("shared",),
+                   own_verify_s: dict[str, float] | None = None) -> dict:
     """This machine as measured: one verifier (the global verifier), drafter actors drafting
     `drafter_batch` requests at a time (1: as when the serving runs of docs/distributed.md were
     measured; in_process: the drafter runs beside the engine, no Ray hop per draft).
     draft_forward_s: seconds per drafter forward per strategy (alone, batch 1).
     drafter_nodes: "shared" = the drafter actor on the target's node (placement "local"; they slow
     each other, `cpu_contention`); "separate" = on a CPU node of its own with the same per-forward
-    cost (placement "local+drafter-node"; no contention, a Ray hop per draft either way)."""
+    cost (placement "local+drafter-node"; no contention, a Ray hop per draft either way).
+    own_verify_s: per strategy, verify seconds per step measured with its own thread split while its
+    drafter ran beside it (DuoDecoding's `target_threads`): that strategy's verify curve is scaled to
+    it and no contention factor is added on the shared node (it is already in the measurement)."""
     verify = MeasuredStep(profile["target"])
     grow = Curve({int(k): v for k, v in profile["target"]["batch"].items()})   # batched drafts grow like this
     out = {}
@@ -343,12 +362,17 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
             replicas = cfg.placement.drafters[m.drafter].replicas
         slow_t, slow_d = (cpu_contention(node_share(cfg, profile, m, tok_s, oversubscription))
                           if m.draft_forwards() > 0 and cfg.placement else (1.0, 1.0))
+        verify_m = verify
+        if own_verify_s and m.name in own_verify_s:
+            scale = own_verify_s[m.name] / verify([Row(m.verify_tokens, 100)])
+            verify_m = lambda rows, scale=scale: verify(rows) * scale   # noqa: E731
+            slow_t = slow_d = 1.0
         for node in drafter_nodes if m.draft_forwards() > 0 else ("shared",):
             if node not in DRAFTER_NODES:
                 raise ValueError(f"drafter node {node!r}: expected one of {DRAFTER_NODES}")
             shared = node == "shared"
             out[(m.name, "local" if shared else "local+drafter-node")] = Replica(
-                m, verify, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
+                m, verify_m, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
                 draft_step=(lambda rows, s=tok_s: s * grow(len(rows)) / grow(1)) if tok_s else None,
                 # Not profiled: the drafter's prompt prefill, taken to grow with tokens like the target's
                 # forward (one drafter forward x target(prompt tokens) / target(1 token)).

@@ -276,6 +276,38 @@ def test_hybrid_model_share_from_counts_or_draft_seconds(tmp_path, with_counts, 
         assert costs[name][0] * models[name].draft_forwards() == pytest.approx(bench[name].draft_s_per_step)
 
 
+def test_duodecoding_costs_come_from_its_own_records(tmp_path):
+    """A pipelined strategy's target never waits for drafts, so its draft seconds say nothing of the
+    drafter: its drafter busy time and its verify time (measured with its own threads, beside the
+    drafter) are taken instead, and no contention factor is added on top."""
+    from orchestrator.config import load_config
+    from placement.capacity import bench_acceptance, draft_costs, local_replicas, strategy_models
+
+    cfg = load_config(ROOT / "cluster_configs/local.yaml")
+    wl = load_workload(ROOT / "cluster_configs/workloads/local-bench-batch1.yaml")
+    duo = {"category": "humaneval", "steps": 10, "step_tokens": 25, "drafted": 20, "draft_s": 0.0,
+           "verify_s": 4.0, "seconds": 5.0, "drafter_idle_fraction": 0.2, "draft_budgets": [3] * 10}
+    path = tmp_path / "duo.json"
+    path.write_text(json.dumps({"records": {"plain": [{"category": "humaneval", "steps": 10, "step_tokens": 10,
+                                                        "drafted": 0, "draft_s": 0.0, "verify_s": 2.0}],
+                                            "duo-0.5b": [duo]}}))
+    bench = bench_acceptance(path, ["humaneval"])
+    assert bench["duo-0.5b"].pipelined_verify_s == pytest.approx(0.4)
+    assert bench["duo-0.5b"].pipelined_draft_s == pytest.approx(0.8 * 5.0 / 10)
+    models = [m for m in strategy_models(cfg, wl, bench, {}) if m.name in ("plain", "duo-0.5b")]
+    costs = draft_costs(models, bench)
+    duo_model = next(m for m in models if m.name == "duo-0.5b")
+    assert costs["duo-0.5b"][0] * duo_model.draft_forwards() == pytest.approx(0.4)
+    profile = {"target": {"tokens": {"1": 0.1, "16": 0.2}, "batch": {"1": 0.1, "4": 0.15}},
+               "memory_bw_gbs": 20.0}
+    reps = local_replicas(cfg, profile, models, 0.0, {"duo-0.5b": costs["duo-0.5b"][0]}, in_process=True,
+                          own_verify_s={"duo-0.5b": 0.4})
+    rep = reps[("duo-0.5b", "local")]
+    assert rep.verify_step([Row(duo_model.verify_tokens, 100)]) == pytest.approx(0.4)
+    assert rep.verify_shared_slowdown == rep.draft_shared_slowdown == 1.0
+    assert reps[("plain", "local")].verify_step([Row(1, 100)]) == pytest.approx(0.1)
+
+
 def test_drafter_prefill_runs_after_the_first_token_on_the_drafter():
     # One request: prefill 0.1 s (first token), drafter prefill 0.3 s, then 2 steps of 4 x 0.01 + 0.1 s
     # (alpha 1: 5 tokens per step; 11 tokens = 1 + 5 + 5).
