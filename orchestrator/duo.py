@@ -19,9 +19,10 @@ Round structure, with `pending` the newest committed token (not yet in the targe
    Each round's draft is verified against the q it was drawn from, so the output is exactly the
    target's, whatever is speculated or discarded; the walk's own bonus sample, when replaced, is an
    independent draw that is simply not used.
-3. Round 0: the drafter prefills the prompt while the target prefills it (the TTFT gain). The first
-   token is sampled from the target's prefill without waiting for the drafter, so the time to first
-   token is the target's prefill alone. (The spec's round-0 draft of length 1 would be a guess checked
+3. Round 0: the first token is sampled from the target's prefill without waiting for the drafter,
+   so the time to first token is the target's prefill alone. The drafter prefills the prompt at the
+   same time, unless `target_threads` says the two share cores: then the target prefills alone on
+   all threads and the drafter's prefill runs in round 1, beside the target's one-token forward. (The spec's round-0 draft of length 1 would be a guess checked
    against this same p: it cannot add a token, and waiting for it puts the drafter's prefill, here
    often slower than the target's, on the first token's path.)
 The draft budget per round comes from `DraftBudgetController` (orchestrator/duo_policy.py), fed with
