@@ -120,7 +120,9 @@ def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=prin
                            draft_cost=stats.draft_cost, draft_forwards=stats.draft_forwards,
                            cost_speedup=stats.cost_speedup,
                            # steps whose draft was not empty (a lookup miss drafts nothing)
-                           draft_steps=stats.drafted_per_position[0] if stats.drafted_per_position else 0)
+                           draft_steps=stats.drafted_per_position[0] if stats.drafted_per_position else 0,
+                           # each step's (drafted, accepted): the capacity simulator replays them
+                           draft_lengths=stats.draft_lengths, accepted_lengths=stats.accepted_lengths)
                 if stats.drafter_busy_s:    # pipelined drafting (orchestrator/duo.py)
                     rec.update(drafter_idle_fraction=stats.drafter_idle_fraction,
                                target_idle_fraction=stats.target_idle_fraction, draft_budgets=stats.draft_budgets,

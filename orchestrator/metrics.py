@@ -24,6 +24,7 @@ class RequestStats:
     drafted_per_position: list[int] = field(default_factory=list)   # [max draft length seen]
     accepted_per_position: list[int] = field(default_factory=list)  # [max draft length seen]
     draft_lengths: list[int] = field(default_factory=list)          # draft length chosen per step
+    accepted_lengths: list[int] = field(default_factory=list)       # drafted tokens kept per step
     draft_s: float = 0.0
     verify_s: float = 0.0
     prefill_s: float = 0.0
@@ -48,6 +49,7 @@ class RequestStats:
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.draft_lengths.append(drafted)
+        self.accepted_lengths.append(accepted)
         grow = drafted - len(self.drafted_per_position)
         if grow > 0:
             self.drafted_per_position.extend([0] * grow)

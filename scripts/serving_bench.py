@@ -51,6 +51,34 @@ def as_request(p: Prompt):
     return [{"role": "user", "content": p.text}] if p.chat else p.text
 
 
+def measure_wave(client: Client, verifier, name: str, requests: list, concurrency: int, max_new_tokens: int) -> dict:
+    """Send `requests` through gRPC with `concurrency` in flight (a closed loop: a client sends its
+    next request when one finishes); throughput = all generated tokens / wall time of the whole set."""
+    before = (verifier.stats.batches, verifier.stats.rows, verifier.stats.busy_s) if verifier else (0, 0, 0.0)
+    t0 = time.perf_counter()
+    results = client.generate_batch(requests, progress=False, concurrency=concurrency, strategy=name,
+                                    max_new_tokens=max_new_tokens)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r.token_ids) for r in results)
+    batches = verifier.stats.batches - before[0] if verifier else 0
+    mean_batch = (verifier.stats.rows - before[1]) / max(1, batches) if verifier else 1.0
+    # The global verifier's seconds per batched forward (the Ray round trip to the target shard included).
+    forward_s = (verifier.stats.busy_s - before[2]) / batches if batches else None
+    # Per-request stats from the server, so acceptance can be read from the run itself.
+    per_request = [{"steps": r.stats.steps, "generated_tokens": r.stats.generated_tokens,
+                    "mean_accepted_tokens": r.stats.mean_accepted_tokens,
+                    "acceptance_rate": r.stats.acceptance_rate, "ttft_s": r.stats.ttft_s,
+                    "total_s": r.stats.total_s, "draft_s": r.stats.draft_s, "verify_s": r.stats.verify_s}
+                   for r in results if r.stats is not None]
+    steps = sum(r["steps"] for r in per_request)
+    return {"strategy": name, "concurrency": concurrency, "requests": len(requests), "tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall, "mean_verify_batch": mean_batch,
+            "verifier_batches": batches, "verifier_forward_s": forward_s,
+            # after the prefill's token: tokens per verification step
+            "tokens_per_step": sum(r["generated_tokens"] - 1 for r in per_request) / steps if steps else None,
+            "requests_stats": per_request, "token_ids": [list(r.token_ids) for r in results]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cluster", default="cluster_configs/local.yaml")
@@ -94,29 +122,10 @@ def main() -> None:
         with Client(address, timeout=3600) as client:
             for name in args.strategies:
                 for c in args.concurrency:
-                    batch = [as_request(p) for p in pool[:c]]
-                    verifier = box["service"].verifier
-                    before = (verifier.stats.batches, verifier.stats.rows) if verifier else (0, 0)
-                    t0 = time.perf_counter()
-                    results = client.generate_batch(batch, progress=False, concurrency=c, strategy=name,
-                                                    max_new_tokens=args.max_new_tokens)
-                    wall = time.perf_counter() - t0
-                    tokens = sum(len(r.token_ids) for r in results)
-                    mean_batch = ((verifier.stats.rows - before[1]) / max(1, verifier.stats.batches - before[0])
-                                  if verifier else 1.0)
-                    # Per-request stats from the server, so acceptance can be read from the run itself.
-                    per_request = [{"steps": r.stats.steps, "generated_tokens": r.stats.generated_tokens,
-                                    "mean_accepted_tokens": r.stats.mean_accepted_tokens,
-                                    "acceptance_rate": r.stats.acceptance_rate, "ttft_s": r.stats.ttft_s,
-                                    "total_s": r.stats.total_s} for r in results if r.stats is not None]
-                    steps = sum(r["steps"] for r in per_request)
-                    out["throughput"].append({"strategy": name, "concurrency": c, "requests": len(batch),
-                                              "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-                                              "mean_verify_batch": mean_batch,
-                                              # after the prefill's token: tokens per verification step
-                                              "tokens_per_step": (sum(r["generated_tokens"] - 1 for r in per_request)
-                                                                  / steps if steps else None),
-                                              "requests_stats": per_request})
+                    row = measure_wave(client, box["service"].verifier, name, [as_request(p) for p in pool[:c]],
+                                       c, args.max_new_tokens)
+                    out["throughput"].append(row)
+                    batch, tokens, wall, mean_batch = pool[:c], row["tokens"], row["wall_s"], row["mean_verify_batch"]
                     print(f"| {name} | {c} | {len(batch)} | {tokens} | {wall:.1f} | {tokens / wall:.2f} | "
                           f"{mean_batch:.2f} |", flush=True)
     finally:
