@@ -129,7 +129,7 @@ def cmd_simulate(args) -> int:
     accept = bench_acceptance(accept_path, wl.bench_categories) if accept_path else {}
     if args.profile:
         profile = json.loads(Path(args.profile).read_text())
-        models = strategy_models(cfg, wl, accept, alphas)
+        models = strategy_models(cfg, wl, accept, alphas, args.per_request_acceptance)
         if args.calibrate:
             if not args.bench:
                 raise ConfigError("--calibrate needs --bench (the batch-1 records it takes the costs from)")
@@ -226,6 +226,9 @@ def add_parsers(sub) -> None:
                      help="bench JSON whose records give acceptance (tokens/step, draft length, the hybrid's "
                           "model share); default: --bench. Lets the costs come from one day's bench and acceptance "
                           "from another's")
+    sim.add_argument("--per-request-acceptance", action="store_true",
+                     help="each simulated request replays one bench record's steps (draft length, accepted) in "
+                          "turn, for predicting a run of the bench's own prompts; default: the pooled rates")
     sim.add_argument("--oversubscription", choices=["gang", "fair"], default="gang",
                      help="with --profile: how a drafter actor and the target share cores when their threads "
                           "outnumber them: 'gang' (a side runs only while all its threads hold a core: OpenMP "

@@ -2,7 +2,8 @@
 
 Memory bandwidth (a large tensor copy), matmul rate (float32, bfloat16), and per-model step
 times: the target's forward of T = 1..16 new tokens for one request, prefills, and B requests
-of one token batched through `forward_many` (the global verifier's call); each drafter's
+of one token batched through `forward_many` (the global verifier's call), B requests of T tokens
+each batched the same way (verifying concurrent requests' drafts); each drafter's
 one-token step, and each configured drafting strategy's cost per drafted token through its
 real `DraftSession` (propose, then accept everything), which includes the sampling and
 Python work a bare forward leaves out. The fastest of a few repetitions (other processes on a
@@ -20,6 +21,10 @@ import torch
 VERIFY_TOKENS = (1, 2, 4, 6, 8, 12, 16)
 PREFILL_TOKENS = (32, 128)
 BATCHES = (1, 2, 4, 8, 16)
+# B requests of T tokens each in one forward_many: what batched verification of drafts costs. Neither
+# curve above predicts it (measured here: 4 rows x 8 tokens cost more than 32 tokens of one request
+# or 4 one-token rows).
+GRID = ((2, 4), (2, 8), (2, 12), (4, 4), (4, 8), (4, 12))
 
 
 def _best_time(fn, reps: int) -> float:
@@ -96,15 +101,35 @@ def target_steps(runner, vocab: int, reps: int = 5, log=print) -> dict:
                 c.crop(0, 32)
         many()
         batch_raw[b] = _paired(many, one, reps)
-    t1 = min(base for _, base in list(raw.values()) + list(batch_raw.values()))
+    grid_raw = {}
+    for b, t in GRID:
+        caches = []
+        for _ in range(b):
+            c = runner.new_cache(1, 128)
+            runner.prefill(c, 0, torch.randint(0, vocab, (32,), generator=g).tolist())
+            caches.append(c)
+        ids = torch.randint(0, vocab, (1, t), generator=g)
+
+        def many_tokens():
+            runner.forward_many([(c, ids, None, None, None) for c in caches])
+            for c in caches:
+                c.crop(0, 32)
+        many_tokens()
+        grid_raw[f"{b}x{t}"] = _paired(many_tokens, one, reps)
+    t1 = min(base for _, base in list(raw.values()) + list(batch_raw.values()) + list(grid_raw.values()))
     tokens = {1: t1, **{t: x * t1 / base for t, (x, base) in raw.items()}}
     batch = {1: t1, **{b: x * t1 / base for b, (x, base) in batch_raw.items()}}
+    grid = {k: x * t1 / base for k, (x, base) in grid_raw.items()}
     for t, v in tokens.items():
         log(f"  target forward of {t} tokens: {v * 1e3:.1f} ms (raw {raw.get(t, (t1,))[0] * 1e3:.1f})")
     for b, v in batch.items():
         log(f"  target forward_many of {b} one-token requests: {v * 1e3:.1f} ms (raw {batch_raw.get(b, (t1,))[0] * 1e3:.1f})")
-    return {"tokens": tokens, "batch": batch,
-            "raw_pairs": {"tokens": {t: list(v) for t, v in raw.items()}, "batch": {b: list(v) for b, v in batch_raw.items()}}}
+    for k, v in grid.items():
+        log(f"  target forward_many of {k.replace('x', ' requests x ')} tokens: {v * 1e3:.1f} ms "
+            f"(raw {grid_raw[k][0] * 1e3:.1f})")
+    return {"tokens": tokens, "batch": batch, "batch_tokens": grid,
+            "raw_pairs": {"tokens": {t: list(v) for t, v in raw.items()}, "batch": {b: list(v) for b, v in batch_raw.items()},
+                          "batch_tokens": {k: list(v) for k, v in grid_raw.items()}}}
 
 
 def draft_token_s(drafter, vocab: int, k: int = 8, rounds: int = 5) -> float:

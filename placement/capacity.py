@@ -27,10 +27,11 @@ from placement.hardware import KNOWN_DEVICES
 from placement.roofline import (Hardware, ModelShape, Row, draft_message_bytes, model_shape, step_time,
                                 transfer_time)
 from placement.simulate import Arrivals, Replica, Result, simulate, simulate_repeated
-from placement.speculative_model import StrategyModel, alpha_for_mean_accepted
+from placement.speculative_model import RequestTrace, StrategyModel, alpha_for_mean_accepted
 from placement.workload import ClosedLoopArrivals, Workload
 
 RAY_HOP_S = 2.4e-3          # one small tensor between two Ray actors, measured (bench_out/transfer.json)
+GATHER_S = 0.005             # the global verifier's least gathering wait (orchestrator/global_verifier.py)
 PCIE_BW = 25e9              # host <-> GPU, PCIe 4.0 x16 achievable (32 GB/s theoretical, PCI-SIG)
 
 
@@ -52,11 +53,34 @@ class Curve:
 
 
 class MeasuredStep:
-    """Target forward time from a profile: one request of T tokens, or B one-token requests batched."""
+    """Target forward time from a profile: one request of T tokens, B one-token requests batched, and
+    (profiles with `batch_tokens`) B requests of T tokens batched. The last is batch(B) plus a
+    multi-token surcharge interpolated over the measured (B, T) points, linearly in T and in B
+    (extrapolated past the largest measured B); older profiles without it take max(tokens(B x T),
+    batch(B)), which the grid showed to be low (docs/capacity.md)."""
 
     def __init__(self, target: dict):
         self.tokens = Curve({int(k): v for k, v in target["tokens"].items()})
         self.batch = Curve({int(k): v for k, v in target["batch"].items()})
+        grid: dict[int, dict[int, float]] = {}
+        for key, v in target.get("batch_tokens", {}).items():
+            b, t = (int(x) for x in key.split("x"))
+            grid.setdefault(b, {1: 0.0})[t] = max(0.0, v - self.batch(b))
+        if grid:
+            grid[1] = {int(t): max(0.0, v - self.tokens(1)) for t, v in target["tokens"].items() if int(t) <= 16}
+        self.surcharge = {b: Curve(pts) for b, pts in sorted(grid.items())}
+
+    def _surcharge(self, b: int, t: int) -> float:
+        bs = list(self.surcharge)
+        lo = max([x for x in bs if x <= b], default=bs[0])
+        hi = min([x for x in bs if x >= b], default=bs[-1])
+        if lo == hi:                             # past the largest measured batch: extend the last slope
+            if b > bs[-1] and len(bs) > 1:
+                lo, hi = bs[-2], bs[-1]
+            else:
+                return self.surcharge[lo](t)
+        ylo, yhi = self.surcharge[lo](t), self.surcharge[hi](t)
+        return max(0.0, ylo + (yhi - ylo) * (b - lo) / (hi - lo))
 
     def __call__(self, rows: list[Row]) -> float:
         b, t_max = len(rows), max(r.new for r in rows)
@@ -64,6 +88,8 @@ class MeasuredStep:
             return self.tokens(t_max)
         if t_max == 1:
             return self.batch(b)
+        if self.surcharge:
+            return self.batch(b) + self._surcharge(b, t_max)
         return max(self.tokens(b * t_max), self.batch(b))
 
 
@@ -84,6 +110,8 @@ class Measured:
     # thread split (`target_threads`), so contention is already in them. None for other records.
     pipelined_verify_s: float | None = None
     pipelined_draft_s: float | None = None
+    # Each record's steps (drafted, accepted), in the records' order; empty when not recorded.
+    requests: tuple[RequestTrace, ...] = ()
 
     @property
     def alpha(self) -> float:
@@ -116,9 +144,11 @@ def bench_acceptance(path: str | Path, categories: list[str] | None = None) -> d
         if all("drafter_idle_fraction" in r for r in rs):
             busy = sum((1 - r["drafter_idle_fraction"]) * r["seconds"] for r in rs)       # drafter busy s
             verify_s, draft_step_s = sum(r["verify_s"] for r in rs) / steps, busy / steps
+        traces = [RequestTrace.from_record(r) for r in rs]
+        traces = tuple(traces) if all(traces) else ()
         out[name] = Measured(sum(r["step_tokens"] for r in rs) / steps, sum(r["drafted"] for r in rs) / steps,
                              sum(r["draft_s"] for r in rs) / steps, len(rs), forwards, share,
-                             verify_s, draft_step_s)
+                             verify_s, draft_step_s, traces)
     return out
 
 
@@ -139,7 +169,8 @@ def calibrate_profile(profile: dict, bench_path: str | Path, categories: list[st
     scale = t1 / base
     adjust = (lambda v: v * scale) if how == "scale" else (lambda v: v - base + t1)
     out = dict(profile)
-    out["target"] = {k: {n: adjust(v) for n, v in profile["target"][k].items()} for k in ("tokens", "batch")}
+    out["target"] = {k: {n: adjust(v) for n, v in profile["target"][k].items()}
+                     for k in ("tokens", "batch", "batch_tokens") if k in profile["target"]}
     out["calibration"] = {"bench": str(bench_path), "target_step_s": t1, "how": how, "scale": scale,
                           "shift_s": t1 - base}
     return out
@@ -216,8 +247,10 @@ def _hybrid_split(name: str, m: Measured, siblings: dict[str, Measured], drafter
 
 
 def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Measured],
-                    alphas: dict[str, float]) -> list[StrategyModel]:
-    """The config's strategies (and plain) with gamma/alpha from the bench (acceptance), else parameters."""
+                    alphas: dict[str, float], per_request: bool = False) -> list[StrategyModel]:
+    """The config's strategies (and plain) with gamma/alpha from the bench (acceptance), else parameters.
+    per_request: each simulated request replays one bench record's steps in turn (`request_mix`),
+    for predicting runs of the same prompts; else the pooled alpha and draft length."""
     plain_sd = {s.name: s.drafter for s in cfg.strategies              # draft every step with the model
                 if isinstance(s, DraftModelStrategy) and s.lookup_first is None and not s.min_confidence}
     out = [StrategyModel("plain", "plain", source="-")]
@@ -227,7 +260,7 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
             continue
         drafter = _drafter(s)
         gamma, source = _gamma(s), ""
-        model_share, model_len, draft_share = 1.0, 0.0, 1.0
+        model_share, model_len, draft_share, mix = 1.0, 0.0, 1.0, ()
         if s.name in bench:
             m = bench[s.name]
             gamma, alpha = max(1, round(m.mean_drafted)), m.alpha
@@ -239,6 +272,9 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
             if m.draft_step_share:
                 draft_share = min(1.0, m.draft_step_share)
                 source += f"; {draft_share:.0%} of steps draft"
+            if per_request and fam != "duodecoding" and m.requests:
+                mix = m.requests                 # DuoDecoding's drafts overlap: its pooled step model stays
+                source += f"; replaying the steps of {len(mix)} measured requests"
         else:
             alpha = next((table[k] for table in (alphas, workload.acceptance) for k in (s.name, drafter, fam)
                           if k is not None and k in table), None)
@@ -248,7 +284,7 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
         chunk = s.k_matrix[-1][-1] if getattr(s, "k_matrix", None) else 1.0   # MaG tokens per review
         out.append(StrategyModel(s.name, fam, gamma, alpha, drafter, model_share=model_share,
                                  model_draft_len=model_len, review_chunk=chunk, source=source,
-                                 draft_share=draft_share))
+                                 draft_share=draft_share, request_mix=mix))
     return out
 
 
@@ -372,7 +408,8 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
                 raise ValueError(f"drafter node {node!r}: expected one of {DRAFTER_NODES}")
             shared = node == "shared"
             out[(m.name, "local" if shared else "local+drafter-node")] = Replica(
-                m, verify_m, max_batch=cfg.server.max_verify_batch, batch_wait_s=0.005,
+                m, verify_m, max_batch=cfg.server.max_verify_batch, batch_wait_s=GATHER_S,
+                gather_fraction=cfg.server.verify_gather_factor,
                 draft_step=(lambda rows, s=tok_s: s * grow(len(rows)) / grow(1)) if tok_s else None,
                 # Not profiled: the drafter's prompt prefill, taken to grow with tokens like the target's
                 # forward (one drafter forward x target(prompt tokens) / target(1 token)).
@@ -499,7 +536,7 @@ def sweep(replicas: dict, workload: Workload, pool_devices: int | None = None, r
             n_rep = 1
         if isinstance(arr, ClosedLoopArrivals):
             for c in arr.concurrency:
-                a = Arrivals("closed", requests or c * arr.requests_per_client, concurrency=c)
+                a = Arrivals("closed", requests or arr.requests or c * arr.requests_per_client, concurrency=c)
                 seeds = range(workload.seed, workload.seed + max(1, 64 // a.requests))
                 points.append(Point(strategy, placement, c,
                                     simulate_repeated(rep, a, prompt_len, output_len, seeds), 1))

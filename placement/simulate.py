@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from placement.roofline import Row
-from placement.speculative_model import StrategyModel, sample_emitted
+from placement.speculative_model import RequestTrace, StrategyModel
 
 StepFn = Callable[[list[Row]], float]      # seconds for one forward of these rows
 
@@ -39,6 +39,8 @@ class Request:
     emitted: int = 0
     first_token: float | None = None
     done: float | None = None
+    trace: RequestTrace | None = None          # its measured steps, replayed (None: the strategy's pooled)
+    steps: int = 0
 
     @property
     def context(self) -> int:
@@ -52,6 +54,7 @@ class Job:
     forwards: float            # sequential forwards this job needs (drafts: draft length)
     on_done: Callable[[], None]
     step: StepFn | None = None  # the model this job runs, when not the server's own (a drafter sharing GPUs)
+    owner: int = -1             # request id (the gathering counts the requests of recent batches)
 
 
 class Sim:
@@ -112,15 +115,23 @@ class SharedNode:
 
 
 class BatchServer:
+    """A model that runs queued jobs of one kind as one batch. Gathering as the global verifier does
+    (orchestrator/global_verifier.py): while fewer jobs are queued than requests took part in the
+    last two batches, wait for the others up to max(batch_wait_s, gather_fraction x the last
+    batch's seconds), starting at once when they are all there."""
+
     def __init__(self, sim: Sim, step: StepFn, max_batch: int, batch_wait_s: float = 0.0, name: str = "",
-                 bus: SharedNode | None = None, shared_slowdown: float = 2.0):
+                 bus: SharedNode | None = None, shared_slowdown: float = 2.0, gather_fraction: float = 0.0):
         self.sim, self.step, self.max_batch, self.batch_wait_s, self.name = sim, step, max_batch, batch_wait_s, name
+        self.gather_fraction = gather_fraction
         self.bus = bus
         self.shared_slowdown = shared_slowdown      # solo time x this while another server of the node runs
         self.queue: list[Job] = []
         self.busy = False
         self.waiting = False
-        self.last_batch = 1
+        self._wait_version = 0
+        self.recent: list[set[int]] = []            # owners of the last two batches
+        self.last_duration = 0.0
         self.batches: dict[str, list[int]] = {}     # kind -> batch sizes
         self.busy_s = 0.0
 
@@ -129,21 +140,28 @@ class BatchServer:
         self.sim.at(self.sim.now, self._try_start)    # after this instant's other submissions
 
     def _try_start(self, waited: bool = False) -> None:
-        if self.busy or not self.queue or (self.waiting and not waited):
+        if self.busy or not self.queue:
             return
         kind = self.queue[0].kind
         same = [j for j in self.queue if j.kind == kind]
-        # Wait briefly for requests that are between steps when fewer are queued than last time.
-        if not waited and self.batch_wait_s > 0 and len(same) < min(self.last_batch, self.max_batch):
+        expected = min(len(set().union(*self.recent)), self.max_batch)
+        if self.waiting and not waited and len(same) < expected:
+            return                                    # still gathering
+        # Wait briefly for requests that are between steps when fewer are queued than recently ran.
+        wait = max(self.batch_wait_s, self.gather_fraction * self.last_duration)
+        if not waited and not self.waiting and wait > 0 and len(same) < expected:
             self.waiting = True
-            self.sim.at(self.sim.now + self.batch_wait_s, lambda: self._wake())
+            self._wait_version += 1
+            self.sim.at(self.sim.now + wait, lambda v=self._wait_version: self._wake(v))
             return
+        self.waiting = False
         batch = same[: self.max_batch]
         for j in batch:
             self.queue.remove(j)
-        self.last_batch = len(batch)
+        self.recent = (self.recent + [{j.owner for j in batch}])[-2:]
         self.batches.setdefault(kind, []).append(len(batch))
         duration = max(j.forwards for j in batch) * (batch[0].step or self.step)([j.row for j in batch])
+        self.last_duration = duration
         self.busy = True
         self.busy_s += duration
         if self.bus is not None:
@@ -151,8 +169,9 @@ class BatchServer:
         else:
             self.sim.at(self.sim.now + duration, lambda: self._finish(batch))
 
-    def _wake(self) -> None:
-        self.waiting = False
+    def _wake(self, version: int) -> None:
+        if not self.waiting or version != self._wait_version:
+            return                                    # the batch started before the deadline
         self._try_start(waited=True)
 
     def _finish(self, batch: list[Job]) -> None:
@@ -172,7 +191,8 @@ class Replica:
     strategy: StrategyModel
     verify_step: StepFn
     max_batch: int = 16
-    batch_wait_s: float = 0.0
+    batch_wait_s: float = 0.0                  # the gathering's least wait (BatchServer)
+    gather_fraction: float = 0.0               # ... and its share of the last batch's seconds (server config)
     draft_step: StepFn | None = None           # one drafter forward of these rows
     draft_prefill_step: StepFn | None = None   # the drafter's prefill of the prompt (None: not modelled);
                                                # the engine runs it after the first token, before step 1
@@ -223,7 +243,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     s = rep.strategy
     bus = SharedNode(sim) if rep.shared_bus else None
     verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier", bus,
-                           rep.verify_shared_slowdown)
+                           rep.verify_shared_slowdown, rep.gather_fraction)
     drafters = []
     if s.draft_forwards() > 0:
         if rep.draft_step is None:
@@ -231,8 +251,12 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         if rep.drafter_shared:
             drafters = [verifier]
         else:
-            drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch, 0.0, f"drafter-{i}", bus,
-                                    rep.draft_shared_slowdown) for i in range(rep.drafter_servers)]
+            # A drafter actor batching concurrent drafts gathers like the verifier (workers/actors.py).
+            drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch,
+                                    rep.batch_wait_s if rep.drafter_max_batch > 1 else 0.0, f"drafter-{i}", bus,
+                                    rep.draft_shared_slowdown,
+                                    rep.gather_fraction if rep.drafter_max_batch > 1 else 0.0)
+                        for i in range(rep.drafter_servers)]
     done: list[Request] = []
     emissions: list[tuple[float, int]] = []     # (time, tokens emitted)
     pending = [arrivals.requests]          # requests not yet issued (closed loop)
@@ -260,26 +284,31 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         elif first and drafters and rep.draft_prefill_step is not None:
             # orchestrator/engine.py: the drafter session starts (prefills the prompt) after the first token.
             after = lambda: sim.at(sim.now + rep.transfer_s, lambda: step(req))  # noqa: E731
-            drafter_for(req).submit(Job("draft-prefill", Row(req.prompt, 0), 1, after, rep.draft_prefill_step))
+            drafter_for(req).submit(Job("draft-prefill", Row(req.prompt, 0), 1, after, rep.draft_prefill_step,
+                                        req.id))
         else:
             step(req)
 
-    def draft_forwards() -> float:
+    def draft_forwards(drafted: int, trace: RequestTrace | None) -> float:
         if s.family == "hybrid":                      # a lookup hit costs nothing, a miss the model's draft
             return s.model_draft_forwards if rng.random() < s.model_share else 0.0
+        if trace is not None:                         # this step's draft length, not the pooled gamma
+            return s.draft_forwards() * drafted / s.gamma if s.gamma else 0.0
         return s.draft_forwards()
 
     def drafter_for(req: Request) -> BatchServer:
         return min(drafters, key=lambda d: len(d.queue) + d.busy)
 
     def step(req: Request) -> None:
-        verify_row = Row(s.sample_verify_tokens(rng), req.context)
-        after_verify = lambda: then_host(req, lambda: emit(req, sample_emitted(s.effective_alpha, s.gamma, rng)))  # noqa: E731
-        forwards = draft_forwards() if drafters else 0.0
+        verify_tokens, emitted = s.sample_step(rng, req.trace, req.steps)
+        req.steps += 1
+        verify_row = Row(verify_tokens, req.context)
+        after_verify = lambda: then_host(req, lambda: emit(req, emitted))  # noqa: E731
+        forwards = draft_forwards(verify_tokens - 1, req.trace) if drafters else 0.0
         if forwards <= 0:
-            verifier.submit(Job("verify", verify_row, 1, after_verify))
+            verifier.submit(Job("verify", verify_row, 1, after_verify, owner=req.id))
             return
-        draft_job = lambda cb: Job("draft", Row(1, req.context), forwards, cb, rep.draft_step)  # noqa: E731
+        draft_job = lambda cb: Job("draft", Row(1, req.context), forwards, cb, rep.draft_step, req.id)  # noqa: E731
         if s.overlapped:                              # DuoDecoding: draft next round while verifying
             left = [2]
 
@@ -288,22 +317,31 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
                 if left[0] == 0:
                     after_verify()
             drafter_for(req).submit(draft_job(one_done))
-            verifier.submit(Job("verify", verify_row, 1, one_done))
+            verifier.submit(Job("verify", verify_row, 1, one_done, owner=req.id))
             return
 
         def to_verifier():
-            verifier.submit(Job("verify", verify_row, 1, after_verify))
+            verifier.submit(Job("verify", verify_row, 1, after_verify, owner=req.id))
         drafter_for(req).submit(draft_job(
             lambda: sim.at(sim.now + rep.transfer_s, to_verifier) if rep.transfer_s else to_verifier()))
 
     next_id = [0]
+    traces: list[RequestTrace] = []                # the measured requests' traces, dealt in shuffled rounds
+
+    def next_trace() -> RequestTrace | None:
+        if not s.request_mix:
+            return None
+        if not traces:
+            traces.extend(s.request_mix)
+            rng.shuffle(traces)
+        return traces.pop()
 
     def issue(t: float) -> None:
         pending[0] -= 1
-        req = Request(next_id[0], t, max(1, prompt_len(rng)), max(1, output_len(rng)))
+        req = Request(next_id[0], t, max(1, prompt_len(rng)), max(1, output_len(rng)), trace=next_trace())
         next_id[0] += 1
         sim.at(t, lambda: verifier.submit(Job("prefill", Row(req.prompt, 0), 1,
-                                                lambda: then_host(req, lambda: emit(req, 1)))))
+                                                lambda: then_host(req, lambda: emit(req, 1)), owner=req.id)))
 
     if arrivals.kind == "closed":
         for _ in range(min(arrivals.concurrency, arrivals.requests)):

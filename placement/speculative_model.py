@@ -57,6 +57,29 @@ def sample_emitted(alpha: float, gamma: int, rng: random.Random) -> int:
 
 
 @dataclass(frozen=True)
+class RequestTrace:
+    """One measured request's steps, each (tokens drafted, drafted tokens accepted), from a bench
+    record (`draft_lengths`, `accepted_lengths`). A simulated request given this trace replays it
+    step by step (cycling if it runs longer): its drafts' lengths, which pad a batched verification
+    to the longest row, and its acceptance, prompt by prompt, as measured."""
+    steps: tuple[tuple[int, int], ...]
+
+    def __post_init__(self):
+        if not self.steps:
+            raise ValueError("a request trace needs at least one step")
+        for d, a in self.steps:
+            if not 0 <= a <= d:
+                raise ValueError(f"a trace step needs 0 <= accepted <= drafted, got {(d, a)}")
+
+    @classmethod
+    def from_record(cls, record: dict) -> "RequestTrace | None":
+        drafted, accepted = record.get("draft_lengths"), record.get("accepted_lengths")
+        if not drafted or accepted is None or len(drafted) != len(accepted):
+            return None
+        return cls(tuple(zip(drafted, accepted)))
+
+
+@dataclass(frozen=True)
 class StrategyModel:
     name: str
     family: str
@@ -71,6 +94,11 @@ class StrategyModel:
     review_chunk: float = 1.0           # cs_drafting: drafted tokens reviewed per drafter forward
     source: str = ""                    # where alpha came from (bench file, parameter)
     draft_share: float = 1.0            # share of steps with a non-empty draft (a lookup miss drafts nothing)
+    # One per measured request. Acceptance differs a lot between prompts (one HumanEval prompt
+    # accepts 6 tokens a step, another 2.6), and in a wave of concurrent requests the slowest one sets
+    # the wall time; the simulation gives each request one of these in turn. Empty: every request
+    # drafts gamma tokens on every step (draft_share of them for a lookup) with `alpha`.
+    request_mix: tuple[RequestTrace, ...] = ()
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -82,9 +110,13 @@ class StrategyModel:
 
     @property
     def effective_alpha(self) -> float:
+        return self.effective(self.alpha)
+
+    def effective(self, alpha: float) -> float:
+        """The acceptance a drafted token really has (EasySpec's layer-parallel drafts lose some)."""
         if self.family == "easyspec":
-            return self.alpha * (1 - self.easyspec_alpha_penalty)
-        return self.alpha
+            return alpha * (1 - self.easyspec_alpha_penalty)
+        return alpha
 
     @property
     def expected_tokens(self) -> float:
@@ -104,6 +136,14 @@ class StrategyModel:
         if rng.random() < self.draft_share:
             return 1 + max(1, round(self.gamma / self.draft_share))
         return 1
+
+    def sample_step(self, rng, trace: RequestTrace | None = None, index: int = 0) -> tuple[int, int]:
+        """(target tokens verified, tokens emitted) for a request's step `index`: replayed from its
+        trace, else drawn from the strategy's pooled gamma and alpha (independently)."""
+        if trace is None:
+            return self.sample_verify_tokens(rng), sample_emitted(self.effective_alpha, self.gamma, rng)
+        drafted, accepted = trace.steps[index % len(trace.steps)]
+        return 1 + drafted, 1 + accepted
 
     @property
     def overlapped(self) -> bool:

@@ -77,6 +77,9 @@ class ClosedLoopArrivals(_Strict):
     kind: Literal["closed_loop"]
     concurrency: list[int] = Field(min_length=1, description="Client concurrency levels to sweep")
     requests_per_client: int = Field(1, ge=1, description="Requests each client sends, one after another")
+    requests: int | None = Field(None, ge=1, description=(
+        "Requests in all at every level, sent by the c clients as each finishes (overrides "
+        "requests_per_client; as scripts/capacity_validation.py sends its prompts)"))
 
 
 Arrivals = Annotated[Union[PoissonArrivals, ClosedLoopArrivals], Field(discriminator="kind")]

@@ -332,3 +332,68 @@ def test_open_loop_throughput_is_the_offered_load_below_capacity_and_capacity_ab
     assert stable.throughput == pytest.approx(5.0 * 10, rel=0.05)           # offered: 5 req/s x 10 tokens
     overloaded = simulate(rep, Arrivals("poisson", 2000, rate=200.0), lambda r: 10, lambda r: 10, seed=1)
     assert overloaded.throughput == pytest.approx(1 / 0.01, rel=0.05)       # one token per 10 ms step
+
+
+def test_request_trace_replays_a_bench_record_step_by_step():
+    from placement.speculative_model import RequestTrace
+
+    record = {"draft_lengths": [0, 6, 0, 16], "accepted_lengths": [0, 2, 0, 16]}
+    trace = RequestTrace.from_record(record)
+    pld = StrategyModel("pld", "prompt_lookup", 2, 0.5)
+    rng = random.Random(0)
+    assert [pld.sample_step(rng, trace, i) for i in range(5)] == [(1, 1), (7, 3), (1, 1), (17, 17), (1, 1)]
+    assert RequestTrace.from_record({"steps": 3}) is None                # older bench files: no trace
+    with pytest.raises(ValueError, match="accepted"):
+        RequestTrace(((2, 3),))
+
+
+def test_requests_replay_the_measured_traces_in_turn_and_the_slowest_sets_the_wave():
+    """Two prompts whose drafts are all accepted and two whose drafts never are: in a wave of 4 every
+    trace is dealt once, and the wave lasts as long as the all-rejecting requests (31 steps), where
+    the pooled alpha (the same mean tokens per step) would finish everything in about 2/3 of that."""
+    from placement.speculative_model import RequestTrace
+
+    full, none = RequestTrace(((4, 4),)), RequestTrace(((4, 0),))
+    mixed = StrategyModel("sd", "draft_model", 4, alpha_for_mean_accepted(3.0, 4), request_mix=(full, none) * 2)
+    free_drafts = lambda rows: 0.0   # noqa: E731
+    rep = Replica(mixed, lambda rows: 0.1, max_batch=8, draft_step=free_drafts, drafter_max_batch=8)
+    res = simulate(rep, Arrivals("closed", 4, concurrency=4), lambda r: 10, lambda r: 32, seed=1)
+    assert sorted(q.trace.steps[0][1] for q in res.requests) == [0, 0, 4, 4]
+    assert res.makespan == pytest.approx(0.1 * 32)               # prefill + 31 one-token steps
+    pooled = simulate(Replica(StrategyModel("sd", "draft_model", 4, mixed.alpha), lambda rows: 0.1, max_batch=8,
+                              draft_step=free_drafts, drafter_max_batch=8),
+                      Arrivals("closed", 4, concurrency=4), lambda r: 10, lambda r: 32, seed=1)
+    assert pooled.makespan < 0.75 * res.makespan
+
+
+@pytest.mark.parametrize("fraction,merged", [(0.0, False), (0.1, True)])
+def test_verifier_gathering_re_merges_requests_like_the_global_verifier(fraction, merged):
+    """Requests 0 and 1 ran together; request 1 comes back 50 ms after request 0 (its host work).
+    A fixed 5 ms wait runs them apart from then on; waiting up to 10% of the last 1 s forward
+    takes both, and starts as soon as the second arrives rather than at the deadline."""
+    from placement.simulate import BatchServer, Job, Sim
+
+    sim = Sim()
+    server = BatchServer(sim, lambda rows: 1.0, 8, 0.005, gather_fraction=fraction)
+    starts: list[tuple[float, int]] = []
+    orig = server._try_start
+
+    def submit(owner: int, at: float):
+        sim.at(at, lambda: server.submit(Job("verify", Row(1, 10), 1, lambda: None, owner=owner)))
+
+    def spy(waited: bool = False):
+        before = len(server.queue)
+        orig(waited)
+        if len(server.queue) < before:
+            starts.append((sim.now, before - len(server.queue)))
+    server._try_start = spy
+    submit(0, 0.0)
+    submit(1, 0.0)
+    submit(0, 1.0)
+    submit(1, 1.05)
+    sim.run()
+    assert starts[0] == (0.0, 2)
+    if merged:
+        assert starts[1] == (pytest.approx(1.05), 2)
+    else:
+        assert [n for _, n in starts[1:]] == [1, 1]
