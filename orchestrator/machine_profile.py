@@ -21,10 +21,10 @@ import torch
 VERIFY_TOKENS = (1, 2, 4, 6, 8, 12, 16)
 PREFILL_TOKENS = (32, 128)
 BATCHES = (1, 2, 4, 8, 16)
-# B requests of T tokens each in one forward_many: what batched verification of drafts costs. Neither
-# curve above predicts it (measured here: 4 rows x 8 tokens cost more than 32 tokens of one request
-# or 4 one-token rows).
-GRID = ((2, 4), (2, 8), (2, 12), (4, 4), (4, 8), (4, 12))
+# B requests of T tokens each in one forward_many: what batched verification of drafts (T <= 12) and
+# batched prefills (T = 128) cost. Neither curve above predicts it (measured here: 4 rows x 8 tokens
+# cost more than 32 tokens of one request or 4 one-token rows).
+GRID = ((2, 4), (2, 8), (2, 12), (2, 128), (4, 4), (4, 8), (4, 12), (4, 128))
 
 
 def _best_time(fn, reps: int) -> float:
@@ -105,7 +105,7 @@ def target_steps(runner, vocab: int, reps: int = 5, log=print) -> dict:
     for b, t in GRID:
         caches = []
         for _ in range(b):
-            c = runner.new_cache(1, 128)
+            c = runner.new_cache(1, 32 + t + 8)
             runner.prefill(c, 0, torch.randint(0, vocab, (32,), generator=g).tolist())
             caches.append(c)
         ids = torch.randint(0, vocab, (1, t), generator=g)

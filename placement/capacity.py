@@ -31,6 +31,7 @@ from placement.speculative_model import RequestTrace, StrategyModel, alpha_for_m
 from placement.workload import ClosedLoopArrivals, Workload
 
 RAY_HOP_S = 2.4e-3          # one small tensor between two Ray actors, measured (bench_out/transfer.json)
+CLIENT_STAGGER_S = 0.001    # closed-loop clients' first requests this far apart (simulate.Arrivals)
 GATHER_S = 0.005             # the global verifier's least gathering wait (orchestrator/global_verifier.py)
 PCIE_BW = 25e9              # host <-> GPU, PCIe 4.0 x16 achievable (32 GB/s theoretical, PCI-SIG)
 
@@ -67,7 +68,7 @@ class MeasuredStep:
             b, t = (int(x) for x in key.split("x"))
             grid.setdefault(b, {1: 0.0})[t] = max(0.0, v - self.batch(b))
         if grid:
-            grid[1] = {int(t): max(0.0, v - self.tokens(1)) for t, v in target["tokens"].items() if int(t) <= 16}
+            grid[1] = {int(t): max(0.0, v - self.tokens(1)) for t, v in target["tokens"].items()}
         self.surcharge = {b: Curve(pts) for b, pts in sorted(grid.items())}
 
     def _surcharge(self, b: int, t: int) -> float:
@@ -536,7 +537,8 @@ def sweep(replicas: dict, workload: Workload, pool_devices: int | None = None, r
             n_rep = 1
         if isinstance(arr, ClosedLoopArrivals):
             for c in arr.concurrency:
-                a = Arrivals("closed", requests or arr.requests or c * arr.requests_per_client, concurrency=c)
+                a = Arrivals("closed", requests or arr.requests or c * arr.requests_per_client, concurrency=c,
+                             stagger_s=CLIENT_STAGGER_S)
                 seeds = range(workload.seed, workload.seed + max(1, 64 // a.requests))
                 points.append(Point(strategy, placement, c,
                                     simulate_repeated(rep, a, prompt_len, output_len, seeds), 1))

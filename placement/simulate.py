@@ -213,6 +213,10 @@ class Arrivals:
     requests: int
     rate: float = 0.0
     concurrency: int = 1
+    # Closed loop: client i sends its first request at i x stagger_s. Real clients never arrive at one
+    # instant: the first request finds the verifier idle and prefills alone, the others queue behind it
+    # and prefill together (every measured wave of docs/capacity.md shows it).
+    stagger_s: float = 0.0
 
 
 @dataclass
@@ -344,8 +348,8 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
                                                 lambda: then_host(req, lambda: emit(req, 1)), owner=req.id)))
 
     if arrivals.kind == "closed":
-        for _ in range(min(arrivals.concurrency, arrivals.requests)):
-            issue(0.0)
+        for i in range(min(arrivals.concurrency, arrivals.requests)):
+            issue(i * arrivals.stagger_s)
     elif arrivals.kind == "poisson":
         t = 0.0
         for _ in range(arrivals.requests):
