@@ -110,13 +110,9 @@ class StrategyModel:
 
     @property
     def effective_alpha(self) -> float:
-        return self.effective(self.alpha)
-
-    def effective(self, alpha: float) -> float:
-        """The acceptance a drafted token really has (EasySpec's layer-parallel drafts lose some)."""
         if self.family == "easyspec":
-            return alpha * (1 - self.easyspec_alpha_penalty)
-        return alpha
+            return self.alpha * (1 - self.easyspec_alpha_penalty)
+        return self.alpha
 
     @property
     def expected_tokens(self) -> float:

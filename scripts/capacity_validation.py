@@ -27,7 +27,6 @@ single 4-request waves (about +-15% from one run to the next here).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import subprocess
 import sys
@@ -37,8 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ray  # noqa: E402
-from serving_bench import as_request, measure_wave, serve_in_thread  # noqa: E402
+from serving_bench import as_request, measure_wave, serve_in_thread, stop_serving  # noqa: E402
 
 from orchestrator.bench import load_prompts, run_bench  # noqa: E402
 from orchestrator.build import build_engines  # noqa: E402
@@ -100,10 +98,7 @@ def main() -> None:
                 print(f"round {r}: bench {serving['started'] - t0:.0f} s, serving "
                       f"{serving['finished'] - serving['started']:.0f} s", flush=True)
     finally:
-        asyncio.run_coroutine_threadsafe(box["server"].stop(None), loop).result(30)
-        box["service"].close()
-        runtime.shutdown()
-        ray.shutdown()
+        stop_serving(loop, box, runtime)
 
 
 def report(args) -> None:

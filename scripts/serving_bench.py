@@ -47,6 +47,14 @@ def serve_in_thread(built):
     return loop, box
 
 
+def stop_serving(loop, box, runtime) -> None:
+    """Stop the gRPC server started by serve_in_thread, its verifier, the actors and Ray."""
+    asyncio.run_coroutine_threadsafe(box["server"].stop(None), loop).result(30)
+    box["service"].close()
+    runtime.shutdown()
+    ray.shutdown()
+
+
 def as_request(p: Prompt):
     return [{"role": "user", "content": p.text}] if p.chat else p.text
 
@@ -125,14 +133,10 @@ def main() -> None:
                     row = measure_wave(client, box["service"].verifier, name, [as_request(p) for p in pool[:c]],
                                        c, args.max_new_tokens)
                     out["throughput"].append(row)
-                    batch, tokens, wall, mean_batch = pool[:c], row["tokens"], row["wall_s"], row["mean_verify_batch"]
-                    print(f"| {name} | {c} | {len(batch)} | {tokens} | {wall:.1f} | {tokens / wall:.2f} | "
-                          f"{mean_batch:.2f} |", flush=True)
+                    print(f"| {name} | {c} | {row['requests']} | {row['tokens']} | {row['wall_s']:.1f} | "
+                          f"{row['tokens_per_s']:.2f} | {row['mean_verify_batch']:.2f} |", flush=True)
     finally:
-        asyncio.run_coroutine_threadsafe(box["server"].stop(None), loop).result(30)
-        box["service"].close()
-        runtime.shutdown()
-        ray.shutdown()
+        stop_serving(loop, box, runtime)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
 
