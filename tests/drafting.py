@@ -1,0 +1,54 @@
+"""Checks that a speculative run really drafted.
+
+A drafter that raises is dropped (SpeculativeEngine._drop_drafter, DuoDecoding's _RequestDrafter) and
+the request decodes target-only, which *equals* plain decoding: an output-equality test alone passes
+with a dead drafter. Greedy-equality tests therefore also call `assert_drafted` on their results.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+GPU_READING = "at the end: "      # DuoDecoding's GPU reading (orchestrator/duo.py): the one event that is no fault
+
+
+def _stats(x):
+    return getattr(x, "stats", x)       # a GenerationResult, or stats already (RequestStats / pb.RequestStats)
+
+
+def fault_events(stats) -> list[str]:
+    """The request's events other than GPU readings: a drafter failure and the fallback taken."""
+    return [e for e in _stats(stats).events if not e.startswith(GPU_READING)]
+
+
+def _drafted(s) -> int:
+    if hasattr(s, "drafted_tokens"):
+        return s.drafted_tokens
+    # pb.RequestStats (the gRPC answer) has no drafted_tokens; accepted_per_position is as long as the
+    # longest draft verified (orchestrator/metrics.py), so it is empty exactly when nothing was drafted.
+    return len(s.accepted_per_position)
+
+
+def _accepted(s) -> int:
+    if hasattr(s, "accepted_tokens"):
+        return s.accepted_tokens + getattr(s, "speculative_used", 0)
+    return sum(s.accepted_per_position)
+
+
+def assert_drafted(results, accepted: bool = False, all_accepted: bool = False, what: str = "") -> None:
+    """One result or several (a prompt set): no request recorded a drafter failure, the drafter
+    drafted (summed over the set: prompt lookup may find nothing on one prompt), and with
+    `accepted` some drafted tokens were accepted, with `all_accepted` every one of them."""
+    runs = [_stats(r) for r in (results if isinstance(results, Iterable) else [results])]
+    label = f"{what}: " if what else ""
+    assert runs, label + "no results"
+    for s in runs:
+        faults = fault_events(s)
+        assert not faults, f"{label}the drafter failed and decoding fell back to the target alone: {faults}"
+    drafted = sum(_drafted(s) for s in runs)
+    assert drafted > 0, f"{label}nothing was drafted over {len(runs)} request(s)"
+    if accepted or all_accepted:
+        assert sum(_accepted(s) for s in runs) > 0, f"{label}{drafted} drafted, none accepted"
+    if all_accepted:
+        for s in runs:
+            if hasattr(s, "acceptance_rate") and _drafted(s):
+                assert s.acceptance_rate == 1.0, f"{label}acceptance rate {s.acceptance_rate} < 1"
