@@ -2,7 +2,8 @@
 """Command line entry point.
 
   python launch.py --cluster cluster_configs/local.yaml            # main job: serve, submit a sample batch
-                                                                   # through the client, print outputs + speedups
+                                                                   # through the client per strategy (main_job.strategies,
+                                                                   # or --strategies NAME... / all), end with one table
   python launch.py --cluster cluster_configs/8xA100.yaml --dry-run # placement plan only
   python launch.py serve --cluster cluster_configs/local.yaml      # serve gRPC until SIGINT/SIGTERM
   python launch.py bench --cluster cluster_configs/local.yaml --data ../shared/data/humaneval_dev.jsonl \
@@ -30,46 +31,132 @@ SAMPLE_PROMPTS = [
 ]
 
 
+STRATEGIES_HELP = "configured strategy names, or 'all' (default: every configured strategy)"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", required=True, help="config file (cluster_configs/*.yaml)")
-    p.add_argument("--strategies", nargs="*", default=None, help="subset of configured strategy names")
+    p.add_argument("--strategies", nargs="*", default=None, help=STRATEGIES_HELP)
+
+
+def selected(args, cfg, demo: bool) -> list[str] | None:
+    """The strategies a run builds (None = every configured one): --strategies NAME... or all; without
+    it, the main job runs main_job.strategies and serve every configured strategy."""
+    from orchestrator.config import ConfigError
+
+    if args.strategies is None:
+        return cfg.main_job.strategies if demo else None
+    if "all" in args.strategies:
+        if len(args.strategies) > 1:
+            raise ConfigError(f"--strategies: 'all' stands alone, got {args.strategies}")
+        return None
+    return list(args.strategies)
+
+
+def check(args, demo: bool):
+    """Load the config and make every check the run can fail before Ray starts or a model loads
+    (placement/plan.py: check_plan). The config and the checked run."""
+    from orchestrator.config import ConfigError, load_config
+    from placement.plan import check_plan
+
+    cfg = load_config(args.cluster)
+    try:
+        return cfg, check_plan(cfg, selected(args, cfg, demo), in_process=args.in_process)
+    except ConfigError as e:      # (a PlacementError is reported with the file name by __main__ below)
+        raise ConfigError(f"{args.cluster}: {e}") from None
 
 
 def cmd_dry_run(args) -> int:
-    """Print the placement plan and exit; starts nothing (works on a laptop for any cluster config)."""
-    from orchestrator.config import load_config
-    from placement.plan import plan_placement
-
-    cfg = load_config(args.cluster)
-    plan = plan_placement(cfg)
-    print(f"placement plan for {cfg.name} ({args.cluster}):\n{plan.table()}")
-    print(f"\n{len(plan.shards)} Ray placement-group bundles: {json.dumps(plan.bundles())}")
+    """Check the run and print its placement plan; starts nothing (works on a laptop for any cluster config)."""
+    cfg, run = check(args, demo=True)
+    print(f"strategies: {', '.join(['plain'] + [s.name for s in run.strategies])}")
+    if run.plan is None:
+        print(f"{cfg.name} ({args.cluster}): every model in this process (--in-process), no placement")
+        return 0
+    print(f"placement plan for {cfg.name} ({args.cluster}):\n{run.plan.table()}")
+    print(f"\n{len(run.plan.shards)} Ray placement-group bundles: {json.dumps(run.plan.bundles())}")
     return 0
 
 
+def _encode(tokenizer, prompt) -> list[int]:
+    """Prompt ids as the server encodes them (orchestrator/server.py: _encode)."""
+    if isinstance(prompt, list):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(prompt).input_ids
+
+
+def logit_gap(built, prompt_ids: list[int], a: int, b: int) -> float:
+    """The target's logit of token a minus that of token b after `prompt_ids` (one forward, no drafter)."""
+    target = built.target
+    cache = target.new_cache(1, capacity=len(prompt_ids) + 8)
+    try:
+        logits = target.prefill(cache, 0, prompt_ids)
+    finally:
+        if hasattr(cache, "release"):
+            cache.release()
+    return float(logits[a].float() - logits[b].float())
+
+
+NEAR_TIE_LOGITS = 0.5     # two tokens whose target logits are closer than this count as a bf16 near-tie
+
+
 def run_demo(address: str, engines: list[str], max_new_tokens: int, token: str | None = None,
-             tls_root_cert: str | None = None) -> None:
-    """Submit the sample batch through the gRPC client once per strategy; print outputs and speedups."""
+             tls_root_cert: str | None = None, gap=None, tokenizer=None) -> tuple[str, bool]:
+    """Submit the sample batch through the gRPC client once per strategy (plain first), print plain
+    decoding's outputs, and return the final table and whether every output equals plain decoding
+    or differs from it at a bf16 near-tie (checked with `gap`: see logit_gap)."""
     from orchestrator.client import Client
 
     prompts = [[{"role": "user", "content": text}] if chat else text for _, chat, text in SAMPLE_PROMPTS]
-    means: dict[str, float] = {}
-    reference = None
+    rows, notes, ok = [], [], True
+    plain_tps, reference = None, None
     with Client(address, timeout=3600, token=token, tls_root_cert=tls_root_cert) as client:
-        for name in engines:
-            results = client.generate_batch(prompts, strategy=name, max_new_tokens=max_new_tokens, concurrency=1)
+        for i, name in enumerate(engines):
+            t0 = time.time()
+            results = client.generate_batch(prompts, strategy=name, max_new_tokens=max_new_tokens, concurrency=1,
+                                            progress=False)
+            print(f"[{i + 1}/{len(engines)}] {name}: {len(results)} prompts in {time.time() - t0:.1f} s", flush=True)
             if name == "plain":
                 reference = [r.token_ids for r in results]
                 for (cat, _, _), r in zip(SAMPLE_PROMPTS, results):
-                    print(f"\n=== {cat} ===\n{r.text}\n")
-            same = sum(r.token_ids == ref for r, ref in zip(results, reference or []))
-            means[name] = sum(r.stats.tokens_per_s for r in results) / len(results)
+                    print(f"\n=== {cat} ===\n{r.text}\n", flush=True)
+            same = ties = 0
+            for j, (r, ref) in enumerate(zip(results, reference)):
+                if r.token_ids == ref:
+                    same += 1
+                    continue
+                n = min(len(ref), len(r.token_ids))
+                p = next((t for t in range(n) if ref[t] != r.token_ids[t]), n)
+                what = f"{name}, prompt {j + 1} ({SAMPLE_PROMPTS[j][0]}): first differs at new token {p + 1}"
+                if p < n and gap is not None and tokenizer is not None:
+                    a, b = ref[p], r.token_ids[p]
+                    g = gap(_encode(tokenizer, prompts[j]) + ref[:p], a, b)
+                    what += f": plain {tokenizer.decode([a])!r}, {name} {tokenizer.decode([b])!r}, target logits " \
+                            f"{abs(g):.3f} apart"
+                    if abs(g) <= NEAR_TIE_LOGITS:
+                        ties += 1
+                        notes.append(f"bf16 near-tie: {what}")
+                        continue
+                ok = False
+                notes.append(f"MISMATCH (not a near-tie): {what}")
+            tps = sum(r.stats.tokens_per_s for r in results) / len(results)
+            plain_tps = plain_tps or tps
             acc = sum(r.stats.mean_accepted_tokens for r in results) / len(results)
-            print(f"  {name:>24}: {means[name]:6.2f} tok/s, mean accepted {acc:.2f}, "
-                  f"{same}/{len(results)} outputs equal plain decoding")
-    print("\nspeedup vs plain decoding over the sample batch:")
-    for name, tps in means.items():
-        print(f"  {name:>24}: {tps / means['plain']:.2f}x")
+            equal = f"{same}/{len(results)}" + (f" + {ties} bf16 near-tie{'s' * (ties > 1)}" if ties else "")
+            rows.append((name, f"{tps:.2f}", f"{tps / plain_tps:.2f}x", f"{acc:.2f}", equal))
+    head = ("strategy", "tokens/s", "speedup vs plain", "mean accepted tokens", "outputs = plain decoding")
+    widths = [max(len(str(r[c])) for r in rows + [head]) for c in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
+    table = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    table.append(f"\n{len(prompts)} sample prompts x {max_new_tokens} new tokens, greedy, one request at a time "
+                 "through the gRPC client; tokens/s and mean accepted tokens (the target's own token included, "
+                 "plain = 1.00) are the means of the requests' stats.")
+    if notes:
+        table.append("bf16: a multi-token verification forward can round differently from a one-token forward and "
+                     f"flip a near-tie (target logits within {NEAR_TIE_LOGITS}); float32 is exact (tests).")
+        table += [f"- {n}" for n in notes]
+    return "\n".join(table), ok
 
 
 def cmd_serve(args, demo: bool) -> int:
@@ -77,29 +164,29 @@ def cmd_serve(args, demo: bool) -> int:
     import signal
 
     from orchestrator.build import build_engines
-    from orchestrator.config import ConfigError, load_config
+    from orchestrator.config import ConfigError
     from orchestrator.security import check_startup, load_auth_token
     from orchestrator.server import start_server
 
-    cfg = load_config(args.cluster)
+    t_start = time.time()
+    cfg, run = check(args, demo)                   # every plan / strategy check, before Ray or any model
     try:                                           # token and certificates: fail before anything starts
         check_startup(cfg.server)
     except ConfigError as e:
         raise ConfigError(f"{args.cluster}: {e}") from None
+    only = [s.name for s in run.strategies]        # checked and runnable (skipped ones were noted)
     runtime, dashboard = None, None
     if args.in_process:
-        built = build_engines(cfg, only=args.strategies)
+        built = build_engines(cfg, only=only)
     else:
         import ray
 
         from orchestrator.ray_runtime import place, start_ray
-        from placement.plan import plan_placement
 
-        plan = plan_placement(cfg)                 # an infeasible plan fails here, before Ray starts
-        print(f"placement plan for {cfg.name}:\n{plan.table()}", flush=True)
+        print(f"placement plan for {cfg.name}:\n{run.plan.table()}", flush=True)
         dashboard = start_ray(cfg)
         try:
-            built, runtime = place(cfg, plan, only=args.strategies)
+            built, runtime = place(cfg, run.plan, only=only)
         except BaseException:
             ray.shutdown()
             raise
@@ -124,17 +211,17 @@ def cmd_serve(args, demo: bool) -> int:
         if demo:
             tls = cfg.server.tls.cert_file if cfg.server.tls else None    # a self-signed certificate is its own root
             task = loop.run_in_executor(None, run_demo, f"{host}:{bound}", list(built.engines), args.max_new_tokens,
-                                        load_auth_token(cfg.server), tls)
+                                        load_auth_token(cfg.server), tls,
+                                        lambda ids, a, b: logit_gap(built, ids, a, b), built.tokenizer)
             task.add_done_callback(lambda _f: stop.set())
         await stop.wait()
         await server.stop(grace=5)
         service.close()
-        if demo:
-            task.result()
         print("server stopped", flush=True)
+        return task.result() if demo else None
 
     try:
-        asyncio.run(serve())
+        outcome = asyncio.run(serve())
     finally:
         if runtime is not None:     # no orphaned actors: kill ours, then leave (or stop) Ray
             import ray
@@ -142,6 +229,11 @@ def cmd_serve(args, demo: bool) -> int:
             runtime.shutdown()
             ray.shutdown()
             print("Ray actors stopped", flush=True)
+    if outcome is not None:         # the main job: its table last
+        table, ok = outcome
+        print(f"\nmain job ({cfg.name}, {'in process' if args.in_process else 'Ray actors'}; "
+              f"{time.time() - t_start:.0f} s in all):\n{table}", flush=True)
+        return 0 if ok else 1
     return 0
 
 
@@ -159,7 +251,7 @@ def cmd_bench(args) -> int:
     prompts = []
     for i, path in enumerate(args.data):
         prompts += load_prompts(path, limits[i] if len(limits) > 1 else limits[0])
-    built = build_engines(cfg, only=args.strategies)
+    built = build_engines(cfg, only=selected(args, cfg, demo=False))
     if args.no_hf or args.hf_peers is not None:
         peers = [] if args.no_hf else args.hf_peers
         cfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"hf_peers": peers})})
@@ -228,9 +320,11 @@ def main(argv=None) -> int:
     add_capacity_parsers(sub)        # simulate, profile
 
     parser.add_argument("--cluster", help="config file for the main job")
-    parser.add_argument("--strategies", nargs="*", default=None)
+    parser.add_argument("--strategies", nargs="*", default=None,
+                        help="configured strategy names, or 'all' (default: the config's main_job.strategies)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dry-run", action="store_true", help="print the placement plan and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the run (strategies, placement) and print the plan; starts nothing")
     parser.add_argument("--port", type=int, default=None, help="gRPC port for the main job (default: any free port)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every model in this process instead of Ray actors")

@@ -11,6 +11,7 @@ from orchestrator.config import (AdaptiveLength, CascadeStrategy, DraftModelStra
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.duo import build_duo_engine
 from orchestrator.engine import SpeculativeEngine
+from orchestrator.selection import missing_backend, runnable_strategies  # noqa: F401 (re-exported)
 from workers.hugepages import move_to_hugepages
 from workers.quantize import quantize_model_int8
 from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
@@ -71,32 +72,6 @@ class Built:
     target: ModelRunner
     engines: dict[str, SpeculativeEngine]                 # "plain" plus one per configured strategy
     drafter_models: dict[str, object] = field(default_factory=dict)
-
-
-def missing_backend(strategy) -> str | None:
-    """Why a strategy cannot run here (an optional extra not installed), or None."""
-    import importlib.util
-
-    if getattr(strategy, "backend", None) == "llama_cpp" and importlib.util.find_spec("llama_cpp") is None:
-        return "its llama.cpp drafter needs the optional extra: pip install -e '.[llama]'"
-    return None
-
-
-def runnable_strategies(config: EngineConfig, only: list[str] | None):
-    """The strategies to build: `only` (all must be runnable), or every configured one that is,
-    the others skipped with a note (so the main job runs without optional extras)."""
-    if only is not None:
-        for s in config.strategies:
-            if s.name in only and (why := missing_backend(s)):
-                raise RuntimeError(f"strategy {s.name!r}: {why}")
-        return [s for s in config.strategies if s.name in only]
-    chosen = []
-    for s in config.strategies:
-        if why := missing_backend(s):
-            print(f"note: skipping strategy {s.name!r}: {why}", flush=True)
-        else:
-            chosen.append(s)
-    return chosen
 
 
 def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:

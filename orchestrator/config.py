@@ -243,12 +243,22 @@ class DrafterPlacement(_Strict):
     device: Literal["gpu", "cpu"] = "cpu"
     replicas: int = Field(1, ge=1)
     cpus: int = Field(1, ge=1, description="CPU cores per drafter actor")
+    colocate: list[str] = Field(default_factory=list, description=(
+        "Other models.drafters keys loaded in the same actor(s) (e.g. the bf16 and int8 variants of one "
+        "model): each actor hosts the strategies of every drafter it loads, on the same cores; their "
+        "weights count towards its memory. A colocated key has no placement entry of its own"))
 
 
 class PlacementSection(_Strict):
     target: TargetPlacement
     drafters: dict[str, DrafterPlacement] = Field(default_factory=dict, description="Keyed by models.drafters")
     memory_headroom: float = Field(0.2, ge=0, lt=1, description="Fraction of each device kept for KV cache and activations")
+
+    def host_of(self, key: str) -> str | None:
+        """The placement.drafters key whose actors load drafter `key` (itself, or the entry colocating it)."""
+        if key in self.drafters:
+            return key
+        return next((host for host, d in self.drafters.items() if key in d.colocate), None)
 
 
 class TlsSection(_Strict):
@@ -284,6 +294,12 @@ class ServerSection(_Strict):
         "Also require the token for the health service (false lets load balancers probe without it)"))
 
 
+class MainJobSection(_Strict):
+    strategies: list[str] | None = Field(None, description=(
+        "Strategies the main job (`launch.py --cluster FILE` without --strategies) runs beside plain "
+        "decoding; None = every configured strategy (as `--strategies all`)"))
+
+
 class EngineConfig(_Strict):
     name: str = "local"
     models: ModelsConfig
@@ -294,6 +310,7 @@ class EngineConfig(_Strict):
     node_pools: list[NodePool] = Field(default_factory=list)
     placement: PlacementSection | None = None
     server: ServerSection = Field(default_factory=ServerSection)
+    main_job: MainJobSection = Field(default_factory=MainJobSection)
 
     @model_validator(mode="after")
     def _references(self):
@@ -325,6 +342,24 @@ class EngineConfig(_Strict):
                     raise ValueError(f"placement.drafters.{key}: not a key of models.drafters")
                 if d.pool not in pools:
                     raise ValueError(f"placement.drafters.{key}.pool: {d.pool!r} is not in node_pools ({sorted(pools)})")
+            colocated: dict[str, str] = {}
+            for key, d in self.placement.drafters.items():
+                for j, other in enumerate(d.colocate):
+                    where = f"placement.drafters.{key}.colocate.{j}"
+                    if other not in self.models.drafters:
+                        raise ValueError(f"{where}: {other!r} is not a key of models.drafters "
+                                         f"({sorted(self.models.drafters)})")
+                    if other == key:
+                        raise ValueError(f"{where}: {other!r} is this entry's own drafter")
+                    if other in self.placement.drafters:
+                        raise ValueError(f"{where}: {other!r} has its own placement.drafters entry; "
+                                         "a drafter is placed once (its own entry or one colocate list)")
+                    if other in colocated:
+                        raise ValueError(f"{where}: {other!r} is already colocated with {colocated[other]!r}")
+                    colocated[other] = key
+        for i, name in enumerate(self.main_job.strategies or []):
+            if name not in names and name != "plain":
+                raise ValueError(f"main_job.strategies.{i}: {name!r} is not a configured strategy ({names})")
         if self.bench.hf_assistant and self.models.drafters[self.bench.hf_assistant].quantize != "none":
             raise ValueError("bench.hf_assistant: HF generate() needs an unquantized drafter")
         return self

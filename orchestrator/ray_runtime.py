@@ -27,12 +27,12 @@ from types import SimpleNamespace
 import ray
 import torch
 
-from orchestrator.build import Built, eos_ids, make_drafter, pick_device, policy_factory, runnable_strategies
+from orchestrator.build import Built, eos_ids, make_drafter, pick_device, policy_factory
 from orchestrator.config import CascadeStrategy, DraftModelStrategy, DuoDecodingStrategy, EasySpecStrategy, EngineConfig
 from orchestrator.duo import build_duo_engine
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.errors import WorkerUnavailable
-from placement.plan import Plan, PlacementError, easyspec_rank_name
+from placement.plan import Plan, PlacementError, actor_drafters, check_strategies, easyspec_rank_name
 from placement.ray_groups import create_placement_group, shard_strategy
 from workers.actors import DrafterWorker, LostRequestState, TargetShard
 from workers.drafters import Draft, Drafter, DraftSession, PromptLookupDrafter
@@ -296,32 +296,29 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         link_min_tokens = placement.link_min_tokens
     shards = [g[0] for g in stages]
 
-    chosen = runnable_strategies(config, only)
-    for st in chosen:
-        if isinstance(st, CascadeStrategy) and len(st.drafters) > 1:
-            raise PlacementError(f"strategy {st.name!r}: cascades of several neural drafters run in process only "
-                                 "for now (launch.py serve --in-process, or bench); through Ray a cascade may "
-                                 "name one drafter")
-    drafter_actors: dict[str, list] = {}
+    run = check_strategies(config, only, log=None)   # check_plan's strategy checks (launch.py ran them before Ray)
+    chosen = run.strategies
+    drafter_actors: dict[str, list] = {}      # models.drafters key -> the actors that load it
     for s in plan.shards:
         if s.role != "drafter":
             continue
-        uses = [st.model_dump() for st in chosen if isinstance(st, (DraftModelStrategy, EasySpecStrategy))
-                and st.drafter == s.model and getattr(st, "workers", 1) == 1]
-        # A cascade with one neural drafter lives whole (MaG included) in that drafter's actor.
-        uses += [st.model_dump() for st in chosen if isinstance(st, CascadeStrategy) and st.drafters == [s.model]]
+        # Draft-model, one-process EasySpec and one-drafter cascade strategies (MaG included) live in the
+        # actor that loads their drafter: this entry's own model or one it colocates.
+        uses = [st for st in chosen if (keys := actor_drafters(st)) and run.hosts.get(keys[0]) == s.model]
         if not uses:
             continue
+        loads = [k for k in s.models if any(actor_drafters(st)[0] == k for st in uses)]
         batching = config.server.batch_drafting and config.server.concurrency > 1
         actors[s.name] = ray.remote(DrafterWorker).options(
             **options(s), max_concurrency=config.server.concurrency if batching else 1).remote(
-            config.models.drafters[s.model].model_dump(), uses, "cuda" if s.device == "gpu" else "cpu",
-            threads or s.cpus, batching, config.server.max_verify_batch)
-        drafter_actors.setdefault(s.model, []).append(actors[s.name])
+            {k: config.models.drafters[k].model_dump() for k in loads}, [st.model_dump() for st in uses],
+            "cuda" if s.device == "gpu" else "cpu", threads or s.cpus, batching, config.server.max_verify_batch)
+        for k in loads:
+            drafter_actors.setdefault(k, []).append(actors[s.name])
 
     vocab = ray.get(shards[-1].vocab_size.remote())
     for model_key, handles in drafter_actors.items():
-        if ray.get(handles[0].vocab_size.remote()) != vocab:
+        if ray.get(handles[0].vocab_size.remote(model_key)) != vocab:
             raise ValueError(f"models.drafters.{model_key}: vocabulary size differs from the target's")
 
     easyspec_ranks: dict[str, list] = {}      # strategy -> its ranks (EasySpec with workers > 1)
@@ -355,9 +352,9 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         elif isinstance(st, (DraftModelStrategy, EasySpecStrategy)) or (isinstance(st, CascadeStrategy)
                                                                         and st.drafters):
             first = st.drafters[0] if isinstance(st, CascadeStrategy) else st.drafter
-            if first not in drafter_actors:
-                raise PlacementError(f"strategy {st.name!r}: drafter {first!r} has no placement "
-                                     f"(add placement.drafters.{first})")
+            if first not in drafter_actors:     # check_plan rules this out for plans of this config
+                raise PlacementError(f"strategy {st.name!r}: drafter {first!r} has no actor in this plan "
+                                     f"(add placement.drafters.{first}, or colocate it)")
             drafter = RemoteDrafter(drafter_actors[first], st.name, timeout)
         elif isinstance(st, CascadeStrategy):   # MaG alone: a table walk, beside the engine like prompt lookup
             drafter = make_drafter(st, None)

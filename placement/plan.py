@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.config import EngineConfig, ModelSpec, NodePool
+from orchestrator.config import (CascadeStrategy, DraftModelStrategy, EasySpecStrategy, EngineConfig, ModelSpec,
+                                 NodePool)
 from placement.hardware import KNOWN_DEVICES
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -73,6 +74,12 @@ class Shard:
     tp_size: int
     memory_gb: float           # weights held by this shard
     accelerator: str | None
+    colocated: tuple[str, ...] = ()   # drafters: other models.drafters keys loaded in the same actor
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every model key this shard's actor loads (a drafter actor may load several: colocate)."""
+        return (self.model,) + self.colocated
 
 
 @dataclass
@@ -92,14 +99,16 @@ class Plan:
         return out
 
     def table(self) -> str:
-        head = f"{'actor':<18} {'model':<20} {'pool/node':<14} {'device':<16} {'layers':<9} {'tp':<5} {'weights':>9}"
+        width = max([20] + [len("+".join(s.models)) for s in self.shards if s.colocated])
+        head = (f"{'actor':<18} {'model':<{width}} {'pool/node':<14} {'device':<16} {'layers':<9} {'tp':<5} "
+                f"{'weights':>9}")
         rows = [head, "-" * len(head)]
         for s in self.shards:
             dev = f"{s.gpus}x {s.accelerator}" if s.gpus else f"{s.cpus} CPU"
-            model = Path(s.model).name[:20]
+            model = "+".join(s.models) if s.colocated else Path(s.model).name[:20]
             layers = f"{s.layers[0]}-{s.layers[1] - 1}"
             tp = f"{s.tp_rank}/{s.tp_size}"
-            rows.append(f"{s.name:<18} {model:<20} {s.pool + '/' + str(s.node):<14} {dev:<16} "
+            rows.append(f"{s.name:<18} {model:<{width}} {s.pool + '/' + str(s.node):<14} {dev:<16} "
                         f"{layers:<9} {tp:<5} {s.memory_gb:>7.2f}GB")
         return "\n".join(rows)
 
@@ -122,8 +131,11 @@ def _device_memory(pool: NodePool) -> float:
 
 
 def plan_placement(config: EngineConfig) -> Plan:
+    """Place the target's shards and every placement.drafters entry (its colocated drafters included).
+    Callers that are about to run strategies go through `check_plan`, which makes the strategy checks too."""
     if config.placement is None:
-        raise PlacementError("config has no placement section")
+        raise PlacementError("config has no placement section (add one to run through Ray, or run in one "
+                             "process: launch.py serve --in-process / --in-process for the main job)")
     pools = {p.name: p for p in config.node_pools}
     nodes = {name: [_NodeState(p, i) for i in range(p.count)] for name, p in pools.items()}
     headroom = config.placement.memory_headroom
@@ -179,12 +191,13 @@ def plan_placement(config: EngineConfig) -> Plan:
     for key, d in config.placement.drafters.items():
         dpool = pools[d.pool]
         dfp = footprint(config.models.drafters[key])
-        gb = dfp.weight_bytes / 1e9
+        gb = sum(footprint(config.models.drafters[k]).weight_bytes for k in [key, *d.colocate]) / 1e9
+        what = f"placement.drafters.{key}" + (f" (with {', '.join(d.colocate)})" if d.colocate else "")
         if d.device == "gpu":
             if dpool.accelerators_per_node == 0:
-                raise PlacementError(f"placement.drafters.{key}: pool {dpool.name!r} has no accelerators")
+                raise PlacementError(f"{what}: pool {dpool.name!r} has no accelerators")
             if gb > _device_memory(dpool) * (1 - headroom):
-                raise PlacementError(f"placement.drafters.{key}: {gb:.1f} GB does not fit one {dpool.accelerator}")
+                raise PlacementError(f"{what}: {gb:.1f} GB does not fit one {dpool.accelerator}")
         for _ in range(d.replicas):
             n = counters.get(d.device, 0)
             counters[d.device] = n + 1
@@ -192,16 +205,19 @@ def plan_placement(config: EngineConfig) -> Plan:
             gpus = 1 if d.device == "gpu" else 0
             node = take(dpool, name, gpus, d.cpus, gb)
             plan.shards.append(Shard(name, "drafter", key, dpool.name, node.index, d.device, gpus, d.cpus,
-                                     (0, dfp.layers), 0, 1, gb, dpool.accelerator if gpus else None))
+                                     (0, dfp.layers), 0, 1, gb, dpool.accelerator if gpus else None,
+                                     tuple(d.colocate)))
 
     # --- EasySpec with workers > 1: one actor per group member, each with the full draft weights,
     # placed like its drafter (workers/easyspec_workers.py)
     for st in config.strategies:
         if getattr(st, "kind", None) != "easyspec" or st.workers < 2:
             continue
-        if st.drafter not in config.placement.drafters:
-            raise PlacementError(f"strategy {st.name!r} (workers: {st.workers}): add placement.drafters.{st.drafter}")
-        d = config.placement.drafters[st.drafter]
+        host = config.placement.host_of(st.drafter)
+        if host is None:
+            raise PlacementError(f"strategy {st.name!r} (workers: {st.workers}): drafter {st.drafter!r} has no "
+                                 f"placement; add placement.drafters.{st.drafter} (its ranks are placed like it)")
+        d = config.placement.drafters[host]
         dpool, gpus = pools[d.pool], 1 if d.device == "gpu" else 0
         dfp = footprint(config.models.drafters[st.drafter])
         for rank in range(st.workers):
@@ -211,6 +227,85 @@ def plan_placement(config: EngineConfig) -> Plan:
                                      (0, dfp.layers), rank, st.workers, dfp.weight_bytes / 1e9,
                                      dpool.accelerator if gpus else None))
     return plan
+
+
+@dataclass
+class RunPlan:
+    """A run checked before Ray starts or any model loads (`check_plan`)."""
+    plan: Plan | None          # None: every model in one process (--in-process)
+    strategies: list           # the selected, runnable strategies (config objects; plain is implicit)
+    hosts: dict[str, str]      # models.drafters key -> placement.drafters key whose actors load it (Ray)
+
+
+def actor_drafters(strategy) -> list[str]:
+    """The models.drafters keys a strategy drafts with through drafter actors (DrafterWorker):
+    draft-model and one-process EasySpec strategies, cascades. DuoDecoding starts its own actor and
+    EasySpec with workers > 1 its own ranks; prompt lookup and MaG alone need no model."""
+    if isinstance(strategy, CascadeStrategy):
+        return list(strategy.drafters)
+    if isinstance(strategy, DraftModelStrategy) or (isinstance(strategy, EasySpecStrategy) and strategy.workers == 1):
+        return [strategy.drafter]
+    return []
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def check_strategies(config: EngineConfig, only: list[str] | None = None, in_process: bool = False,
+                     log=_say) -> RunPlan:
+    """The strategy checks of `check_plan`, without planning (`orchestrator/ray_runtime.place` repeats them)."""
+    from orchestrator.selection import runnable_strategies
+
+    chosen = runnable_strategies(config, only, log)   # unknown names, optional extras, MaG tables
+    hosts: dict[str, str] = {}
+    if in_process or config.placement is None:
+        return RunPlan(None, chosen, hosts)
+    placed = config.placement
+    for st in chosen:
+        keys = actor_drafters(st)
+        if len(keys) > 1:
+            raise PlacementError(f"strategy {st.name!r}: cascades of several neural drafters run in process only "
+                                 "for now (launch.py serve --in-process, or bench); through Ray a cascade may name "
+                                 "one drafter")
+        for key in keys:
+            host = placed.host_of(key)
+            if host is None:
+                raise PlacementError(f"strategy {st.name!r}: drafter {key!r} has no placement; "
+                                     + _placement_fix(config, key))
+            hosts[key] = host
+    return RunPlan(None, chosen, hosts)
+
+
+def _placement_fix(config: EngineConfig, key: str) -> str:
+    """How to place drafter `key`: in the actor of a placed variant of the same model, or an entry of its own."""
+    src = config.models.drafters[key].source
+    same = [k for k in config.placement.drafters if config.models.drafters[k].source == src]
+    own = f"add placement.drafters.{key}: {{pool: ..., device: cpu}} (an actor of its own)"
+    if same:
+        return (f"load it in the actor of its variant {same[0]!r} (placement.drafters.{same[0]}.colocate: [{key}]),"
+                f" or {own}")
+    if config.placement.drafters:
+        first = next(iter(config.placement.drafters))
+        return f"{own}, or load it beside another drafter (placement.drafters.{first}.colocate: [{key}])"
+    return own
+
+
+def check_plan(config: EngineConfig, only: list[str] | None = None, in_process: bool = False,
+               log=_say) -> RunPlan:
+    """Every check a run can fail that the config (and the files it names) can answer, before Ray starts
+    or any model loads: `--dry-run`, `serve` and the main job call it.
+
+    `only`: the selected strategies (--strategies; None = every configured one). Checks: the names are
+    configured; an explicitly named strategy can run here (its optional extra installed, its MaG table
+    built; with `only` None such strategies are skipped with a note); through Ray, every selected
+    strategy's drafter is placed (its own placement.drafters entry or another entry's `colocate`) and a
+    cascade names at most one neural drafter; and the placement plan fits the node pools (`plan_placement`).
+    """
+    run = check_strategies(config, only, in_process, log)
+    if not in_process:
+        run.plan = plan_placement(config)
+    return run
 
 
 def easyspec_rank_name(strategy: str, rank: int) -> str:

@@ -78,5 +78,5 @@ def test_strategies_missing_an_optional_extra_are_skipped_unless_asked_for(monke
     names = [s.name for s in runnable_strategies(cfg, None)]
     assert "duo-0.5b-llama" not in names and "duo-0.5b" in names
     assert "skipping strategy 'duo-0.5b-llama'" in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match=r"duo-0.5b-llama.*\[llama\]"):
+    with pytest.raises(ConfigError, match=r"duo-0.5b-llama.*\[llama\]"):
         runnable_strategies(cfg, ["duo-0.5b-llama"])

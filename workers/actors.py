@@ -183,36 +183,49 @@ class TargetShard:
 
 
 class DrafterWorker:
-    """Hosts one draft model, the drafters of the strategies that use it, and their sessions.
+    """Hosts draft models, the drafters of the strategies that use them, and their sessions.
 
-    With `batch_drafting` (and the actor started with max_concurrency > 1, so concurrent
-    requests' calls run in parallel threads), the draft-model forwards of all live requests
-    go through one batching queue, as the target's do through the global verifier: each
-    draft step streams the weights once for every request drafting at that moment.
+    Usually one draft model; several when the placement colocates drafters (e.g. the bf16 and
+    int8 variants of one model: placement.drafters.<key>.colocate), each strategy drafting with
+    its own (`drafter`, or a cascade's first `drafters` entry). With `batch_drafting` (and the
+    actor started with max_concurrency > 1, so concurrent requests' calls run in parallel
+    threads), the draft-model forwards of all live requests go through one batching queue per
+    model, as the target's do through the global verifier: each draft step streams the weights
+    once for every request drafting at that moment.
     """
 
-    def __init__(self, drafter_spec: dict, strategies: list[dict], device: str = "auto", threads: int | None = None,
-                 batch_drafting: bool = False, max_batch: int = 16):
+    def __init__(self, drafter_specs: dict[str, dict], strategies: list[dict], device: str = "auto",
+                 threads: int | None = None, batch_drafting: bool = False, max_batch: int = 16):
+        """drafter_specs: models.drafters key -> its ModelSpec (as a dict), every model this actor loads."""
         from orchestrator.build import load_for_decoding, make_drafter, pick_device
-        from orchestrator.config import DraftModelStrategy, ModelSpec, StrategyAdapter
+        from orchestrator.config import CascadeStrategy, DraftModelStrategy, ModelSpec, StrategyAdapter
         from orchestrator.global_verifier import GlobalVerifier
 
         _threads(threads)
         self.device = pick_device(device)
-        spec = ModelSpec.model_validate(drafter_spec)
-        model, _ = load_for_decoding(spec.source, spec.dtype, self.device, spec.quantize, with_tokenizer=False)
-        runner = ModelRunner(model, self.device)
+        runners: dict[str, ModelRunner] = {}
+        for key, raw in drafter_specs.items():
+            spec = ModelSpec.model_validate(raw)
+            model, _ = load_for_decoding(spec.source, spec.dtype, self.device, spec.quantize, with_tokenizer=False)
+            runners[key] = ModelRunner(model, self.device)
         parsed = [StrategyAdapter.validate_python(s) for s in strategies]
         # Draft-model drafters only call forward(); EasySpec drives the layers itself and keeps the runner.
-        self.batcher = GlobalVerifier(runner, max_batch=max_batch, name="draft-batcher") if batch_drafting else None
-        self.drafters = {s.name: make_drafter(s, self.batcher if self.batcher and isinstance(s, DraftModelStrategy)
-                                              else runner) for s in parsed}
-        self.vocab = runner.vocab_size
+        self.batchers = {key: GlobalVerifier(r, max_batch=max_batch, name="draft-batcher" if len(runners) == 1
+                                             else f"draft-batcher-{key}")
+                         for key, r in runners.items()} if batch_drafting else {}
+        self.drafters = {}
+        for s in parsed:
+            key = s.drafters[0] if isinstance(s, CascadeStrategy) else s.drafter
+            batched = key in self.batchers and isinstance(s, DraftModelStrategy)
+            self.drafters[s.name] = make_drafter(s, self.batchers[key] if batched else runners[key])
+        self.vocab = {key: r.vocab_size for key, r in runners.items()}
+        self.first = next(iter(runners))
         self.sessions: dict = {}
         self._busy = BusyTimer("drafter")
 
-    def vocab_size(self) -> int:
-        return self.vocab
+    def vocab_size(self, key: str | None = None) -> int:
+        """The vocabulary size of drafter `key` (default: the first loaded)."""
+        return self.vocab[key or self.first]
 
     def start(self, sid: str, strategy: str, prompt_ids: list[int], params: SamplingParams) -> None:
         # The drafter samples with its own generator: any randomness keeps verification lossless,
@@ -237,9 +250,11 @@ class DrafterWorker:
     def live_requests(self) -> int:
         return len(self.sessions)
 
-    def draft_batches(self) -> dict:
-        """How the batched drafting went: forwards, rows, largest batch (empty without batching)."""
-        return vars(self.batcher.stats) if self.batcher else {}
+    def draft_batches(self, key: str | None = None) -> dict:
+        """How the batched drafting of drafter `key` (default: the first loaded) went: forwards, rows,
+        largest batch (empty without batching)."""
+        batcher = self.batchers.get(key or self.first)
+        return vars(batcher.stats) if batcher else {}
 
     def close(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)
