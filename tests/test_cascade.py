@@ -14,6 +14,7 @@ from orchestrator.draft_length import FixedDraftLength
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.sampling import SamplingParams
 from tests.conftest import VOCAB
+from tests.drafting import assert_drafted
 from tests.test_engine import noisy_copy
 from tests.test_sampling_lossless import N_NEW, V, exact_sequence_probs, small_vocab_model
 from tests.test_verification import chi_square_p_value
@@ -178,12 +179,16 @@ def test_greedy_cascades_equal_plain_decoding(target_model, draft_model, prompts
     assert refs[0].stats.cost_speedup == 1.0
     for name, drafter in cascades(target_model, draft_model).items():
         engine = SpeculativeEngine(target, drafter, lambda: FixedDraftLength(16), name=name)
-        drafted = accepted = 0
+        runs = []
         for prompt, ref in zip(prompts, refs):
             res = engine.generate(prompt, 24)
             assert res.tokens == ref.tokens, f"{name} diverged from plain decoding"
-            drafted, accepted = drafted + res.stats.drafted_tokens, accepted + res.stats.accepted_tokens
-        assert drafted > 0, f"{name} drafted nothing"
+            runs.append(res)
+        # Over the prompt set (MaG alone may find nothing to copy on one prompt); the neural levels
+        # start from the target's noisy copy, so the target keeps some of their drafts.
+        assert_drafted(runs, accepted=name != "mag-alone", what=name)
+        drafted = sum(r.stats.drafted_tokens for r in runs)
+        accepted = sum(r.stats.accepted_tokens for r in runs)
         if name == "3-level-huge-leniency":
             # Intermediate levels accept every draft token; the target (exact) still rejects some.
             assert accepted < drafted

@@ -8,6 +8,7 @@ from orchestrator.draft_length import FixedDraftLength
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.sampling import SamplingParams
 from tests.conftest import tiny_model
+from tests.drafting import assert_drafted
 from workers.easyspec import Calibration, EasySpecDrafter, default_groups
 from workers.runner import ModelRunner
 
@@ -17,7 +18,10 @@ def test_default_groups_follow_the_paper():
     assert g[:4] == [[0], [1], [2], [3]] and g[-4:] == [[28], [29], [30], [31]]
     assert g[4:-4] == [[4 + 2 * i, 5 + 2 * i] for i in range(12)]
     assert default_groups(24, 3)[3] == [3, 4, 5]
-    assert default_groups(4, 2) == [[0], [1], [2], [3]] or default_groups(4, 2)[1] == [1, 2]
+    # Small models: the edge is at least one layer (the first and last layers are never fused), and the
+    # middle is still fused; only when the two edges cover every layer does each layer stay single.
+    assert default_groups(4, 2) == [[0], [1, 2], [3]]
+    assert default_groups(2, 2) == [[0], [1]]
 
 
 def test_single_layer_groups_equal_sequential_forward():
@@ -40,12 +44,12 @@ def test_easyspec_is_lossless(calibration, mode, prompts):
                               calibration=calibration, groups=[[0], [1, 2]])
     engine = SpeculativeEngine(target, drafter, lambda: FixedDraftLength(4))
     plain = SpeculativeEngine(target)
-    accepted = 0
+    runs = []
     for prompt in prompts:
         res = engine.generate(prompt, 30)
         assert res.tokens == plain.generate(prompt, 30).tokens
-        accepted += res.stats.accepted_tokens
-    assert accepted > 0
+        runs.append(res)
+    assert_drafted(runs, accepted=True)     # the drafter is the target's own weights, layer-parallel
     params = SamplingParams(temperature=0.8, seed=4)
     assert engine.generate(prompts[0], 20, params).tokens == engine.generate(prompts[0], 20, params).tokens
 
