@@ -22,7 +22,9 @@ def fault_events(stats) -> list[str]:
 
 def _drafted(s) -> int:
     if hasattr(s, "drafted_tokens"):
-        return s.drafted_tokens
+        # DuoDecoding verifies a draft only after a round whose speculation was used; the drafts it made
+        # beside the target's forwards (used or discarded) count too, when the drafter computed them.
+        return s.drafted_tokens + (s.speculative_drafts if s.drafter_busy_s > 0 else 0)
     # pb.RequestStats (the gRPC answer) has no drafted_tokens; accepted_per_position is as long as the
     # longest draft verified (orchestrator/metrics.py), so it is empty exactly when nothing was drafted.
     return len(s.accepted_per_position)
@@ -48,7 +50,8 @@ def assert_drafted(results, accepted: bool = False, all_accepted: bool = False, 
     assert drafted > 0, f"{label}nothing was drafted over {len(runs)} request(s)"
     if accepted or all_accepted:
         assert sum(_accepted(s) for s in runs) > 0, f"{label}{drafted} drafted, none accepted"
-    if all_accepted:
+    if all_accepted:     # of the drafts verified (DuoDecoding's used speculations are accepted by definition)
         for s in runs:
-            if hasattr(s, "acceptance_rate") and _drafted(s):
+            verified = s.drafted_tokens if hasattr(s, "drafted_tokens") else len(s.accepted_per_position)
+            if verified:
                 assert s.acceptance_rate == 1.0, f"{label}acceptance rate {s.acceptance_rate} < 1"
