@@ -236,12 +236,12 @@ class DuoEngine:
                 self.calibrate()
         prompt = list(prompt_ids)
         stats = RequestStats(prompt_tokens=len(prompt))
-        generator = make_generator(params.seed, self.target.device)
+        generator = make_generator(params.seed, self.target.device, role="verifier")
         rid = uuid.uuid4().hex
         t_start = time.perf_counter()
-        # The drafter samples with its own generator (any randomness keeps verification lossless).
+        # The drafter derives its own stream from the seed (workers/duo_drafter.py; STREAM_ROLES).
         try:
-            self.drafter.call("open", rid, prompt, params, None if params.seed is None else params.seed + 1)
+            self.drafter.call("open", rid, prompt, params)
         except Exception:  # noqa: BLE001 - the first draft call reports the failure (_RequestDrafter)
             pass
         cache = self.target.new_cache(1, capacity=len(prompt) + max_new_tokens + 16)

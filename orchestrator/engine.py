@@ -98,7 +98,7 @@ class SpeculativeEngine:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         stats = RequestStats(prompt_tokens=len(prompt_ids))
-        generator = make_generator(params.seed, self.target.device)
+        generator = make_generator(params.seed, self.target.device, role="verifier")
         policy = self.policy_factory()
         t_start = time.perf_counter()
 
@@ -113,7 +113,9 @@ class SpeculativeEngine:
         session = None
         if self.drafter:
             try:
-                session = self.drafter.start(prompt_ids, params, generator)
+                # The drafter samples from its own stream: never the verifier's (STREAM_ROLES).
+                session = self.drafter.start(prompt_ids, params,
+                                             make_generator(params.seed, self.target.device, role="drafter"))
                 session.update([first], 0)
             except Exception as exc:  # noqa: BLE001 - as below: a broken drafter never fails the request
                 session = self._drop_drafter(session, stats, exc)

@@ -70,12 +70,30 @@ def warp_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return warped.softmax(dim=-1)
 
 
-def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
-    """A seeded generator on ``device``, or None (use the global RNG) when seed is None."""
+#: The random streams of one request, one per role. Each is derived from the request's seed on its own
+#: (numpy's SeedSequence with the role as spawn key), so no two roles ever draw the same numbers: a
+#: drafter whose stream equalled the verifier's would correlate its draft with the acceptance test
+#: and the target's own samples, and the output would no longer follow the target's distribution.
+STREAM_ROLES = ("verifier", "drafter")
+
+
+def stream_seed(seed: int, role: str) -> int:
+    """The seed of `role`'s stream for a request seeded with `seed` (a 63-bit int, independent per role)."""
+    import numpy as np
+
+    key = STREAM_ROLES.index(role)      # a ValueError names an unknown role
+    state = np.random.SeedSequence(entropy=seed, spawn_key=(key,)).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu", *,
+                   role: str) -> torch.Generator | None:
+    """`role`'s generator for a request seeded with ``seed`` (see STREAM_ROLES), on ``device``; None
+    (use this process's global RNG) when the request has no seed."""
     if seed is None:
         return None
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(stream_seed(seed, role))
     return generator
 
 

@@ -63,7 +63,7 @@ def test_drafter_builds_the_planned_sequences_from_a_hand_built_distribution():
             return KV()
 
     side = DuoDrafterSide(FixedModel(), top_alternatives=8)
-    side.open("r", [3, 3, 3], SamplingParams(), None)
+    side.open("r", [3, 3, 3], SamplingParams())
     draft = side.draft("r", [3, 3, 3], budget=12, multi_sequence=True)
     assert [s[0] for s in draft.sequences] == [0, 1, 2]
     assert [len(s) for s in draft.sequences] == [4, 4, 4]
@@ -148,7 +148,7 @@ def test_budget_counts_one_token_drafter_forwards_only(target_model, draft_model
     """A prompt prefill or a rollback re-feed is one long forward: timing it as one drafted token made
     the budget collapse to 1. Only one-token forwards (and their seconds) reach the controller."""
     side = DuoDrafterSide(ModelRunner(draft_model))
-    side.open("r", prompts[0], SamplingParams(), None)
+    side.open("r", prompts[0], SamplingParams())
     draft = side.draft("r", prompts[0], 4, False)           # prefill (one long forward) + 3 one-token forwards
     assert draft.forwards == 3 and len(draft.sequences[0]) == 4
     assert 0 < draft.step_s < draft.compute_s
@@ -243,7 +243,7 @@ def test_multi_sequence_drafts_are_trees_and_stay_exact(target_model, prompts):
     target = ModelRunner(target_model)
     engine = duo(target, ModelRunner(head_scaled_copy(target_model, 0.05)), gamma=(8, 8, 8))
     side = engine.drafter.side
-    side.open("probe", prompts[0], SamplingParams(), None)
+    side.open("probe", prompts[0], SamplingParams())
     assert len(side.draft("probe", prompts[0], 8, True).sequences) > 1
     plain = SpeculativeEngine(target, None)
     for prompt in prompts:
@@ -281,7 +281,7 @@ def test_pipelined_sampling_matches_target_distribution(case):
         used += res.stats.speculative_used
     side = engine.drafter.side
     for i in range(20):       # the drafts really have several sequences in this setting
-        side.open("probe", prompt, params, i)
+        side.open("probe", prompt, SamplingParams(params.temperature, params.top_k, params.top_p, i))
         trees += len(side.draft("probe", prompt, gamma, multi).sequences) > 1
     assert used > SAMPLES // 4, f"{case}: too few pipelined drafts used to test them"
     assert trees > 0 or not multi

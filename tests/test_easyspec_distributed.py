@@ -52,7 +52,7 @@ def test_ranks_are_separate_processes(ranks):
 
 def assert_same_drafts(local, remote, params, prompt):
     """Propose/update rounds with rejections; the remote drafts equal the local ones, q included."""
-    a = local.start(prompt, params, make_generator(params.seed))
+    a = local.start(prompt, params, make_generator(params.seed, role="drafter"))
     b = remote.start(prompt, params, None)
     a.update([7], 0)
     b.update([7], 0)

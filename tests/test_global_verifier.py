@@ -170,7 +170,7 @@ def test_batched_drafting_with_trimmed_heads_equals_drafting_alone(target_model,
         results: dict[int, list] = {}
 
         def run(i, d, key):
-            session = d.start(prompts[i], params, make_generator(11 + i))
+            session = d.start(prompts[i], params, make_generator(11 + i, role="drafter"))
             session.update([4], 0)                     # the target's first token, as the engine does
             out = []
             for step in range(4):

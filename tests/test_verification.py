@@ -424,7 +424,7 @@ def test_verify_tree_rejects_bad_parents():
 
 def test_same_seed_same_outputs():
     def run(seed: int) -> list:
-        generator = make_generator(seed)
+        generator = make_generator(seed, role="verifier")
         setup = torch.Generator().manual_seed(0)  # fixed inputs, only the verifier's seed varies
         target = random_tables(setup, len(TREE_PARENTS) + 1)
         tokens, draft_probs, target_probs = draft_tree(TREE_PARENTS, target, [target.flip(-1)], 30, setup)
@@ -441,10 +441,16 @@ def test_same_seed_same_outputs():
     assert run(7) != run(8)
 
 
-def test_make_generator():
-    assert make_generator(None) is None
-    a, b = make_generator(3), make_generator(3)
-    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+def test_make_generator_one_independent_stream_per_role():
+    assert make_generator(None, role="drafter") is None
+    a, b = make_generator(3, role="verifier"), make_generator(3, role="verifier")
+    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))       # reproducible
+    v, d = make_generator(3, role="verifier"), make_generator(3, role="drafter")
+    assert not torch.equal(torch.rand(5, generator=v), torch.rand(5, generator=d))   # never the same stream
+    plain = torch.Generator().manual_seed(3)      # nor the stream a bare manual_seed(seed) gives
+    assert not torch.equal(torch.rand(5, generator=make_generator(3, role="drafter")), torch.rand(5, generator=plain))
+    with pytest.raises(ValueError):
+        make_generator(3, role="no-such-role")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -539,7 +545,7 @@ def test_sampling_params_greedy():
 
 def test_sample_shapes():
     probs = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]] * 3)  # [3, 2, 2]
-    tokens = sample(probs, make_generator(0))
+    tokens = sample(probs, make_generator(0, role="verifier"))
     assert tokens.shape == (3, 2) and tokens.dtype == torch.long
     assert tokens.tolist() == [[1, 0]] * 3
     assert sample(torch.tensor([0.0, 0.0, 1.0]), None).shape == ()

@@ -228,9 +228,9 @@ class DrafterWorker:
         return self.vocab[key or self.first]
 
     def start(self, sid: str, strategy: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        # The drafter samples with its own generator: any randomness keeps verification lossless,
-        # and a seeded request stays reproducible.
-        generator = make_generator(params.seed, self.device)
+        # The drafter's own stream, independent of the verifier's (orchestrator/sampling.py: STREAM_ROLES);
+        # a seeded request stays reproducible, and draws the same drafts as in process.
+        generator = make_generator(params.seed, self.device, role="drafter")
         self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, generator)
 
     def propose(self, sid: str, k: int, updates=()) -> Draft:

@@ -82,9 +82,9 @@ class TorchDraftModel:
 
 
 class _Session:
-    def __init__(self, model, prompt_ids: list[int], params: SamplingParams, seed: int | None):
+    def __init__(self, model, prompt_ids: list[int], params: SamplingParams):
         self.params = params
-        self.generator = make_generator(seed, model.device)
+        self.generator = make_generator(params.seed, model.device, role="drafter")
         self.kv = model.new_kv(len(prompt_ids))
         self.forwards = 0             # one-token forwards of the current draft call
         self.step_s = 0.0             # and their seconds (multi-token re-feeds are left out: see _run)
@@ -109,8 +109,8 @@ class DuoDrafterSide:
     def pid(self) -> int:
         return os.getpid()
 
-    def open(self, rid: str, prompt_ids: list[int], params: SamplingParams, seed: int | None) -> None:
-        self.sessions[rid] = _Session(self.model, prompt_ids, params, seed)
+    def open(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.sessions[rid] = _Session(self.model, prompt_ids, params)
 
     def close(self, rid: str) -> None:
         self.sessions.pop(rid, None)

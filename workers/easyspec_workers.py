@@ -35,6 +35,7 @@ all ranks, submitted under one lock so each rank sees requests in the same order
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -134,7 +135,7 @@ class EasySpecRank:
         return self.vocab
 
     def start(self, sid: str, strategy: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, make_generator(params.seed, self.device))
+        self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, make_generator(params.seed, self.device, role="drafter"))
 
     def propose(self, sid: str, k: int) -> Draft | None:
         session = self.sessions.get(sid)
@@ -211,6 +212,10 @@ class _DistributedSession(DraftSession):
     def __init__(self, drafter: DistributedEasySpecDrafter, prompt_ids, params):
         super().__init__([])
         self.d, self.sid = drafter, uuid.uuid4().hex
+        if params.seed is None:
+            # Every rank samples the draft tokens itself, so all need one stream: an unseeded request
+            # gets a seed here (from this process's RNG), and each rank derives its drafter stream from it.
+            params = dataclasses.replace(params, seed=int(torch.randint(0, 2 ** 62, ())))
         drafter.call("start", self.sid, drafter.name, list(prompt_ids), params)
 
     def propose(self, k: int) -> Draft:

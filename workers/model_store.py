@@ -343,5 +343,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
 
     path = resolve_model_path(spec, dtype, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if with_tokenizer else None
+    # A directory saved without a tokenizer (tiny test models) serves token-id requests only.
+    has_tokenizer = Path(path).is_dir() and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+    tokenizer = (AutoTokenizer.from_pretrained(path, local_files_only=True)
+                 if with_tokenizer and (has_tokenizer or not Path(path).is_dir()) else None)
     return model.eval().to(device), tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

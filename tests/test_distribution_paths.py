@@ -1,0 +1,338 @@
+"""Seeded sampling follows the target's distribution on every execution path a user can pick.
+
+One engine-level test, run over each path: in process (`build_engines`: draft model, a cascade of two
+drafters and MaG, EasySpec, DuoDecoding inline with and without multi-sequence drafts), and through
+Ray (`place`: the drafter in a drafter actor, a one-drafter cascade in it, distributed EasySpec over
+two rank actors, DuoDecoding's drafter actor with and without multi-sequence drafts; the target in
+one stage actor, over two pipeline stages, and tensor-parallel over two ranks).
+
+Each request carries its own seed, as a client's would. The target has an 8-token vocabulary, so the
+exact joint distribution of the first four generated tokens is computed by enumeration, and the
+sampled outputs are compared with it by chi-square tests: the first token alone, the pairs
+(t1, t2), (t2, t3) and (t3, t4), and the joint of the first three. The first token is included on purpose: a drafter
+whose random stream equals the verifier's proposes, as its first draft token, a token coupled to the
+target's own first sample, which only the joint with t1 shows.
+
+The negative controls run the same test on broken engines and require it to reject each: an
+accept-always verifier, a drafter that reports a q other than the one it sampled from, and a drafter
+whose random stream is the verifier's (the bug this test was written for).
+"""
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import yaml
+
+from orchestrator.build import build_engines
+from orchestrator.config import load_config
+from orchestrator.sampling import SamplingParams, warp_probs
+from tests.test_verification import chi_square_p_value
+
+V = 8            # vocabulary
+N_NEW = 4        # tokens per request: t1 (the prefill's sample), then speculative steps
+SAMPLES = 600    # seeded requests per path
+PROMPT = [3, 5, 3, 5, 3]
+PARAMS = SamplingParams(temperature=1.0)
+ALPHA = 1e-4     # each check; a broken path gives p-values below 1e-10 (see the negative controls)
+MARGINALS = [(0,), (0, 1), (1, 2), (2, 3), (0, 1, 2)]
+
+
+def small_model(seed: int, layers: int):
+    """A Llama with an 8-token vocabulary and peaked, context-dependent distributions; its head
+    counts divide by 2 so it can be split tensor-parallel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=V + 1, tie_word_embeddings=False)   # no stop token
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    model.generation_config.eos_token_id = V + 1
+    return model.float().eval()
+
+
+def exact_joint(model, prompt: list[int], params: SamplingParams, n: int = N_NEW) -> torch.Tensor:
+    """P(t1..tn) of every sequence, from the target's warped next-token distributions: [V] * n."""
+    seqs: list[tuple] = [()]
+    joint = torch.ones(1, dtype=torch.float64)
+    for _ in range(n):
+        batch = torch.tensor([prompt + list(s) for s in seqs])
+        with torch.inference_mode():
+            p = warp_probs(model(batch).logits[:, -1], params).double()        # [len(seqs), V]
+        joint = (joint.unsqueeze(1) * p).reshape(-1)
+        seqs = [s + (t,) for s in seqs for t in range(V)]
+    return joint.reshape([V] * n)
+
+
+def p_values(outs: torch.Tensor, exact: torch.Tensor) -> dict[tuple, float]:
+    """outs: [samples, N_NEW] generated tokens -> chi-square p-value of each marginal in MARGINALS."""
+    result = {}
+    for cols in MARGINALS:
+        others = tuple(d for d in range(N_NEW) if d not in cols)
+        probs = (exact.sum(dim=others) if others else exact).reshape(-1)
+        ids = sum(outs[:, c] * V ** (len(cols) - 1 - j) for j, c in enumerate(cols))
+        result[cols] = chi_square_p_value(ids, probs)
+    return result
+
+
+def sample_outputs(engine, samples: int = SAMPLES, params: SamplingParams = PARAMS, workers: int = 1,
+                   prompt: list[int] = PROMPT):
+    """`samples` requests, request i seeded with 1000 + i; returns ([samples, N_NEW] first tokens, stats).
+    DuoDecoding requests run for 2 * N_NEW tokens: its first rounds forward the pending token alone while
+    the drafter drafts past it, so its drafts reach the first N_NEW tokens only in longer requests."""
+    max_new = 2 * N_NEW if "duo" in engine.name else N_NEW
+
+    def one(i: int):
+        res = engine.generate(prompt, max_new, SamplingParams(params.temperature, params.top_k, params.top_p,
+                                                               seed=1000 + i))
+        return res.tokens[:N_NEW], res.stats
+
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, range(samples)))
+    else:
+        results = [one(i) for i in range(samples)]
+    outs = torch.tensor([tokens for tokens, _ in results])
+    return outs, [stats for _, stats in results]
+
+
+def assert_follows_target(outs, stats, exact, what: str) -> None:
+    assert outs.shape[1] == N_NEW
+    # The path must really speculate: drafts made and accepted, no drafter fallback.
+    # (DuoDecoding's pipelined drafts count: their first tokens are verified at the bonus position.)
+    drafted = sum(s.drafted_tokens + getattr(s, "speculative_used", 0) for s in stats)
+    accepted = sum(s.accepted_tokens + getattr(s, "speculative_used", 0) for s in stats)
+    events = [e for s in stats for e in s.events]
+    assert not events, f"{what}: {events[0]}"
+    assert drafted > len(stats) // 2, f"{what}: only {drafted} draft tokens in {len(stats)} requests"
+    assert accepted > len(stats) // 4, f"{what}: only {accepted} draft tokens accepted"
+    bad = {cols: p for cols, p in p_values(outs, exact).items() if p < ALPHA}
+    assert not bad, f"{what}: tokens deviate from the target distribution (p-values {bad})"
+
+
+# ------------------------------------------------------------------ models and configs
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist-models")
+    small_model(0, layers=2).save_pretrained(root / "target")
+    small_model(1, layers=2).save_pretrained(root / "draft")       # EasySpec groups its 2 layers
+    small_model(2, layers=1).save_pretrained(root / "draft-small")
+    return root
+
+
+@pytest.fixture(scope="module")
+def exact(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(model_dir / "target", torch_dtype=torch.float32).eval()
+    return exact_joint(target, PROMPT, PARAMS)
+
+
+DUO = {"kind": "duodecoding", "drafter": "d", "gamma_init": 6, "gamma_min": 6, "gamma_max": 6,
+       "calibration_steps": 0}
+
+
+def write_config(root, name: str, strategies: list[dict], placement: dict | None = None, cpus: int = 8):
+    cfg = {
+        "name": name,
+        "models": {"target": {"source": str(root / "target"), "dtype": "float32"},
+                   "drafters": {"d": {"source": str(root / "draft"), "dtype": "float32"},
+                                "d-small": {"source": str(root / "draft-small"), "dtype": "float32"}}},
+        "strategies": strategies,
+        "runtime": {"device": "cpu", "threads": 1},
+        "server": {"concurrency": 4},
+    }
+    if placement is not None:
+        cfg["node_pools"] = [{"name": "local", "count": 1, "cpus": cpus, "memory_gb": 8}]
+        cfg["placement"] = placement
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path)
+
+
+IN_PROCESS = [
+    {"name": "sd", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "fixed", "k": 2}},
+    {"name": "cascade2", "kind": "cascade", "drafters": ["d", "d-small"], "k_matrix": [[2, 1, 1], [0, 2, 1],
+                                                                                       [0, 0, 2]]},
+    {"name": "easyspec", "kind": "easyspec", "drafter": "d", "groups": [[0, 1]],
+     "draft_length": {"policy": "fixed", "k": 2}},
+    {"name": "duo-multi", "process": "inline", "multi_sequence": True, "top_alternatives": 2, **DUO},
+    {"name": "duo-chain", "process": "inline", "multi_sequence": False, **DUO},
+]
+
+
+@pytest.fixture(scope="module")
+def in_process(model_dir):
+    return build_engines(write_config(model_dir, "in-process", IN_PROCESS))
+
+
+@pytest.mark.parametrize("strategy", [s["name"] for s in IN_PROCESS])
+def test_in_process_paths_follow_the_target(in_process, exact, strategy):
+    outs, stats = sample_outputs(in_process.engines[strategy])
+    assert_follows_target(outs, stats, exact, f"in process, {strategy}")
+
+
+# ------------------------------------------------------------------ negative controls (in process)
+@pytest.fixture
+def draft_model_engine(in_process):
+    return in_process.engines["sd"]
+
+
+def assert_rejected(outs, exact, what: str) -> None:
+    pvals = p_values(outs, exact)
+    assert min(pvals.values()) < 1e-10, f"{what}: the distribution test did not catch it ({pvals})"
+
+
+def test_rejects_an_accept_always_verifier(draft_model_engine, exact, monkeypatch):
+    import orchestrator.engine as engine_module
+    from orchestrator.verification import ChainResult
+    from orchestrator.sampling import sample
+
+    def accept_all(draft_tokens, draft_probs, target_probs, generator):
+        return ChainResult(len(draft_tokens), int(sample(target_probs[len(draft_tokens)], generator)))
+
+    monkeypatch.setattr(engine_module, "verify_chain", accept_all)
+    outs, _ = sample_outputs(draft_model_engine)
+    assert_rejected(outs, exact, "accept-always verifier")
+
+
+def test_rejects_a_drafter_that_misreports_q(draft_model_engine, exact, monkeypatch):
+    import orchestrator.engine as engine_module
+
+    real = engine_module.verify_chain
+
+    def uniform_q(draft_tokens, draft_probs, target_probs, generator):   # the drafter says "uniform"
+        wrong = None if draft_probs is None else torch.full_like(draft_probs, 1.0 / V)
+        return real(draft_tokens, wrong, target_probs, generator)
+
+    monkeypatch.setattr(engine_module, "verify_chain", uniform_q)
+    outs, _ = sample_outputs(draft_model_engine)
+    assert_rejected(outs, exact, "misreported q")
+
+
+def test_rejects_a_drafter_sharing_the_verifiers_random_stream(draft_model_engine, exact, monkeypatch):
+    import orchestrator.sampling as sampling
+
+    monkeypatch.setattr(sampling, "stream_seed", lambda seed, role: seed)   # every role: the same stream
+    outs, _ = sample_outputs(draft_model_engine)
+    assert_rejected(outs, exact, "drafter stream == verifier stream")
+
+
+# ------------------------------------------------------------------ the llama.cpp drafter
+def support_joint(model, prompt: list[int], params: SamplingParams, n: int) -> dict[tuple, float]:
+    """P(t1..tn) of every sequence the warped target can produce (top-k keeps the tree small)."""
+    joint = {(): 1.0}
+    for _ in range(n):
+        seqs = list(joint)
+        with torch.inference_mode():
+            p = warp_probs(model(torch.tensor([prompt + list(s) for s in seqs])).logits[:, -1], params).double()
+        joint = {s + (int(t),): joint[s] * float(p[i, t]) for i, s in enumerate(seqs) for t in p[i].nonzero()[:, 0]}
+    return joint
+
+
+def p_values_sparse(outs: torch.Tensor, joint: dict[tuple, float]) -> dict[tuple, float]:
+    """As p_values, over the support of the target's joint distribution."""
+    result = {}
+    for cols in MARGINALS:
+        marginal: dict[tuple, float] = {}
+        for seq, prob in joint.items():
+            key = tuple(seq[c] for c in cols)
+            marginal[key] = marginal.get(key, 0.0) + prob
+        cells = {key: i for i, key in enumerate(marginal)}
+        ids = [cells.get(tuple(int(row[c]) for c in cols), len(cells)) for row in outs]
+        probs = torch.tensor(list(marginal.values()) + [0.0])              # last cell: impossible outcomes
+        result[cols] = chi_square_p_value(torch.tensor(ids), probs)
+    return result
+
+
+@pytest.mark.slow
+def test_llama_cpp_drafter_follows_the_target():
+    """DuoDecoding with llama.cpp drafting from the embedded SmolLM2 GGUF for the same model in torch
+    float32 (vocabulary 49,152: top_k = 3 keeps the exact joint enumerable)."""
+    pytest.importorskip("llama_cpp")
+    from orchestrator.duo import DuoEngine, InProcessDrafterClient
+    from orchestrator.duo_policy import DraftBudgetController
+    from workers.duo_drafter import DuoDrafterSide
+    from workers.llama_cpp_drafter import LlamaCppDraftModel
+    from workers.model_store import load_model
+    from workers.runner import ModelRunner
+
+    model, tokenizer = load_model("smollm2-135m", torch.float32)
+    prompt = tokenizer("def add(a, b):\n    return", return_tensors=None)["input_ids"]
+    params = SamplingParams(temperature=1.0, top_k=3)
+    joint = support_joint(model, prompt, params, N_NEW)
+    runner = ModelRunner(model)
+    drafter = LlamaCppDraftModel("smollm2-135m", runner.vocab_size, threads=1, n_ctx=512)
+    engine = DuoEngine(runner, InProcessDrafterClient(DuoDrafterSide(drafter, top_alternatives=2)),
+                       DraftBudgetController(4, 4, 4), name="duo-llama", calibration_steps=0)
+    outs, stats = sample_outputs(engine, samples=300, params=params, prompt=prompt)
+    drafted = sum(s.drafted_tokens + s.speculative_used for s in stats)
+    accepted = sum(s.accepted_tokens + s.speculative_used for s in stats)
+    assert drafted > 150 and accepted > 75 and not [e for s in stats for e in s.events], (drafted, accepted)
+    bad = {cols: p for cols, p in p_values_sparse(outs, joint).items() if p < ALPHA}
+    assert not bad, f"llama.cpp drafter: tokens deviate from the target distribution (p-values {bad})"
+
+
+# ------------------------------------------------------------------ through Ray
+ray = pytest.importorskip("ray")
+
+RAY_STRATEGIES = [
+    {"name": "sd", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "fixed", "k": 2}},
+    {"name": "cascade1", "kind": "cascade", "drafters": ["d"], "k_matrix": [[2, 1], [0, 2]]},
+    {"name": "easyspec-2workers", "kind": "easyspec", "drafter": "d", "groups": [[0, 1]], "workers": 2,
+     "draft_length": {"policy": "fixed", "k": 2}},
+    {"name": "duo-actor-multi", "process": "actor", "multi_sequence": True, "top_alternatives": 2, **DUO},
+    {"name": "duo-actor-chain", "process": "actor", "multi_sequence": False, **DUO},
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=12, resources={"pool:local": 1000.0}, include_dashboard=False, log_to_driver=False,
+             namespace="specorch-dist-test")
+    yield
+    ray.shutdown()
+
+
+def placed(root, name: str, strategies: list[dict], pipeline: int = 1, tp: int = 1):
+    from orchestrator.ray_runtime import place
+    from placement.plan import plan_placement
+
+    placement = {"target": {"pool": "local", "device": "cpu", "pipeline_parallel": pipeline,
+                            "tensor_parallel": tp},
+                 "drafters": {"d": {"pool": "local", "device": "cpu", "cpus": 1}}}
+    cfg = write_config(root, name, strategies, placement)
+    return place(cfg, plan_placement(cfg), name=f"test-{name}")
+
+
+@pytest.fixture(scope="class")
+def one_stage(model_dir, ray_cluster):
+    """Actor names are fixed by the plan: one placement at a time, so this one ends with its class."""
+    built, runtime = placed(model_dir, "ray-1stage", RAY_STRATEGIES)
+    yield built
+    runtime.shutdown()
+
+
+class TestOneStageTarget:
+    """The target in one stage actor; the drafters in their actors."""
+
+    @pytest.mark.parametrize("strategy", [s["name"] for s in RAY_STRATEGIES])
+    def test_ray_paths_follow_the_target(self, one_stage, exact, strategy):
+        outs, stats = sample_outputs(one_stage.engines[strategy], workers=4)
+        assert_follows_target(outs, stats, exact, f"Ray, {strategy}")
+
+
+@pytest.mark.parametrize("pipeline, tp", [(2, 1), (1, 2)])
+def test_split_targets_follow_the_target(model_dir, ray_cluster, exact, pipeline, tp):
+    built, runtime = placed(model_dir, f"ray-pp{pipeline}-tp{tp}", RAY_STRATEGIES[:1], pipeline, tp)
+    try:
+        assert len(built.target.shards) == pipeline * tp
+        outs, stats = sample_outputs(built.engines["sd"], workers=4)
+        assert_follows_target(outs, stats, exact, f"Ray, {pipeline} stage(s) x tensor-parallel {tp}")
+    finally:
+        runtime.shutdown()
