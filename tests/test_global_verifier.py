@@ -11,6 +11,7 @@ import torch
 from orchestrator.draft_length import FixedDraftLength
 from orchestrator.engine import SpeculativeEngine, tree_attention
 from orchestrator.global_verifier import GlobalVerifier
+from tests.drafting import assert_drafted
 from workers.drafters import DraftModelDrafter, PromptLookupDrafter
 from workers.runner import ModelRunner
 
@@ -56,10 +57,12 @@ def test_concurrent_requests_are_batched_and_exact(target_model, draft_model, pr
         jobs = [(prompts[i % len(prompts)], drafters[i % 3]) for i in range(6)]
         expected = [SpeculativeEngine(plain_runner).generate(p, 24).tokens for p, _ in jobs]
         got: list = [None] * len(jobs)
+        runs: list = [None] * len(jobs)
 
         def run(i):
             p, d = jobs[i]
-            got[i] = SpeculativeEngine(verifier, d, lambda: FixedDraftLength(3)).generate(p, 24).tokens
+            runs[i] = SpeculativeEngine(verifier, d, lambda: FixedDraftLength(3)).generate(p, 24)
+            got[i] = runs[i].tokens
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
         for t in threads:
@@ -67,31 +70,59 @@ def test_concurrent_requests_are_batched_and_exact(target_model, draft_model, pr
         for t in threads:
             t.join()
         assert got == expected
+        for kind in (DraftModelDrafter, PromptLookupDrafter):
+            assert_drafted([r for r, (_, d) in zip(runs, jobs) if isinstance(d, kind)], what=kind.__name__)
         assert verifier.stats.max_rows >= 2, "no two requests were ever verified in one forward"
     finally:
         verifier.close()
 
 
 class FixedForward(ModelRunner):
-    """Every batched forward takes 60 ms, whatever its rows (a memory-bound step)."""
+    """Every batched forward takes `forward_s`, whatever its rows (a memory-bound step)."""
+
+    forward_s = 0.06
 
     def forward_many(self, requests):
-        time.sleep(0.06)
+        time.sleep(self.forward_s)
         return super().forward_many(requests)
+
+
+def time_unit(floor: float = 0.005, cap: float = 0.015) -> float:
+    """A time unit for tests built on sleeping threads: the worst lateness of a timed wake-up seen on
+    this machine now (four threads sleeping 10 ms at once, five times), within [floor, cap]."""
+    late: list[float] = []
+
+    def sleeper():
+        for _ in range(5):
+            t0 = time.perf_counter()
+            time.sleep(0.01)
+            late.append(time.perf_counter() - t0 - 0.01)
+
+    threads = [threading.Thread(target=sleeper) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return min(cap, max(floor, max(late)))
 
 
 @pytest.mark.parametrize("gather_fraction,merged", [(0.0, False), (0.5, True)])
 def test_requests_whose_host_work_outlasts_the_fixed_wait_are_re_merged(target_model, gather_fraction, merged):
-    """Four requests whose work between steps (15 ms, staggered) outlasts the 5 ms wait: with a wait of
-    a fraction of the forward (30 ms) they are verified together again; with the fixed wait alone
-    they split and stay in smaller batches."""
-    verifier = GlobalVerifier(FixedForward(target_model), max_batch=8, gather_fraction=gather_fraction)
+    """Four requests whose work between steps (3u, staggered by 0.8u) outlasts the fixed 5 ms wait: with
+    a wait of a fraction of the forward (12u: 6u) they are verified together again; with the fixed wait
+    alone they split and stay in smaller batches. u is 5 ms on an idle machine and grows with how late
+    it wakes sleeping threads now (time_unit), so the merged case's margin (3.6u past the last arrival)
+    stays above the scheduling noise and the split case's host work above the 5 ms wait."""
+    u = time_unit()
+    runner = FixedForward(target_model)
+    runner.forward_s = 12 * u
+    verifier = GlobalVerifier(runner, max_batch=8, gather_s=0.005, gather_fraction=gather_fraction)
     try:
         def run(i):
             cache = verifier.new_cache(1, capacity=64)
             for step in range(12):
                 verifier.forward(cache, torch.tensor([[1 + step]]))
-                time.sleep(0.015 + 0.004 * i)          # picking the token, streaming it: host work
+                time.sleep((3 + 0.8 * i) * u)          # picking the token, streaming it: host work
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
         for t in threads:
@@ -99,7 +130,7 @@ def test_requests_whose_host_work_outlasts_the_fixed_wait_are_re_merged(target_m
         for t in threads:
             t.join()
         mean = verifier.stats.rows / verifier.stats.batches
-        assert (mean >= 3.3) if merged else (mean < 3.0), mean
+        assert (mean >= 3.3) if merged else (mean < 3.0), (mean, u)
     finally:
         verifier.close()
 
