@@ -103,55 +103,57 @@ NEAR_TIE_LOGITS = 0.5     # two tokens whose target logits are closer than this 
 
 def run_demo(address: str, engines: list[str], max_new_tokens: int, token: str | None = None,
              tls_root_cert: str | None = None, gap=None, tokenizer=None) -> tuple[str, bool]:
-    """Submit the sample batch through the gRPC client once per strategy (plain first), print plain
+    """Submit each sample prompt through the gRPC client once per strategy (plain first), print plain
     decoding's outputs, and return the final table and whether every output equals plain decoding
     or differs from it at a bf16 near-tie (checked with `gap`: see logit_gap)."""
     from orchestrator.client import Client
 
     prompts = [[{"role": "user", "content": text}] if chat else text for _, chat, text in SAMPLE_PROMPTS]
-    rows, notes, ok = [], [], True
-    plain_tps, reference = None, None
+    results: dict[str, list] = {name: [] for name in engines}
     with Client(address, timeout=3600, token=token, tls_root_cert=tls_root_cert) as client:
-        for i, name in enumerate(engines):
-            t0 = time.time()
-            results = client.generate_batch(prompts, strategy=name, max_new_tokens=max_new_tokens, concurrency=1,
-                                            progress=False)
-            print(f"[{i + 1}/{len(engines)}] {name}: {len(results)} prompts in {time.time() - t0:.1f} s", flush=True)
-            if name == "plain":
-                reference = [r.token_ids for r in results]
-                for (cat, _, _), r in zip(SAMPLE_PROMPTS, results):
-                    print(f"\n=== {cat} ===\n{r.text}\n", flush=True)
-            same = ties = 0
-            for j, (r, ref) in enumerate(zip(results, reference)):
-                if r.token_ids == ref:
-                    same += 1
+        for j, prompt in enumerate(prompts):     # interleaved prompt by prompt: load changes hit every strategy
+            took = []
+            for name in engines:
+                t0 = time.time()
+                results[name].append(client.generate(prompt, strategy=name, max_new_tokens=max_new_tokens))
+                took.append(f"{name} {time.time() - t0:.1f} s")
+            print(f"[prompt {j + 1}/{len(prompts)}] {', '.join(took)}", flush=True)
+            print(f"\n=== {SAMPLE_PROMPTS[j][0]} (plain decoding) ===\n{results['plain'][j].text}\n", flush=True)
+    reference = [r.token_ids for r in results["plain"]]
+    rows, notes, ok = [], [], True
+    plain_tps = None
+    for name in engines:
+        same = ties = 0
+        for j, (r, ref) in enumerate(zip(results[name], reference)):
+            if r.token_ids == ref:
+                same += 1
+                continue
+            n = min(len(ref), len(r.token_ids))
+            p = next((t for t in range(n) if ref[t] != r.token_ids[t]), n)
+            what = f"{name}, prompt {j + 1} ({SAMPLE_PROMPTS[j][0]}): first differs at new token {p + 1}"
+            if p < n and gap is not None and tokenizer is not None:
+                a, b = ref[p], r.token_ids[p]
+                g = gap(_encode(tokenizer, prompts[j]) + ref[:p], a, b)
+                what += (f": plain {tokenizer.decode([a])!r}, {name} {tokenizer.decode([b])!r}, target logits "
+                         f"{abs(g):.3f} apart")
+                if abs(g) <= NEAR_TIE_LOGITS:
+                    ties += 1
+                    notes.append(f"bf16 near-tie: {what}")
                     continue
-                n = min(len(ref), len(r.token_ids))
-                p = next((t for t in range(n) if ref[t] != r.token_ids[t]), n)
-                what = f"{name}, prompt {j + 1} ({SAMPLE_PROMPTS[j][0]}): first differs at new token {p + 1}"
-                if p < n and gap is not None and tokenizer is not None:
-                    a, b = ref[p], r.token_ids[p]
-                    g = gap(_encode(tokenizer, prompts[j]) + ref[:p], a, b)
-                    what += f": plain {tokenizer.decode([a])!r}, {name} {tokenizer.decode([b])!r}, target logits " \
-                            f"{abs(g):.3f} apart"
-                    if abs(g) <= NEAR_TIE_LOGITS:
-                        ties += 1
-                        notes.append(f"bf16 near-tie: {what}")
-                        continue
-                ok = False
-                notes.append(f"MISMATCH (not a near-tie): {what}")
-            tps = sum(r.stats.tokens_per_s for r in results) / len(results)
-            plain_tps = plain_tps or tps
-            acc = sum(r.stats.mean_accepted_tokens for r in results) / len(results)
-            equal = f"{same}/{len(results)}" + (f" + {ties} bf16 near-tie{'s' * (ties > 1)}" if ties else "")
-            rows.append((name, f"{tps:.2f}", f"{tps / plain_tps:.2f}x", f"{acc:.2f}", equal))
+            ok = False
+            notes.append(f"MISMATCH (not a near-tie): {what}")
+        tps = sum(r.stats.tokens_per_s for r in results[name]) / len(prompts)
+        plain_tps = plain_tps or tps
+        acc = sum(r.stats.mean_accepted_tokens for r in results[name]) / len(prompts)
+        equal = f"{same}/{len(prompts)}" + (f" + {ties} bf16 near-tie{'s' * (ties > 1)}" if ties else "")
+        rows.append((name, f"{tps:.2f}", f"{tps / plain_tps:.2f}x", f"{acc:.2f}", equal))
     head = ("strategy", "tokens/s", "speedup vs plain", "mean accepted tokens", "outputs = plain decoding")
     widths = [max(len(str(r[c])) for r in rows + [head]) for c in range(len(head))]
     line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
     table = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
     table.append(f"\n{len(prompts)} sample prompts x {max_new_tokens} new tokens, greedy, one request at a time "
-                 "through the gRPC client; tokens/s and mean accepted tokens (the target's own token included, "
-                 "plain = 1.00) are the means of the requests' stats.")
+                 "through the gRPC client, strategies interleaved prompt by prompt; tokens/s and mean accepted "
+                 "tokens (the target's own token included, plain = 1.00) are the means of the requests' stats.")
     if notes:
         table.append("bf16: a multi-token verification forward can round differently from a one-token forward and "
                      f"flip a near-tie (target logits within {NEAR_TIE_LOGITS}); float32 is exact (tests).")
@@ -210,7 +212,8 @@ def cmd_serve(args, demo: bool) -> int:
             loop.add_signal_handler(sig, stop.set)
         if demo:
             tls = cfg.server.tls.cert_file if cfg.server.tls else None    # a self-signed certificate is its own root
-            task = loop.run_in_executor(None, run_demo, f"{host}:{bound}", list(built.engines), args.max_new_tokens,
+            max_new = args.max_new_tokens or cfg.main_job.max_new_tokens
+            task = loop.run_in_executor(None, run_demo, f"{host}:{bound}", list(built.engines), max_new,
                                         load_auth_token(cfg.server), tls,
                                         lambda ids, a, b: logit_gap(built, ids, a, b), built.tokenizer)
             task.add_done_callback(lambda _f: stop.set())
@@ -322,7 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cluster", help="config file for the main job")
     parser.add_argument("--strategies", nargs="*", default=None,
                         help="configured strategy names, or 'all' (default: the config's main_job.strategies)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="new tokens per sample prompt (default: the config's main_job.max_new_tokens)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the run (strategies, placement) and print the plan; starts nothing")
     parser.add_argument("--port", type=int, default=None, help="gRPC port for the main job (default: any free port)")

@@ -298,6 +298,8 @@ class MainJobSection(_Strict):
     strategies: list[str] | None = Field(None, description=(
         "Strategies the main job (`launch.py --cluster FILE` without --strategies) runs beside plain "
         "decoding; None = every configured strategy (as `--strategies all`)"))
+    max_new_tokens: int = Field(32, ge=1, description=(
+        "New tokens per sample prompt in the main job (--max-new-tokens overrides)"))
 
 
 class EngineConfig(_Strict):

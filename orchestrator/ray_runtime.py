@@ -236,11 +236,28 @@ def start_ray(config: EngineConfig, namespace: str = "specorch") -> str | None:
         resources = {f"pool:{pool.name}": 1000.0} if pool else {}
         if c.metrics_export_port is not None:
             kwargs["_metrics_export_port"] = c.metrics_export_port
-        ctx = ray.init(include_dashboard=True, dashboard_host=c.dashboard_host, dashboard_port=c.dashboard_port,
+        port = c.dashboard_port
+        if not _port_free(c.dashboard_host, port):    # another Ray head on this machine: do not fail for it
+            print(f"note: cluster.dashboard_port {port} is in use; the dashboard takes the next free port",
+                  flush=True)
+            port = None
+        ctx = ray.init(include_dashboard=True, dashboard_host=c.dashboard_host, dashboard_port=port,
                        num_cpus=max(pool.cpus, len(config.strategies) + 2) if pool else None,
                        resources=resources, **kwargs)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def metrics_endpoints() -> list[str]:

@@ -35,3 +35,4 @@ def test_readme_main_command_runs_and_ends_with_the_table():
         assert same + ties == total, f"{name}: {equal}"
     assert rows[0][2] == "1.00x" and rows[0][4] == "3/3"
     assert "MISMATCH" not in tail
+    print(tail)                 # shown with -rA
