@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from orchestrator.config import (AdaptiveLength, CascadeStrategy, DraftModelStrategy, DuoDecodingStrategy,
-                                 EasySpecStrategy, EngineConfig, PromptLookupStrategy)
+                                 EasySpecStrategy, EngineConfig, GoodputLength, PromptLookupStrategy)
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.duo import build_duo_engine
 from orchestrator.engine import SpeculativeEngine
+from orchestrator.goodput import GoodputDraftLength, GoodputScheduler
 from orchestrator.selection import missing_backend, runnable_strategies  # noqa: F401 (re-exported)
 from workers.hugepages import move_to_hugepages
 from workers.quantize import quantize_model_int8
@@ -57,9 +58,13 @@ def load_for_decoding(source: str, dtype: str, device: torch.device, quantize: s
     return model, tokenizer
 
 
-def policy_factory(spec):
+def policy_factory(spec, scheduler: GoodputScheduler | None = None):
+    """A new request's draft-length policy; `goodput` policies of one process share `scheduler`."""
     if isinstance(spec, AdaptiveLength):
         return lambda: AdaptiveDraftLength(k_init=spec.k_init, k_max=spec.k_max)
+    if isinstance(spec, GoodputLength):
+        shared = scheduler or GoodputScheduler()
+        return lambda: GoodputDraftLength(shared, k_max=spec.k_max)
     return lambda: FixedDraftLength(spec.k)
 
 
@@ -72,6 +77,8 @@ class Built:
     target: ModelRunner
     engines: dict[str, SpeculativeEngine]                 # "plain" plus one per configured strategy
     drafter_models: dict[str, object] = field(default_factory=dict)
+    # Chooses the draft lengths of every `goodput` request together; the server's verifier feeds it.
+    scheduler: GoodputScheduler = field(default_factory=GoodputScheduler)
 
 
 def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
@@ -100,7 +107,7 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                 runners[key] = ModelRunner(dmodel, device)
         keys = strategy_drafters(s)
         drafter = make_drafter(s, runners[keys[0]] if keys else None, runners)
-        built.engines[s.name] = SpeculativeEngine(target, drafter, policy_factory(s.draft_length),
+        built.engines[s.name] = SpeculativeEngine(target, drafter, policy_factory(s.draft_length, built.scheduler),
                                                   eos_token_ids=eos, name=s.name)
     return built
 

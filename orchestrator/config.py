@@ -40,7 +40,15 @@ class AdaptiveLength(_Strict):
     k_max: int = Field(12, ge=1, le=64, description="Upper bound on the draft length")
 
 
-DraftLength = Annotated[Union[FixedLength, AdaptiveLength], Field(discriminator="policy")]
+class GoodputLength(_Strict):
+    """Every live request's draft length chosen together to maximise the batch's expected tokens per
+    second (SmartSpec; orchestrator/goodput.py): long drafts when the verifier's batch is small,
+    shorter ones down to 0 (plain decoding) as verification turns compute-bound."""
+    policy: Literal["goodput"]
+    k_max: int = Field(10, ge=1, le=64, description="Upper bound on any request's draft length")
+
+
+DraftLength = Annotated[Union[FixedLength, AdaptiveLength, GoodputLength], Field(discriminator="policy")]
 
 
 class LookupFirst(_Strict):

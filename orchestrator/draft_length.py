@@ -19,6 +19,9 @@ class DraftLengthPolicy:
     def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """Feedback from one step."""
 
+    def close(self) -> None:
+        """The request ended (a shared scheduler forgets it: orchestrator/goodput.py)."""
+
 
 @dataclass
 class FixedDraftLength(DraftLengthPolicy):

@@ -161,6 +161,7 @@ class SpeculativeEngine:
                 parameter_count(getattr(self.target, "model", None)))
             if session:
                 session.close()
+            policy.close()
             release = getattr(cache, "release", None)   # KV held by remote shards (orchestrator/ray_runtime.py)
             if release:
                 release()

@@ -377,7 +377,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
             drafter = make_drafter(st, None)
         else:   # prompt lookup is a table scan: it stays beside the engine
             drafter = PromptLookupDrafter(st.max_ngram, st.min_ngram, st.num_candidates)
-        built.engines[st.name] = SpeculativeEngine(target, drafter, policy_factory(st.draft_length),
+        built.engines[st.name] = SpeculativeEngine(target, drafter, policy_factory(st.draft_length, built.scheduler),
                                                    eos_token_ids=eos, name=st.name)
     return built, RayRuntime(plan, pg, actors, None)
 

@@ -89,6 +89,7 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             self.verifier = GlobalVerifier(built.target, max_batch=self.cfg.max_verify_batch,
                                            gather_fraction=self.cfg.verify_gather_factor)
             self.engines = {name: e.with_target(self.verifier) for name, e in built.engines.items()}
+            self.verifier.observers.append(built.scheduler.observe_forward)
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
         self.failed = self.cancelled = self.rejected = 0
         self.in_flight = 0                      # admitted requests (decoding or waiting); event-loop only

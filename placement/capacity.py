@@ -222,7 +222,11 @@ def _gamma(s) -> int:
     if getattr(s, "gamma_init", None):               # DuoDecoding's controller starts here
         return s.gamma_init
     dl = s.draft_length
-    return dl.k if dl.policy == "fixed" else dl.k_init
+    if dl.policy == "fixed":
+        return dl.k
+    if dl.policy == "adaptive":
+        return dl.k_init
+    return dl.k_max        # goodput: the simulator does not run the scheduler yet (issue 16); its longest draft
 
 
 def _hybrid_split(name: str, m: Measured, siblings: dict[str, Measured], drafter: str | None

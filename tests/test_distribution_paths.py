@@ -161,6 +161,7 @@ IN_PROCESS = [
                                                                                        [0, 0, 2]]},
     {"name": "easyspec", "kind": "easyspec", "drafter": "d", "groups": [[0, 1]],
      "draft_length": {"policy": "fixed", "k": 2}},
+    {"name": "sd-goodput", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "goodput", "k_max": 3}},
     {"name": "duo-multi", "process": "inline", "multi_sequence": True, "top_alternatives": 2, **DUO},
     {"name": "duo-chain", "process": "inline", "multi_sequence": False, **DUO},
 ]
@@ -168,13 +169,35 @@ IN_PROCESS = [
 
 @pytest.fixture(scope="module")
 def in_process(model_dir):
-    return build_engines(write_config(model_dir, "in-process", IN_PROCESS))
+    from orchestrator.goodput import StepCostModel
+
+    built = build_engines(write_config(model_dir, "in-process", IN_PROCESS))
+    # Tiny models cost mostly Python overhead, the drafter as much as the target, so measured costs would
+    # (rightly) stop the goodput scheduler drafting; a profile of a weight-bound target keeps it drafting.
+    built.scheduler.cost = StepCostModel(prior=(0.05, 1e-4, 0.0), prior_weight=1e6, decay=1.0)
+    return built
 
 
 @pytest.mark.parametrize("strategy", [s["name"] for s in IN_PROCESS])
 def test_in_process_paths_follow_the_target(in_process, exact, strategy):
     outs, stats = sample_outputs(in_process.engines[strategy])
     assert_follows_target(outs, stats, exact, f"in process, {strategy}")
+
+
+def test_concurrent_requests_through_the_global_verifier_follow_the_target(in_process, exact):
+    """The server's path: four requests at a time, their target forwards batched by the global
+    verifier, their draft lengths chosen together by the goodput scheduler it feeds."""
+    from orchestrator.global_verifier import GlobalVerifier
+
+    verifier = GlobalVerifier(in_process.target, max_batch=4)
+    verifier.observers.append(in_process.scheduler.observe_forward)
+    try:
+        engine = in_process.engines["sd-goodput"].with_target(verifier)
+        outs, stats = sample_outputs(engine, workers=4)
+    finally:
+        verifier.close()
+    assert verifier.stats.max_rows > 1
+    assert_follows_target(outs, stats, exact, "global verifier, goodput scheduler, 4 concurrent requests")
 
 
 # ------------------------------------------------------------------ negative controls (in process)
@@ -270,10 +293,10 @@ def test_llama_cpp_drafter_follows_the_target():
     drafter = LlamaCppDraftModel("smollm2-135m", runner.vocab_size, threads=1, n_ctx=512)
     engine = DuoEngine(runner, InProcessDrafterClient(DuoDrafterSide(drafter, top_alternatives=2)),
                        DraftBudgetController(4, 4, 4), name="duo-llama", calibration_steps=0)
-    outs, stats = sample_outputs(engine, samples=300, params=params, prompt=prompt)
+    outs, stats = sample_outputs(engine, samples=200, params=params, prompt=prompt)
     drafted = sum(s.drafted_tokens + s.speculative_used for s in stats)
     accepted = sum(s.accepted_tokens + s.speculative_used for s in stats)
-    assert drafted > 150 and accepted > 75 and not [e for s in stats for e in s.events], (drafted, accepted)
+    assert drafted > 100 and accepted > 50 and not [e for s in stats for e in s.events], (drafted, accepted)
     bad = {cols: p for cols, p in p_values_sparse(outs, joint).items() if p < ALPHA}
     assert not bad, f"llama.cpp drafter: tokens deviate from the target distribution (p-values {bad})"
 

@@ -1,0 +1,282 @@
+"""Goodput-driven draft lengths for a batch of concurrent requests (SmartSpec; ALGORITHMS.md section 5).
+
+With continuous batching every draft token costs verification compute for the whole batch. At low
+load a step is bound by streaming the weights, so extra rows are nearly free; as the batch grows the
+step becomes compute-bound and rejected draft tokens cost real time. The scheduler therefore chooses
+every live request's draft length together, 0 included, to maximise
+
+    goodput(k) = sum_i E_i(k_i) / (T(requests, sum_i (k_i + 1)) + D(max_i k_i))
+
+- E_i(k): request i's expected tokens from a step drafting k (accepted drafts plus the target's own
+  token), from its per-position acceptance learned online;
+- T: one batched target forward as a function of its rows and its total tokens, fitted online (least
+  squares with decay) on the forwards the verifier really ran, seeded by a start-up profile if given;
+- D: drafting time, the per-token draft step times the longest draft (concurrent requests' draft
+  steps are batched: one draft step serves every request that drafts at that moment).
+
+The choice starts every request at k = 0 (plain decoding) and repeatedly gives one more draft token to
+the request whose increment raises goodput most, while goodput rises: it never predicts worse than
+plain decoding. Only draft lengths change, never a verification rule: the output is lossless whatever
+the scheduler decides. Pure Python over floats; no Ray, no gRPC, no torch.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+
+from orchestrator.draft_length import DraftLengthPolicy
+
+
+def expected_tokens(accept: list[float], k: int) -> float:
+    """Expected tokens of a step that drafts k: 1 (the target's own) + sum_j prod_{m<=j} accept[m].
+    accept[j]: probability that draft position j is accepted given positions < j were."""
+    total, survive = 1.0, 1.0
+    for j in range(k):
+        survive *= accept[j]
+        total += survive
+    return total
+
+
+class StepCostModel:
+    """Seconds of one batched target forward: a + b * tokens + c * requests, fitted online.
+
+    Exponentially weighted least squares over (rows, tokens, seconds) of the forwards the verifier ran,
+    so the model follows the machine (and other load on it). Before enough distinct shapes are seen,
+    it falls back to the prior (a profile's coefficients) or to a per-token mean."""
+
+    def __init__(self, prior: tuple[float, float, float] | None = None, decay: float = 0.98,
+                 prior_weight: float = 4.0):
+        self.decay = decay
+        self.coef = prior                      # (a, b, c) or None
+        # Normal equations of the weighted fit, with the prior as pseudo-observations.
+        self._xtx = [[0.0] * 3 for _ in range(3)]
+        self._xty = [0.0] * 3
+        self.observations = 0
+        if prior is not None:
+            for rows, tokens in ((1, 1), (1, 8), (8, 8), (8, 64)):
+                self._add(rows, tokens, self._linear(prior, rows, tokens), prior_weight / 4)
+
+    @staticmethod
+    def _linear(coef, rows: float, tokens: float) -> float:
+        a, b, c = coef
+        return a + b * tokens + c * rows
+
+    def _add(self, rows: float, tokens: float, seconds: float, weight: float = 1.0) -> None:
+        x = (1.0, float(tokens), float(rows))
+        for i in range(3):
+            self._xty[i] = self.decay * self._xty[i] + weight * x[i] * seconds
+            for j in range(3):
+                self._xtx[i][j] = self.decay * self._xtx[i][j] + weight * x[i] * x[j]
+
+    def observe(self, rows: int, tokens: int, seconds: float) -> None:
+        self._add(rows, tokens, seconds)
+        self.observations += 1
+        solved = _solve3(self._xtx, self._xty)
+        if solved is not None and solved[0] >= 0 and solved[1] >= 0:
+            self.coef = (solved[0], solved[1], max(solved[2], 0.0))
+        elif self._xtx[1][1] > 0:        # too few distinct shapes yet: seconds per token
+            self.coef = (0.0, self._xty[0] / max(self._xtx[0][1], 1e-12), 0.0)
+
+    def predict(self, rows: int, tokens: int) -> float:
+        if self.coef is None:
+            # Nothing measured or profiled yet: assume the weight-bound regime of a small batch (a step
+            # costs the same whatever its tokens), so the first steps draft and get measured.
+            return 1.0
+        return max(self._linear(self.coef, rows, tokens), 1e-6)
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> tuple[float, float, float] | None:
+    """Solve the 3x3 system a x = b (Gaussian elimination with pivoting); None when singular."""
+    m = [row[:] + [rhs] for row, rhs in zip(a, b)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12 * max(1.0, abs(m[0][0])):
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(3):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return tuple(m[i][3] / m[i][i] for i in range(3))
+
+
+def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, draft_token_s: float,
+                         other_rows: int = 0) -> tuple[list[int], float]:
+    """SmartSpec's greedy allocation. accepts[i]: request i's per-position acceptance (len >= k_max[i]);
+    step_s(rows, tokens): predicted forward seconds; draft_token_s: seconds of one (batched) draft step;
+    other_rows: requests in the batch that do not draft (plain decoding), one token each.
+    Returns (draft length per request, predicted goodput in tokens per second)."""
+    n = len(accepts)
+    rows = n + other_rows
+    ks = [0] * n
+    gains = [expected_tokens(a, 0) for a in accepts]         # each request's E_i(k_i)
+    tokens_out = sum(gains) + other_rows
+    batch_tokens = rows
+
+    def goodput(tok_out: float, batch_tok: int, longest: int) -> float:
+        return tok_out / (step_s(rows, batch_tok) + draft_token_s * longest)
+
+    best = goodput(tokens_out, batch_tokens, 0)
+    while True:
+        longest = max(ks, default=0)
+        choice, choice_value = -1, best
+        for i in range(n):
+            if ks[i] >= k_max[i]:
+                continue
+            gain = expected_tokens(accepts[i], ks[i] + 1) - gains[i]
+            value = goodput(tokens_out + gain, batch_tokens + 1, max(longest, ks[i] + 1))
+            if value > choice_value * (1 + 1e-9):
+                choice, choice_value = i, value
+        if choice < 0:
+            return ks, best
+        gain = expected_tokens(accepts[choice], ks[choice] + 1) - gains[choice]
+        ks[choice] += 1
+        gains[choice] += gain
+        tokens_out += gain
+        batch_tokens += 1
+        best = choice_value
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Per-position acceptance of one request, exponentially decayed counts with a prior."""
+    positions: int
+    prior: float = 0.6
+    prior_weight: float = 2.0
+    decay: float = 0.9
+    accepted: list[float] = field(default_factory=list)
+    trials: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.accepted = [self.prior * self.prior_weight] * self.positions
+        self.trials = [self.prior_weight] * self.positions
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """Positions < accepted were accepted; position `accepted` (if drafted) was rejected."""
+        for j in range(min(drafted, self.positions)):
+            if j > accepted:
+                break
+            self.accepted[j] = self.decay * self.accepted[j] + (1.0 if j < accepted else 0.0)
+            self.trials[j] = self.decay * self.trials[j] + 1.0
+
+    def rates(self) -> list[float]:
+        return [min(max(a / t, 0.0), 0.99) for a, t in zip(self.accepted, self.trials)]
+
+
+@dataclass
+class SchedulerStats:
+    """What the scheduler did: exported through GetStats and the metrics (docs/monitoring.md)."""
+    decisions: int = 0
+    last_draft_lengths: list[int] = field(default_factory=list)
+    mean_draft_length: float = 0.0
+    predicted_step_s: float = 0.0
+    measured_step_s: float = 0.0
+    predicted_goodput: float = 0.0
+    forwards: int = 0
+
+
+class GoodputScheduler:
+    """Shared by every request of a server (or of one process): chooses all live requests' draft lengths
+    together. Requests join through `GoodputDraftLength` policies; the verifier reports each batched
+    forward through `observe_forward` (orchestrator/global_verifier.py's observers)."""
+
+    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 16):
+        self.cost = cost or StepCostModel()
+        self.probe_every = probe_every
+        self.stats = SchedulerStats()
+        self._lock = threading.Lock()
+        self._requests: dict[int, "GoodputDraftLength"] = {}
+        self._ids = itertools.count()
+        self._plan: dict[int, int] = {}
+        self._dirty = True
+        self._draft_token_s = 0.0           # decayed mean seconds per draft step
+        self._other_rows = 0.0              # decayed mean of rows that did not come from our requests
+        self.forward_source = False         # True once a verifier reports forwards
+
+    # ------------------------------------------------------------ requests
+    def join(self, policy: "GoodputDraftLength") -> int:
+        with self._lock:
+            rid = next(self._ids)
+            self._requests[rid] = policy
+            self._dirty = True
+            return rid
+
+    def leave(self, rid: int) -> None:
+        with self._lock:
+            self._requests.pop(rid, None)
+            self._plan.pop(rid, None)
+            self._dirty = True
+
+    def draft_length(self, rid: int) -> int:
+        with self._lock:
+            if self._dirty or rid not in self._plan:
+                self._replan()
+            return self._plan.get(rid, 0)
+
+    def _replan(self) -> None:
+        ids = list(self._requests)
+        policies = [self._requests[i] for i in ids]
+        accepts = [p.acceptance.rates() for p in policies]
+        ks, goodput = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict,
+                                           self._draft_token_s, round(self._other_rows))
+        self._plan = dict(zip(ids, ks))
+        self._dirty = False
+        s = self.stats
+        s.decisions += 1
+        s.last_draft_lengths = ks
+        s.mean_draft_length = sum(ks) / len(ks) if ks else 0.0
+        s.predicted_step_s = self.cost.predict(len(ks) + round(self._other_rows),
+                                               sum(k + 1 for k in ks) + round(self._other_rows))
+        s.predicted_goodput = goodput
+
+    # ------------------------------------------------------------ measurements
+    def observe_forward(self, rows: int, tokens: int, seconds: float) -> None:
+        """One batched target forward (the verifier's), any mix of requests."""
+        with self._lock:
+            self.forward_source = True
+            if tokens > rows * 32:            # a prefill batch: not a decode step's shape
+                return
+            self.cost.observe(rows, tokens, seconds)
+            self._other_rows = 0.9 * self._other_rows + 0.1 * max(rows - len(self._requests), 0)
+            self.stats.forwards += 1
+            self.stats.measured_step_s = seconds
+            self._dirty = True
+
+    def observe_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        with self._lock:
+            if drafted > 0:
+                self._draft_token_s = 0.9 * self._draft_token_s + 0.1 * (draft_s / drafted) \
+                    if self._draft_token_s else draft_s / drafted
+            if not self.forward_source:       # no verifier reports forwards: learn from this request alone
+                self.cost.observe(1, drafted + 1, verify_s)
+            self._dirty = True
+
+
+class GoodputDraftLength(DraftLengthPolicy):
+    """One request's view of the shared scheduler (draft_length.policy: goodput)."""
+
+    def __init__(self, scheduler: GoodputScheduler, k_max: int = 10):
+        self.scheduler, self.k_max = scheduler, k_max
+        self.acceptance = AcceptanceEstimate(k_max)
+        self._since_draft = 0
+        self.rid = scheduler.join(self)
+
+    def next_k(self) -> int:
+        k = self.scheduler.draft_length(self.rid)
+        if k == 0:
+            # With k = 0 nothing is measured again: probe with one token now and then.
+            self._since_draft += 1
+            if self._since_draft >= self.scheduler.probe_every:
+                self._since_draft = 0
+                return 1
+        else:
+            self._since_draft = 0
+        return k
+
+    def observe(self, drafted, accepted, draft_s, verify_s):
+        self.acceptance.observe(drafted, accepted)
+        self.scheduler.observe_step(drafted, accepted, draft_s, verify_s)
+
+    def close(self) -> None:
+        self.scheduler.leave(self.rid)

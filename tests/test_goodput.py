@@ -1,0 +1,151 @@
+"""The goodput scheduler (orchestrator/goodput.py): its allocation rule, its cost model, and that
+requests under it stay lossless alone and batched through the global verifier."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from orchestrator.goodput import (AcceptanceEstimate, GoodputDraftLength, GoodputScheduler, StepCostModel,
+                                  choose_draft_lengths, expected_tokens)
+
+
+def weight_bound(rows, tokens):          # streaming the weights dominates: extra tokens nearly free
+    return 0.100 + 0.0005 * tokens
+
+
+def compute_bound(rows, tokens):         # every token costs as much as the weights
+    return 0.010 + 0.020 * tokens
+
+
+def goodput_of(ks, accepts, step_s, draft_s=0.0):
+    return sum(expected_tokens(a, k) for a, k in zip(accepts, ks)) / (
+        step_s(len(ks), sum(k + 1 for k in ks)) + draft_s * max(ks))
+
+
+def test_expected_tokens_counts_the_bonus_and_stops_at_the_first_rejection():
+    assert expected_tokens([0.5] * 4, 0) == 1.0
+    assert expected_tokens([0.5] * 4, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens([1.0, 0.0, 1.0], 3) == 2.0          # position 1 always rejected: 2 tokens
+
+
+def test_long_drafts_when_verification_is_weight_bound():
+    ks, _ = choose_draft_lengths([[0.8] * 10], [10], weight_bound, draft_token_s=0.005)
+    assert ks[0] >= 6
+
+
+def test_no_drafts_when_every_token_costs_a_full_step():
+    accepts = [[0.6] * 10 for _ in range(8)]
+    ks, best = choose_draft_lengths(accepts, [10] * 8, compute_bound, draft_token_s=0.005)
+    assert ks == [0] * 8
+    # ... and what it avoids: a fixed draft of 4 would lose to plain decoding here
+    assert goodput_of([4] * 8, accepts, compute_bound, 0.005) < goodput_of([0] * 8, accepts, compute_bound)
+    assert best == pytest.approx(goodput_of([0] * 8, accepts, compute_bound))
+
+
+def test_better_drafters_get_longer_drafts_and_the_choice_beats_uniform_lengths():
+    def mixed(rows, tokens):
+        return 0.05 + 0.004 * tokens
+    accepts = [[0.9] * 10, [0.3] * 10, [0.7] * 10]
+    ks, best = choose_draft_lengths(accepts, [10] * 3, mixed, draft_token_s=0.002)
+    assert ks[0] > ks[2] > ks[1]
+    for k in range(0, 11):                   # at least as good as any uniform draft length
+        assert best >= goodput_of([k] * 3, accepts, mixed, 0.002) - 1e-9
+    assert best == pytest.approx(goodput_of(ks, accepts, mixed, 0.002))
+
+
+def test_k_max_and_plain_rows_are_respected():
+    ks, _ = choose_draft_lengths([[0.95] * 10], [3], weight_bound, draft_token_s=0.0)
+    assert ks == [3]
+    # Many plain-decoding rows in the batch make it compute-bound: drafting stops paying.
+    alone, _ = choose_draft_lengths([[0.7] * 10], [10], lambda r, t: 0.02 + 0.002 * t + 0.001 * r, 0.001)
+    crowded, _ = choose_draft_lengths([[0.7] * 10], [10], lambda r, t: 0.02 + 0.002 * t + 0.001 * r, 0.001,
+                                      other_rows=200)
+    assert crowded[0] < alone[0]
+
+
+def test_cost_model_recovers_a_linear_step_time():
+    model = StepCostModel()
+    for rows in (1, 2, 4, 8, 16):
+        for per_row in (1, 3, 5):
+            tokens = rows * per_row
+            model.observe(rows, tokens, 0.05 + 0.002 * tokens + 0.001 * rows)
+    assert model.predict(16, 80) == pytest.approx(0.05 + 0.002 * 80 + 0.001 * 16, rel=0.02)
+    assert model.predict(1, 1) == pytest.approx(0.053, rel=0.05)
+
+
+def test_acceptance_estimate_learns_per_position():
+    est = AcceptanceEstimate(4, prior=0.5, prior_weight=1.0, decay=1.0)
+    for _ in range(50):
+        est.observe(drafted=4, accepted=1)         # position 0 accepted, position 1 rejected, 2-3 unseen
+    rates = est.rates()
+    assert rates[0] > 0.95 and rates[1] < 0.05 and rates[2] == pytest.approx(0.5)
+
+
+def test_scheduler_shortens_drafts_as_the_batch_grows():
+    """A cost model measured on a machine that turns compute-bound with load: one request drafts long,
+    sixteen together draft little or nothing."""
+    scheduler = GoodputScheduler()
+    for rows in (1, 2, 4, 8, 16):
+        for per_row in (1, 2, 4):
+            scheduler.observe_forward(rows, rows * per_row, 0.15 + 0.012 * rows * per_row)
+    one = GoodputDraftLength(scheduler, k_max=8)
+    for _ in range(20):
+        one.observe(drafted=4, accepted=3, draft_s=0.02, verify_s=0.2)
+    alone = one.next_k()
+    crowd = [GoodputDraftLength(scheduler, k_max=8) for _ in range(15)]
+    for p in crowd:
+        p.acceptance = one.acceptance
+    together = one.next_k()
+    assert alone >= 3 and together < alone
+    assert scheduler.stats.last_draft_lengths and scheduler.stats.predicted_step_s > 0
+    for p in crowd:
+        p.close()
+    assert one.next_k() == alone                  # the others left: back to the single-request choice
+
+
+def test_zero_length_requests_probe_now_and_then():
+    scheduler = GoodputScheduler(probe_every=4)
+    for rows, tokens in ((1, 1), (1, 4), (4, 4), (4, 16)):
+        scheduler.observe_forward(rows, tokens, 0.01 + 0.05 * tokens)
+    policy = GoodputDraftLength(scheduler, k_max=8)
+    policy.acceptance = AcceptanceEstimate(8, prior=0.05)
+    ks = [policy.next_k() for _ in range(8)]
+    assert ks.count(0) == 6 and ks.count(1) == 2
+
+
+# ------------------------------------------------------------------ lossless through the engine
+def test_goodput_requests_equal_plain_decoding_alone_and_batched(target_model, draft_model, prompts):
+    from orchestrator.engine import SpeculativeEngine
+    from orchestrator.global_verifier import GlobalVerifier
+    from tests.drafting import assert_drafted
+    from workers.drafters import DraftModelDrafter
+    from workers.runner import ModelRunner
+
+    target = ModelRunner(target_model)
+    plain = SpeculativeEngine(target)
+    expected = [plain.generate(p, 30).tokens for p in prompts]
+    scheduler = GoodputScheduler()
+    engine = SpeculativeEngine(target, DraftModelDrafter(ModelRunner(draft_model)),
+                               lambda: GoodputDraftLength(scheduler, k_max=6), name="goodput")
+    results = [engine.generate(p, 30) for p in prompts]
+    assert [r.tokens for r in results] == expected
+    assert_drafted(results)
+    verifier = GlobalVerifier(target, max_batch=4)
+    verifier.observers.append(scheduler.observe_forward)
+    batched = engine.with_target(verifier)
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = batched.generate(prompts[i], 30)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    verifier.close()
+    assert [r.tokens for r in got] == expected
+    assert_drafted(got)
+    assert scheduler.stats.forwards > 0 and scheduler.forward_source
+    assert not scheduler._requests                # every request left the scheduler
