@@ -290,6 +290,9 @@ class ServerSection(_Strict):
         "The global verifier waits for requests of its last two batches that are between steps, up to "
         "this fraction of the last forward's time (at least 5 ms); like vLLM's scheduler_delay_factor. "
         "It re-merges batches that split when per-request host work outlasts a fixed wait"))
+    profile_step_cost: bool = Field(True, description=(
+        "With a `goodput` strategy configured: time a few batched decode-step shapes of the target when the "
+        "server starts, as the goodput scheduler's first cost model (it is corrected online either way)"))
     batch_drafting: bool = Field(True, description=(
         "Drafter actors run concurrent requests' draft steps as one batched forward of the draft model"))
     max_queue: int = Field(64, ge=0, description=(

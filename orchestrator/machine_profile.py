@@ -201,3 +201,38 @@ def profile_machine(cfg, log=print) -> dict:
 
 def default_profile_path(cfg) -> Path:
     return Path.home() / ".cache" / "specorch" / f"profile-{cfg.name}.json"
+
+
+STEP_COST_SHAPES = ((1, 1), (1, 6), (4, 1), (4, 4), (8, 2))   # (requests, tokens each) of a decode step
+
+
+def profile_step_cost(target, vocab: int, shapes=STEP_COST_SHAPES, context: int = 32,
+                      reps: int = 2) -> tuple[float, float, float]:
+    """The goodput scheduler's start-up profile (orchestrator/goodput.py): best-of-`reps` seconds of
+    batched forwards of decode-step shapes on this deployment's target (a ModelRunner or a
+    PipelineTarget), fitted as a + b * tokens + c * requests. The scheduler corrects it online."""
+    from orchestrator.goodput import StepCostModel
+
+    g = torch.Generator().manual_seed(2)
+    model = StepCostModel(decay=1.0)
+    caches = []
+    try:
+        for _ in range(max(b for b, _ in shapes)):
+            c = target.new_cache(1, context + 16)
+            target.prefill(c, 0, torch.randint(0, vocab, (context,), generator=g).tolist())
+            caches.append(c)
+        for b, t in shapes:
+            ids = torch.randint(0, vocab, (1, t), generator=g)
+
+            def step():
+                target.forward_many([(c, ids, None, None, None) for c in caches[:b]])
+                for c in caches[:b]:
+                    c.crop(0, context)
+            step()                                     # warm-up (kernel choice, allocation)
+            model.observe(b, b * t, _best_time(step, reps))
+    finally:
+        for c in caches:
+            release = getattr(c, "release", None)      # KV held by remote shards
+            if release:
+                release()
+    return model.coef

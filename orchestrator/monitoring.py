@@ -66,6 +66,14 @@ class _Metrics:
         self.verify_batch = Histogram("specorch_verify_batch_size", "Requests per global-verifier forward",
                                       boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64])
         self.verify_queue = Gauge("specorch_verify_queue_depth", "Forwards queued at the global verifier")
+        self.sched_draft_length = Gauge("specorch_scheduler_draft_length",
+                                        "Mean draft length of the goodput scheduler's last decision")
+        self.sched_predicted_step = Gauge("specorch_scheduler_predicted_step_seconds",
+                                          "Predicted seconds of the batched forward the scheduler planned")
+        self.sched_measured_step = Gauge("specorch_scheduler_measured_step_seconds",
+                                         "Seconds of the verifier's last decode forward")
+        self.sched_goodput = Gauge("specorch_scheduler_predicted_goodput",
+                                   "Expected tokens per second of the scheduler's last plan")
         self.busy = Counter("specorch_worker_busy_seconds", "Seconds a worker spent computing (idle = wall - busy)",
                             tag_keys=("worker", "role"))
 
@@ -126,6 +134,17 @@ def record_verify_batch(size: int, queued: int) -> None:
     if m is not None:
         m.verify_batch.observe(size)
         m.verify_queue.set(queued)
+
+
+@_never_raises
+def record_scheduler(stats) -> None:
+    """The goodput scheduler's SchedulerStats (orchestrator/goodput.py), after each verifier forward."""
+    m = metrics()
+    if m is not None and stats.decisions:
+        m.sched_draft_length.set(stats.mean_draft_length)
+        m.sched_predicted_step.set(stats.predicted_step_s)
+        m.sched_measured_step.set(stats.measured_step_s)
+        m.sched_goodput.set(stats.predicted_goodput)
 
 
 class BusyTimer:

@@ -90,6 +90,17 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
                                            gather_fraction=self.cfg.verify_gather_factor)
             self.engines = {name: e.with_target(self.verifier) for name, e in built.engines.items()}
             self.verifier.observers.append(built.scheduler.observe_forward)
+            self.verifier.observers.append(lambda *_: monitoring.record_scheduler(built.scheduler.stats))
+        if self.cfg.profile_step_cost and any(getattr(getattr(s, "draft_length", None), "policy", "") == "goodput"
+                                              for s in built.config.strategies):
+            from orchestrator.goodput import StepCostModel
+            from orchestrator.machine_profile import profile_step_cost
+
+            coef = profile_step_cost(built.target, built.target.vocab_size)
+            if coef is not None:
+                built.scheduler.cost = StepCostModel(prior=coef)
+                print(f"goodput scheduler: step cost profiled as {coef[0] * 1e3:.1f} ms + {coef[1] * 1e3:.2f} ms "
+                      f"per token + {coef[2] * 1e3:.2f} ms per request", flush=True)
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
         self.failed = self.cancelled = self.rejected = 0
         self.in_flight = 0                      # admitted requests (decoding or waiting); event-loop only
@@ -283,6 +294,12 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
                 mean_tokens_per_s=s["mean_tokens_per_s"], mean_accepted_tokens=s["mean_accepted_tokens"],
                 acceptance_rate=s["acceptance_rate"]))
             out.requests_total += s["requests"]
+        sched = self.built.scheduler.stats
+        out.scheduler.CopyFrom(pb.SchedulerStats(
+            decisions=sched.decisions, last_draft_lengths=sched.last_draft_lengths,
+            mean_draft_length=sched.mean_draft_length, predicted_step_s=sched.predicted_step_s,
+            measured_step_s=sched.measured_step_s, predicted_goodput=sched.predicted_goodput,
+            forwards=sched.forwards))
         return out
 
 

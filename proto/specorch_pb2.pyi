@@ -143,7 +143,7 @@ class StrategyStats(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., mean_tokens_per_s: _Optional[float] = ..., mean_accepted_tokens: _Optional[float] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("strategies", "requests_total", "requests_failed", "requests_cancelled", "default_strategy", "requests_rejected", "requests_in_flight")
+    __slots__ = ("strategies", "requests_total", "requests_failed", "requests_cancelled", "default_strategy", "requests_rejected", "requests_in_flight", "scheduler")
     STRATEGIES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class GetStatsResponse(_message.Message):
     DEFAULT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     strategies: _containers.RepeatedCompositeFieldContainer[StrategyStats]
     requests_total: int
     requests_failed: int
@@ -158,4 +159,23 @@ class GetStatsResponse(_message.Message):
     default_strategy: str
     requests_rejected: int
     requests_in_flight: int
-    def __init__(self, strategies: _Optional[_Iterable[_Union[StrategyStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., default_strategy: _Optional[str] = ..., requests_rejected: _Optional[int] = ..., requests_in_flight: _Optional[int] = ...) -> None: ...
+    scheduler: SchedulerStats
+    def __init__(self, strategies: _Optional[_Iterable[_Union[StrategyStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., default_strategy: _Optional[str] = ..., requests_rejected: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerStats, _Mapping]] = ...) -> None: ...
+
+class SchedulerStats(_message.Message):
+    __slots__ = ("decisions", "last_draft_lengths", "mean_draft_length", "predicted_step_s", "measured_step_s", "predicted_goodput", "forwards")
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DRAFT_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DRAFT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_GOODPUT_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    decisions: int
+    last_draft_lengths: _containers.RepeatedScalarFieldContainer[int]
+    mean_draft_length: float
+    predicted_step_s: float
+    measured_step_s: float
+    predicted_goodput: float
+    forwards: int
+    def __init__(self, decisions: _Optional[int] = ..., last_draft_lengths: _Optional[_Iterable[int]] = ..., mean_draft_length: _Optional[float] = ..., predicted_step_s: _Optional[float] = ..., measured_step_s: _Optional[float] = ..., predicted_goodput: _Optional[float] = ..., forwards: _Optional[int] = ...) -> None: ...

@@ -149,3 +149,50 @@ def test_goodput_requests_equal_plain_decoding_alone_and_batched(target_model, d
     assert_drafted(got)
     assert scheduler.stats.forwards > 0 and scheduler.forward_source
     assert not scheduler._requests                # every request left the scheduler
+
+
+def test_get_stats_reports_the_schedulers_decisions():
+    """Through the gRPC server: concurrent goodput requests meet in the global verifier, and GetStats
+    shows the chosen draft lengths, predicted and measured step times and the predicted goodput."""
+    from orchestrator.build import Built
+    from orchestrator.client import Client
+    from orchestrator.config import EngineConfig
+    from orchestrator.engine import SpeculativeEngine
+    from tests.conftest import tiny_model
+    from tests.serving import ByteTokenizer, serve_in_thread
+    from workers.drafters import DraftModelDrafter
+    from workers.runner import ModelRunner
+
+    model = tiny_model("llama", seed=0, layers=2)
+    target = ModelRunner(model)
+    config = EngineConfig.model_validate({"models": {"target": {"source": "tiny"}},
+                                          "server": {"concurrency": 4, "max_verify_batch": 4}})
+    scheduler = GoodputScheduler()
+    engines = {"plain": SpeculativeEngine(target),
+               "goodput": SpeculativeEngine(target, DraftModelDrafter(ModelRunner(model)),
+                                            lambda: GoodputDraftLength(scheduler, k_max=4), name="goodput")}
+    built = Built(config, target.device, model, ByteTokenizer(), target, engines, scheduler=scheduler)
+    with serve_in_thread(built) as served, Client(served.address, timeout=120) as client:
+        results = client.generate_batch(["abcabc", "hello world", "xyz xyz xyz", "def f(): pass"],
+                                        strategy="goodput", max_new_tokens=24, concurrency=4, progress=False)
+        stats = client.stats().scheduler
+    assert all(len(r.token_ids) == 24 for r in results)
+    assert stats.decisions > 0 and stats.forwards > 0
+    assert stats.predicted_step_s > 0 and stats.measured_step_s > 0 and stats.predicted_goodput > 0
+    assert max(stats.last_draft_lengths, default=0) <= 4
+    # Lossless whatever it chose (here the drafter costs what the target does, so it drafts little).
+    plain = SpeculativeEngine(target)
+    tok = ByteTokenizer()
+    for prompt, r in zip(["abcabc", "hello world", "xyz xyz xyz", "def f(): pass"], results):
+        assert r.token_ids == plain.generate(tok(prompt).input_ids, 24).tokens
+
+
+def test_start_up_profile_fits_the_targets_step_cost(target_model):
+    from orchestrator.machine_profile import profile_step_cost
+    from workers.runner import ModelRunner
+
+    runner = ModelRunner(target_model)
+    a, b, c = profile_step_cost(runner, runner.vocab_size)
+    assert a >= 0 and b >= 0 and c >= 0 and a + b + c > 0
+    model = StepCostModel(prior=(a, b, c))
+    assert model.predict(8, 16) >= model.predict(1, 1) > 0
