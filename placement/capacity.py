@@ -422,7 +422,7 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
                 drafter_servers=replicas, drafter_max_batch=drafter_batch,
                 transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
                 host_s=host_s, shared_bus=shared, verify_shared_slowdown=slow_t, draft_shared_slowdown=slow_d,
-                devices=1 if shared else 2)
+                devices=1 if shared else 2, concurrency=cfg.server.concurrency)
     return out
 
 

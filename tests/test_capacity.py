@@ -334,6 +334,31 @@ def test_open_loop_throughput_is_the_offered_load_below_capacity_and_capacity_ab
     assert overloaded.throughput == pytest.approx(1 / 0.01, rel=0.05)       # one token per 10 ms step
 
 
+def test_a_queue_past_capacity_holds_throughput_near_capacity():
+    """A batching server whose prefill is expensive: past saturation, requests wait for a decode slot
+    (server.concurrency) instead of piling prefills in front of every decode step. Without the limit
+    (concurrency = 10**6) decoding starves and the throughput collapses (the bug this guards against)."""
+    def step(rows):      # 5 ms per forward + 0.1 ms per token: a 500-token prefill costs 55 ms
+        return 0.005 + 0.0001 * sum(r.new for r in rows)
+
+    def run(rate, concurrency):
+        rep = Replica(StrategyModel("plain", "plain"), step, max_batch=16, concurrency=concurrency)
+        return simulate(rep, Arrivals("poisson", 400, rate=rate), lambda r: 500, lambda r: 64, seed=3)
+    capacity = max(run(rate, 16).throughput for rate in (10, 20, 30))
+    for rate in (60, 120):
+        assert run(rate, 16).throughput > 0.8 * capacity
+        assert run(rate, 10 ** 6).throughput < 0.5 * capacity
+    busy = run(120, 16)
+    # at no time more than 16 requests between their first token and their end
+    events = sorted([(q.first_token, 1) for q in busy.requests] + [(q.done, -1) for q in busy.requests],
+                    key=lambda e: (e[0], e[1]))
+    level = peak = 0
+    for _, change in events:
+        level += change
+        peak = max(peak, level)
+    assert peak == 16
+
+
 def test_request_trace_replays_a_bench_record_step_by_step():
     from placement.speculative_model import RequestTrace
 
