@@ -103,39 +103,45 @@ def _solve3(a: list[list[float]], b: list[float]) -> tuple[float, float, float] 
 
 def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, draft_token_s: float,
                          other_rows: int = 0) -> tuple[list[int], float]:
-    """SmartSpec's greedy allocation. accepts[i]: request i's per-position acceptance (len >= k_max[i]);
-    step_s(rows, tokens): predicted forward seconds; draft_token_s: seconds of one (batched) draft step;
-    other_rows: requests in the batch that do not draft (plain decoding), one token each.
-    Returns (draft length per request, predicted goodput in tokens per second)."""
+    """The draft length of every request maximising the batch's goodput. accepts[i]: request i's
+    per-position acceptance (len >= k_max[i]); step_s(rows, tokens): predicted forward seconds, linear
+    in tokens for a given number of rows (StepCostModel); draft_token_s: seconds of one (batched) draft
+    step; other_rows: requests in the batch that do not draft (plain decoding), one token each.
+    Returns (draft length per request, predicted goodput in tokens per second).
+
+    SmartSpec's greedy (one more draft token to the request whose increment raises goodput most, while
+    goodput rises), made exact and fast: for each longest draft L (which sets the draft time), every
+    request's next increment E_i(k + 1) - E_i(k) only shrinks with k, and a verified token costs the same
+    marginal seconds whoever it belongs to, so the best plan takes increments in decreasing order while
+    each one raises goodput. L = 0 is plain decoding, so the plan never predicts worse than it."""
     n = len(accepts)
     rows = n + other_rows
-    ks = [0] * n
-    gains = [expected_tokens(a, 0) for a in accepts]         # each request's E_i(k_i)
-    tokens_out = sum(gains) + other_rows
-    batch_tokens = rows
-
-    def goodput(tok_out: float, batch_tok: int, longest: int) -> float:
-        return tok_out / (step_s(rows, batch_tok) + draft_token_s * longest)
-
-    best = goodput(tokens_out, batch_tokens, 0)
-    while True:
-        longest = max(ks, default=0)
-        choice, choice_value = -1, best
-        for i in range(n):
-            if ks[i] >= k_max[i]:
+    base = float(rows)                                  # one token per row: the target's own
+    increments = []                                     # (E_i(j + 1) - E_i(j), j, i)
+    for i, accept in enumerate(accepts):
+        survive = 1.0
+        for j in range(k_max[i]):
+            survive *= accept[j]
+            increments.append((survive, j, i))
+    increments.sort(key=lambda x: (-x[0], x[1]))
+    step0 = step_s(rows, rows)
+    per_token = max(step_s(rows, rows + 1) - step0, 0.0)
+    best_ks, best = [0] * n, base / step0
+    for longest in range(1, max(k_max, default=0) + 1):
+        ks, out, seconds = [0] * n, base, step0 + draft_token_s * longest
+        for delta, j, i in increments:
+            if j >= longest:
                 continue
-            gain = expected_tokens(accepts[i], ks[i] + 1) - gains[i]
-            value = goodput(tokens_out + gain, batch_tokens + 1, max(longest, ks[i] + 1))
-            if value > choice_value * (1 + 1e-9):
-                choice, choice_value = i, value
-        if choice < 0:
-            return ks, best
-        gain = expected_tokens(accepts[choice], ks[choice] + 1) - gains[choice]
-        ks[choice] += 1
-        gains[choice] += gain
-        tokens_out += gain
-        batch_tokens += 1
-        best = choice_value
+            if delta * seconds <= out * per_token:     # (out + delta) / (seconds + per_token) <= out / seconds
+                break                                  # and every later increment is smaller
+            ks[i] += 1
+            out += delta
+            seconds += per_token
+        used = max(ks, default=0)                      # the draft time the plan really pays
+        value = out / (step_s(rows, rows + sum(ks)) + draft_token_s * used)
+        if value > best * (1 + 1e-9):
+            best_ks, best = ks, value
+    return best_ks, best
 
 
 @dataclass
@@ -250,7 +256,9 @@ class GoodputScheduler:
                     if self._draft_token_s else draft_s / drafted
             if not self.forward_source:       # no verifier reports forwards: learn from this request alone
                 self.cost.observe(1, drafted + 1, verify_s)
-            self._dirty = True
+                self._dirty = True
+            # With a verifier, the plan is remade once per forward (observe_forward), not per request step:
+            # the allocation costs O(requests x k_max^2) and every request of a batch steps once per forward.
 
 
 class GoodputDraftLength(DraftLengthPolicy):
