@@ -1,8 +1,9 @@
 """gRPC front door: streaming, batch, stats, health, reflection, validation codes, cancellation, deadlines."""
 from __future__ import annotations
 
+import ast
 import asyncio
-import filecmp
+import gc
 import math
 import subprocess
 import sys
@@ -23,11 +24,28 @@ from orchestrator.engine import SpeculativeEngine
 from orchestrator.server import start_server
 from proto import specorch_pb2 as pb
 from tests.conftest import tiny_model
+from tests.drafting import assert_drafted
 from tests.serving import ByteTokenizer, serve_in_thread
-from workers.drafters import PromptLookupDrafter
+from workers.drafters import EMPTY_DRAFT, DraftModelDrafter, Drafter, DraftSession, PromptLookupDrafter
 from workers.runner import ModelRunner
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class SlowDrafter(Drafter):
+    """Drafts nothing and takes `step_s` doing it: every decoding step lasts at least that long."""
+
+    name = "slow"
+    step_s = 0.1
+
+    def start(self, prompt_ids, params, generator):
+        step_s = self.step_s
+
+        class Session(DraftSession):
+            def propose(self, k):
+                time.sleep(step_s)
+                return EMPTY_DRAFT
+        return Session(prompt_ids)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +58,75 @@ def served():
         "server": {"max_new_tokens": 64, "max_batch": 4},
     })
     engines = {"plain": SpeculativeEngine(target),
-               "pld": SpeculativeEngine(target, PromptLookupDrafter(), lambda: FixedDraftLength(4), name="pld")}
+               "pld": SpeculativeEngine(target, PromptLookupDrafter(), lambda: FixedDraftLength(4), name="pld"),
+               # the target drafting for itself: every draft is accepted
+               "self": SpeculativeEngine(target, DraftModelDrafter(ModelRunner(model)), lambda: FixedDraftLength(4),
+                                         name="self"),
+               "slow": SpeculativeEngine(target, SlowDrafter(), lambda: FixedDraftLength(1), name="slow")}
     with serve_in_thread(Built(config, target.device, model, ByteTokenizer(), target, engines)) as served:
         yield served
+
+
+# ------------------------------------------------------------------ checked-in stubs
+# The generated files embed the generator's versions (protobuf gencode, GRPC_GENERATED_VERSION) and its
+# layout, and grpcio-tools is not pinned: compare what they define, not their bytes.
+def file_descriptor(pb2_source: str):
+    """The FileDescriptorProto a generated *_pb2.py registers (the AddSerializedFile literal)."""
+    from google.protobuf import descriptor_pb2
+
+    for node in ast.walk(ast.parse(pb2_source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "AddSerializedFile":
+            return descriptor_pb2.FileDescriptorProto.FromString(ast.literal_eval(node.args[0]))
+    raise AssertionError("no AddSerializedFile(...) in the generated module")
+
+
+def grpc_methods(grpc_source: str) -> dict:
+    """What a generated *_pb2_grpc.py wires up: per stub attribute, the client call (kind, path,
+    serializers); per servicer registration, the handler (kind, servicer method, serializers)."""
+    def dotted(node) -> str:
+        return ast.unparse(node)
+
+    out: dict = {}
+    for node in ast.walk(ast.parse(grpc_source)):
+        # self.Generate = channel.unary_stream('/pkg.Service/Generate', request_serializer=..., ...)
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute) and dotted(node.value.func.value) == "channel"):
+            call = node.value
+            out[("stub", dotted(node.targets[0]))] = (call.func.attr, ast.literal_eval(call.args[0]), tuple(
+                sorted((k.arg, dotted(k.value)) for k in call.keywords if not k.arg.startswith("_"))))
+        # rpc_method_handlers = {'Generate': grpc.unary_stream_rpc_method_handler(servicer.Generate, ...)}
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(value, ast.Call) and dotted(value.func).endswith("_rpc_method_handler"):
+                    out[("handler", ast.literal_eval(key))] = (dotted(value.func), dotted(value.args[0]), tuple(
+                        sorted((k.arg, dotted(k.value)) for k in value.keywords)))
+        if isinstance(node, ast.Call) and dotted(node.func) == "grpc.method_handlers_generic_handler":
+            out[("service",)] = ast.literal_eval(node.args[0])
+    return out
+
+
+def stub_messages(pyi_source: str) -> dict:
+    """The message classes a generated *_pb2.pyi declares (nested ones by dotted name), with their fields."""
+    out: dict = {}
+
+    def visit(body, prefix):
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                name = prefix + node.name
+                fields = [ast.literal_eval(n.value) for n in node.body if isinstance(n, ast.Assign)
+                          and [ast.unparse(t) for t in n.targets] == ["__slots__"]]
+                numbers = sorted(n.target.id for n in node.body
+                                 if isinstance(n, ast.AnnAssign) and n.target.id.endswith("_FIELD_NUMBER"))
+                out[name] = (tuple(fields[0]) if fields else None, numbers)
+                visit(node.body, name + ".")
+
+    visit(ast.parse(pyi_source).body, "")
+    return out
+
+
+def generated(directory: Path) -> dict[str, str]:
+    return {name: (directory / name).read_text()
+            for name in ("specorch_pb2.py", "specorch_pb2.pyi", "specorch_pb2_grpc.py")}
 
 
 def test_checked_in_stubs_match_proto(tmp_path):
@@ -50,9 +134,25 @@ def test_checked_in_stubs_match_proto(tmp_path):
     (tmp_path / "proto" / "specorch.proto").write_text((ROOT / "proto/specorch.proto").read_text())
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.",
                     "--grpc_python_out=.", "proto/specorch.proto"], cwd=tmp_path, check=True)
-    for name in ("specorch_pb2.py", "specorch_pb2.pyi", "specorch_pb2_grpc.py"):
-        assert filecmp.cmp(tmp_path / "proto" / name, ROOT / "proto" / name, shallow=False), \
-            f"proto/{name} is stale: run scripts/gen_proto.sh"
+    fresh, checked_in = generated(tmp_path / "proto"), generated(ROOT / "proto")
+    stale = "is stale: run scripts/gen_proto.sh"
+    want = file_descriptor(fresh["specorch_pb2.py"])
+    assert file_descriptor(checked_in["specorch_pb2.py"]) == want, f"proto/specorch_pb2.py {stale}"
+    assert type(want).FromString(pb.DESCRIPTOR.serialized_pb) == want     # what the server imports
+    methods = grpc_methods(fresh["specorch_pb2_grpc.py"])
+    assert grpc_methods(checked_in["specorch_pb2_grpc.py"]) == methods, f"proto/specorch_pb2_grpc.py {stale}"
+    assert stub_messages(checked_in["specorch_pb2.pyi"]) == stub_messages(fresh["specorch_pb2.pyi"]), \
+        f"proto/specorch_pb2.pyi {stale}"
+    # The comparison sees the service: every rpc of the proto, with its streaming kind, on both sides.
+    (service,) = want.service
+    kinds = {m.name: f"{'stream' if m.client_streaming else 'unary'}_{'stream' if m.server_streaming else 'unary'}"
+             for m in service.method}
+    assert kinds == {"Generate": "unary_stream", "GenerateBatch": "unary_unary", "GetStats": "unary_unary"}
+    assert methods[("service",)] == f"{want.package}.{service.name}"
+    for name, kind in kinds.items():
+        assert methods[("stub", f"self.{name}")][:2] == (kind, f"/{want.package}.{service.name}/{name}")
+        assert methods[("handler", name)][:2] == (f"grpc.{kind}_rpc_method_handler", f"servicer.{name}")
+    assert set(stub_messages(fresh["specorch_pb2.pyi"])) >= {m.name for m in want.message_type}
 
 
 def test_generate_streams_plain_decoding_tokens(served):
@@ -60,13 +160,19 @@ def test_generate_streams_plain_decoding_tokens(served):
     prompt = "abcabcabc"
     expected = served.built.engines["plain"].generate(tok(prompt).input_ids, 20).tokens
     with Client(served.address, timeout=60) as client:
-        for strategy in ("plain", "pld", ""):
+        for strategy in ("plain", "pld", "self", ""):
             chunks = list(client.stream(prompt, max_new_tokens=20, strategy=strategy))
             assert [t for c in chunks for t in c.token_ids] == expected
             assert "".join(c.text for c in chunks) == tok.decode(expected)
             stats = client.last_stats
-            assert stats.generated_tokens == 20 and stats.mean_accepted_tokens >= 1.0
-            assert stats.strategy == (strategy or "plain")
+            assert stats.generated_tokens == 20 and stats.strategy == (strategy or "plain")
+            if strategy in ("plain", ""):
+                assert stats.mean_accepted_tokens == 1.0 and not stats.accepted_per_position
+            elif strategy == "pld":      # "abcabcabc": the context's own n-grams give drafts from step 1
+                assert_drafted(stats, what=strategy)
+            else:                        # a dead drafter (target-only fallback) would score 1.0
+                assert_drafted(stats, all_accepted=True, what=strategy)
+                assert stats.mean_accepted_tokens > 3.0, stats.mean_accepted_tokens
         chat = client.generate([{"role": "user", "content": "hi"}], max_new_tokens=5)
         assert len(chat.token_ids) == 5
         sampled = [client.generate(prompt, max_new_tokens=12, temperature=0.8, seed=3, strategy="pld").token_ids
@@ -141,16 +247,36 @@ def test_cancel_and_deadline_free_the_request(served):
     service = served.service
     with Client(served.address, timeout=60) as client:
         cancelled = service.cancelled
-        call = client.stub.Generate(build_request("abcabc", max_new_tokens=60), timeout=60)
+        # The slow strategy (>= 0.1 s per step): the request is still decoding when the cancel lands,
+        # however fast this machine decodes.
+        call = client.stub.Generate(build_request("abcabc", max_new_tokens=60, strategy="slow"), timeout=60)
         next(call)
         call.cancel()
         deadline = time.time() + 10
         while service.cancelled == cancelled and time.time() < deadline:
             time.sleep(0.05)
         assert service.cancelled == cancelled + 1
+        # A deadline that lets the request reach the server and start decoding (a few round trips of a
+        # short request, measured now) but falls far short of its decoding (the slow strategy: 59 steps
+        # of >= 0.1 s): the client gets DEADLINE_EXCEEDED and the server stops decoding at its next step.
+        t0 = time.perf_counter()
+        assert len(client.generate("abc", max_new_tokens=2).token_ids) == 2
+        timeout = min(1.5, 0.3 + 3 * (time.perf_counter() - t0))
+        cancelled, runner = service.cancelled, served.built.target
+        t0 = time.perf_counter()
         with pytest.raises(grpc.RpcError) as e:
-            Client(served.address, timeout=0.001).generate("abc", max_new_tokens=60)
+            Client(served.address, timeout=timeout).generate("abc", max_new_tokens=60, strategy="slow")
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        while (service.decoding or service.cancelled == cancelled) and time.perf_counter() - t0 < timeout + 3.0:
+            time.sleep(0.05)
+        assert service.cancelled == cancelled + 1, "the request never reached the server"
+        assert service.decoding == 0, \
+            f"still decoding {time.perf_counter() - t0 - timeout:.1f} s after the deadline (timeout {timeout:.2f} s)"
+        deadline = time.time() + 30         # its KV cache is freed (the failed call's traceback may hold it a while)
+        while runner.live_caches() and time.time() < deadline:
+            gc.collect()
+            time.sleep(0.05)
+        assert runner.live_caches() == 0
         assert len(client.generate("abc", max_new_tokens=4).token_ids) == 4
 
 
