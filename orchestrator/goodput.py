@@ -72,11 +72,24 @@ class StepCostModel:
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
         self._add(rows, tokens, seconds)
         self.observations += 1
-        solved = _solve3(self._xtx, self._xty)
-        if solved is not None and solved[0] >= 0 and solved[1] >= 0:
-            self.coef = (solved[0], solved[1], max(solved[2], 0.0))
-        elif self._xtx[1][1] > 0:        # too few distinct shapes yet: seconds per token
-            self.coef = (0.0, self._xty[0] / max(self._xtx[0][1], 1e-12), 0.0)
+        solved = _solve(self._xtx, self._xty, 3)
+        if solved is not None and min(solved) >= 0:
+            self.coef = solved
+            return
+        # Rows that never varied (one request at a time) are collinear with the constant: fit a + b * tokens.
+        solved = _solve(self._xtx, self._xty, 2)
+        if solved is not None and min(solved) >= 0:
+            self.coef = (solved[0], solved[1], 0.0)
+        elif self.coef is None:           # one shape seen: a constant, the weight-bound assumption above
+            self.coef = (self._xty[0] / self._xtx[0][0], 0.0, 0.0)
+
+    @classmethod
+    def fitted(cls, samples) -> "StepCostModel":
+        """A model whose prior is the least-squares fit of (rows, tokens, seconds) samples (a profile)."""
+        fit = cls(decay=1.0)
+        for rows, tokens, seconds in samples:
+            fit.observe(rows, tokens, seconds)
+        return cls(prior=fit.coef)
 
     def predict(self, rows: int, tokens: int) -> float:
         if self.coef is None:
@@ -86,27 +99,31 @@ class StepCostModel:
         return max(self._linear(self.coef, rows, tokens), 1e-6)
 
 
-def _solve3(a: list[list[float]], b: list[float]) -> tuple[float, float, float] | None:
-    """Solve the 3x3 system a x = b (Gaussian elimination with pivoting); None when singular."""
-    m = [row[:] + [rhs] for row, rhs in zip(a, b)]
-    for col in range(3):
-        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-12 * max(1.0, abs(m[0][0])):
+def _solve(a: list[list[float]], b: list[float], n: int) -> tuple[float, ...] | None:
+    """Solve the leading n x n block of a x = b (Gaussian elimination, partial pivoting); None when
+    (nearly) singular."""
+    m = [a[r][:n] + [b[r]] for r in range(n)]
+    scale = max(abs(m[r][r]) for r in range(n)) or 1.0
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-9 * scale:
             return None
         m[col], m[pivot] = m[pivot], m[col]
-        for r in range(3):
+        for r in range(n):
             if r != col:
                 f = m[r][col] / m[col][col]
                 m[r] = [x - f * y for x, y in zip(m[r], m[col])]
-    return tuple(m[i][3] / m[i][i] for i in range(3))
+    return tuple(m[i][n] / m[i][i] for i in range(n))
 
 
 def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, draft_token_s: float,
-                         other_rows: int = 0) -> tuple[list[int], float]:
+                         other_rows: int = 0, min_gain: float = 0.0) -> tuple[list[int], float]:
     """The draft length of every request maximising the batch's goodput. accepts[i]: request i's
     per-position acceptance (len >= k_max[i]); step_s(rows, tokens): predicted forward seconds, linear
     in tokens for a given number of rows (StepCostModel); draft_token_s: seconds of one (batched) draft
-    step; other_rows: requests in the batch that do not draft (plain decoding), one token each.
+    step; other_rows: requests in the batch that do not draft (plain decoding), one token each;
+    min_gain: drafting must beat plain decoding's predicted goodput by this fraction (a margin for what
+    the model leaves out: requests that draft reach the verifier later, and batches can split).
     Returns (draft length per request, predicted goodput in tokens per second).
 
     SmartSpec's greedy (one more draft token to the request whose increment raises goodput most, while
@@ -126,7 +143,8 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
     increments.sort(key=lambda x: (-x[0], x[1]))
     step0 = step_s(rows, rows)
     per_token = max(step_s(rows, rows + 1) - step0, 0.0)
-    best_ks, best = [0] * n, base / step0
+    plain = base / step0
+    best_ks, best = [0] * n, plain
     for longest in range(1, max(k_max, default=0) + 1):
         ks, out, seconds = [0] * n, base, step0 + draft_token_s * longest
         for delta, j, i in increments:
@@ -139,7 +157,7 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
             seconds += per_token
         used = max(ks, default=0)                      # the draft time the plan really pays
         value = out / (step_s(rows, rows + sum(ks)) + draft_token_s * used)
-        if value > best * (1 + 1e-9):
+        if value > best * (1 + 1e-9) and value > plain * (1 + min_gain):
             best_ks, best = ks, value
     return best_ks, best
 
@@ -187,18 +205,27 @@ class GoodputScheduler:
     together. Requests join through `GoodputDraftLength` policies; the verifier reports each batched
     forward through `observe_forward` (orchestrator/global_verifier.py's observers)."""
 
-    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 16):
+    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 64, min_gain: float = 0.1):
         self.cost = cost or StepCostModel()
         self.probe_every = probe_every
+        self.min_gain = min_gain
         self.stats = SchedulerStats()
         self._lock = threading.Lock()
         self._requests: dict[int, "GoodputDraftLength"] = {}
         self._ids = itertools.count()
         self._plan: dict[int, int] = {}
         self._dirty = True
-        self._draft_token_s = 0.0           # decayed mean seconds per draft step
+        # Seconds per draft step, decayed mean of the requests' (draft seconds / tokens drafted). It includes
+        # waiting for a busy drafter: a request that drafts reaches the verifier that much later, and its
+        # batch may split (tried: the fastest recent step, or the median, drafted where that lost to
+        # plain decoding in the simulator; docs/scheduler.md).
+        self._draft_token_s = 0.0
         self._other_rows = 0.0              # decayed mean of rows that did not come from our requests
         self.forward_source = False         # True once a verifier reports forwards
+
+    @property
+    def draft_token_s(self) -> float:
+        return self._draft_token_s
 
     # ------------------------------------------------------------ requests
     def join(self, policy: "GoodputDraftLength") -> int:
@@ -225,7 +252,7 @@ class GoodputScheduler:
         policies = [self._requests[i] for i in ids]
         accepts = [p.acceptance.rates() for p in policies]
         ks, goodput = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict,
-                                           self._draft_token_s, round(self._other_rows))
+                                           self.draft_token_s, round(self._other_rows), self.min_gain)
         self._plan = dict(zip(ids, ks))
         self._dirty = False
         s = self.stats
@@ -252,8 +279,8 @@ class GoodputScheduler:
     def observe_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         with self._lock:
             if drafted > 0:
-                self._draft_token_s = 0.9 * self._draft_token_s + 0.1 * (draft_s / drafted) \
-                    if self._draft_token_s else draft_s / drafted
+                per_token = draft_s / drafted
+                self._draft_token_s = 0.9 * self._draft_token_s + 0.1 * per_token if self._draft_token_s else per_token
             if not self.forward_source:       # no verifier reports forwards: learn from this request alone
                 self.cost.observe(1, drafted + 1, verify_s)
                 self._dirty = True

@@ -214,7 +214,7 @@ def profile_step_cost(target, vocab: int, shapes=STEP_COST_SHAPES, context: int 
     from orchestrator.goodput import StepCostModel
 
     g = torch.Generator().manual_seed(2)
-    model = StepCostModel(decay=1.0)
+    samples = []
     caches = []
     try:
         for _ in range(max(b for b, _ in shapes)):
@@ -229,10 +229,10 @@ def profile_step_cost(target, vocab: int, shapes=STEP_COST_SHAPES, context: int 
                 for c in caches[:b]:
                     c.crop(0, context)
             step()                                     # warm-up (kernel choice, allocation)
-            model.observe(b, b * t, _best_time(step, reps))
+            samples.append((b, b * t, _best_time(step, reps)))
     finally:
         for c in caches:
             release = getattr(c, "release", None)      # KV held by remote shards
             if release:
                 release()
-    return model.coef
+    return StepCostModel.fitted(samples).coef

@@ -226,7 +226,7 @@ def _gamma(s) -> int:
         return dl.k
     if dl.policy == "adaptive":
         return dl.k_init
-    return dl.k_max        # goodput: the simulator does not run the scheduler yet (issue 16); its longest draft
+    return dl.k_max        # goodput: its longest draft; the simulation runs the scheduler (placement/simulate.py)
 
 
 def _hybrid_split(name: str, m: Measured, siblings: dict[str, Measured], drafter: str | None
@@ -289,7 +289,8 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
         chunk = s.k_matrix[-1][-1] if getattr(s, "k_matrix", None) else 1.0   # MaG tokens per review
         out.append(StrategyModel(s.name, fam, gamma, alpha, drafter, model_share=model_share,
                                  model_draft_len=model_len, review_chunk=chunk, source=source,
-                                 draft_share=draft_share, request_mix=mix))
+                                 draft_share=draft_share, request_mix=mix,
+                                 goodput=getattr(getattr(s, "draft_length", None), "policy", "") == "goodput"))
     return out
 
 
@@ -456,6 +457,8 @@ def cluster_replicas(cfg: EngineConfig, workload: Workload, alphas: dict[str, fl
                           easyspec_alpha_penalty=0.05, source="parameter; layer-parallel speedup 1.6, alpha -5%"),
             StrategyModel(f"cs-drafting-{key}", "cs_drafting", 6, alpha(f"cs_drafting:{key}", "cs_drafting") or a,
                           key, review_chunk=2.0, source="parameter; MaG reviewed 2 tokens per drafter forward"),
+            StrategyModel(f"sd-{key}-goodput", "draft_model", 8, a, key, goodput=True,
+                          source="parameter; draft lengths 0-8 from the goodput scheduler"),
         ]
     a_pl = alpha("prompt_lookup")
     if a_pl is not None:

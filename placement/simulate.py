@@ -25,8 +25,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from orchestrator.goodput import GoodputDraftLength, GoodputScheduler, StepCostModel
 from placement.roofline import Row
-from placement.speculative_model import RequestTrace, StrategyModel
+from placement.speculative_model import RequestTrace, StrategyModel, sample_emitted
 
 StepFn = Callable[[list[Row]], float]      # seconds for one forward of these rows
 
@@ -135,6 +136,7 @@ class BatchServer:
         self.last_duration = 0.0
         self.batches: dict[str, list[int]] = {}     # kind -> batch sizes
         self.busy_s = 0.0
+        self.observers: list = []                   # called (rows, tokens, seconds) per verify batch
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)
@@ -163,6 +165,9 @@ class BatchServer:
         self.batches.setdefault(kind, []).append(len(batch))
         duration = max(j.forwards for j in batch) * (batch[0].step or self.step)([j.row for j in batch])
         self.last_duration = duration
+        if kind == "verify":
+            for observe in self.observers:
+                observe(len(batch), sum(j.row.new for j in batch), duration)
         self.busy = True
         self.busy_s += duration
         if self.bus is not None:
@@ -266,6 +271,14 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
                                     rep.draft_shared_slowdown,
                                     rep.gather_fraction if rep.drafter_max_batch > 1 else 0.0)
                         for i in range(rep.drafter_servers)]
+    # The goodput strategy: the server's scheduler, fed by the simulated verifier's batches.
+    scheduler = None
+    if s.goodput:
+        # As the server profiles its target at start-up (server.profile_step_cost), so does the simulation.
+        scheduler = GoodputScheduler(StepCostModel.fitted(
+            (b, b * t, rep.verify_step([Row(t, 128)] * b)) for b, t in ((1, 1), (1, 6), (4, 1), (4, 4), (8, 2))))
+        verifier.observers.append(scheduler.observe_forward)
+    policies: dict[int, GoodputDraftLength] = {}
     done: list[Request] = []
     emissions: list[tuple[float, int]] = []     # (time, tokens emitted)
     pending = [arrivals.requests]          # requests not yet issued (closed loop)
@@ -290,6 +303,8 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     def finish(req: Request) -> None:
         req.done = sim.now
         done.append(req)
+        if req.id in policies:
+            policies.pop(req.id).close()
         slots[0] += 1
         if admission:
             admit(admission.popleft())
@@ -323,6 +338,9 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         return min(drafters, key=lambda d: len(d.queue) + d.busy)
 
     def step(req: Request) -> None:
+        if scheduler is not None:
+            step_goodput(req)
+            return
         verify_tokens, emitted = s.sample_step(rng, req.trace, req.steps)
         req.steps += 1
         verify_row = Row(verify_tokens, req.context)
@@ -347,6 +365,30 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
             verifier.submit(Job("verify", verify_row, 1, after_verify, owner=req.id))
         drafter_for(req).submit(draft_job(
             lambda: sim.at(sim.now + rep.transfer_s, to_verifier) if rep.transfer_s else to_verifier()))
+
+    def step_goodput(req: Request) -> None:
+        """A step whose draft length the scheduler chooses; acceptance drawn for that length."""
+        policy = policies.get(req.id)
+        if policy is None:
+            policy = policies[req.id] = GoodputDraftLength(scheduler, k_max=max(1, s.gamma))
+        k = min(policy.next_k(), max(0, req.output - req.emitted - 1))
+        emitted = sample_emitted(s.effective_alpha, k, rng)
+        req.steps += 1
+        started = [sim.now, sim.now]                 # step start, verify submission
+
+        def after_verify():
+            policy.observe(k, emitted - 1, started[1] - started[0], sim.now - started[1])
+            then_host(req, lambda: emit(req, emitted))
+
+        def to_verifier():
+            started[1] = sim.now
+            verifier.submit(Job("verify", Row(k + 1, req.context), 1, after_verify, owner=req.id))
+        forwards = s.draft_forwards() * k / s.gamma if drafters and s.gamma else 0.0
+        if forwards <= 0:
+            to_verifier()
+            return
+        drafter_for(req).submit(Job("draft", Row(1, req.context), forwards,
+                                    lambda: sim.at(sim.now + rep.transfer_s, to_verifier), rep.draft_step, req.id))
 
     next_id = [0]
     saturated: list[bool] = []                     # open loop: requests still waiting for a slot at the last arrival

@@ -99,6 +99,9 @@ class StrategyModel:
     # the wall time; the simulation gives each request one of these in turn. Empty: every request
     # drafts gamma tokens on every step (draft_share of them for a lookup) with `alpha`.
     request_mix: tuple[RequestTrace, ...] = ()
+    # Draft lengths chosen by the goodput scheduler (orchestrator/goodput.py, the server's own code) run
+    # against the simulated verifier; gamma is then its k_max. Draft-model-like families only.
+    goodput: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
