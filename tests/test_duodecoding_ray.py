@@ -13,6 +13,7 @@ from orchestrator.build import build_engines  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.sampling import SamplingParams  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
+from tests.drafting import assert_drafted  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 3, 14, 15, 9, 3, 14, 40, 41]]
 MAX_NEW = 20
@@ -59,5 +60,6 @@ def test_actor_drafter_decodes_like_plain_and_like_inline(config, ray_local):
         res = actor.generate(prompt, MAX_NEW)
         assert res.tokens == plain.generate(prompt, MAX_NEW).tokens
         assert res.stats.speculative_drafts > 0 and res.stats.drafter_busy_s > 0
+        assert_drafted(res)             # and no drafter failure: a dead actor falls back to target-only
         sampled = SamplingParams(temperature=0.8, seed=11)
         assert actor.generate(prompt, MAX_NEW, sampled).tokens == inline.generate(prompt, MAX_NEW, sampled).tokens

@@ -16,6 +16,7 @@ from orchestrator.ray_runtime import PipelineTarget, place  # noqa: E402
 from orchestrator.sampling import SamplingParams  # noqa: E402
 from placement.plan import plan_placement  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
+from tests.drafting import assert_drafted  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 
 MAX_NEW = 24
@@ -78,8 +79,10 @@ def test_pipeline_split_target_equals_one_process_target(models, ray_local):
             assert [i["layers"] for i in infos] == ([(0, 4)] if stages == 1 else [(0, 2), (2, 4)])
             assert len({i["pid"] for i in infos}) == stages                     # separate processes
             for name in ("plain", "sd-k3", "pld-tree"):
-                got = [built.engines[name].generate(p, MAX_NEW).tokens for p in PROMPTS]
-                assert got == expected, f"{name} over {stages} stage(s) diverged from one-process decoding"
+                runs = [built.engines[name].generate(p, MAX_NEW) for p in PROMPTS]
+                assert [r.tokens for r in runs] == expected, f"{name} over {stages} stage(s) diverged from one-process decoding"
+                if name != "plain":     # a dead drafter actor would fall back to target-only, same tokens
+                    assert_drafted(runs, what=f"{name} over {stages} stage(s)")
             res = built.engines["sd-k3"].generate(PROMPTS[0], MAX_NEW, SamplingParams(temperature=1.0, seed=3))
             again = built.engines["sd-k3"].generate(PROMPTS[0], MAX_NEW, SamplingParams(temperature=1.0, seed=3))
             assert res.tokens == again.tokens and len(res.tokens) == MAX_NEW    # seeded sampling reproduces
@@ -108,14 +111,15 @@ def test_global_verifier_over_pipeline_actors(models, ray_local):
         got = [None] * len(PROMPTS)
 
         def run(i):
-            got[i] = batched.generate(PROMPTS[i], MAX_NEW).tokens
+            got[i] = batched.generate(PROMPTS[i], MAX_NEW)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert got == expected
+        assert [r.tokens for r in got] == expected
+        assert_drafted(got)
         drafts = ray.get(runtime.actors["drafter-cpu-0"].draft_batches.remote())
         assert drafts["max_rows"] >= 2, f"concurrent requests' draft steps were not batched: {drafts}"
     finally:
@@ -185,8 +189,10 @@ def test_tensor_parallel_target_decodes_like_one_process(models, ray_local, stag
         assert sorted((i["layers"], i["tp_rank"]) for i in infos) == sorted(
             ((0, 4) if stages == 1 else ((0, 2), (2, 4))[st], r) for st in range(stages) for r in range(tp))
         for name in ["plain"] + (["sd-k3", "pld-tree"] if only is None else []):
-            got = [built.engines[name].generate(p, MAX_NEW).tokens for p in PROMPTS]
-            assert got == expected, f"{name} with tensor_parallel {tp} x {stages} stage(s) diverged"
+            runs = [built.engines[name].generate(p, MAX_NEW) for p in PROMPTS]
+            assert [r.tokens for r in runs] == expected, f"{name} with tensor_parallel {tp} x {stages} stage(s) diverged"
+            if name != "plain":
+                assert_drafted(runs, what=f"{name} with tensor_parallel {tp} x {stages} stage(s)")
         assert all(i["requests"] == 0 for i in ray.get([s.info.remote() for s in built.target.shards]))
     finally:
         runtime.shutdown()
