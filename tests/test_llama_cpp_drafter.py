@@ -12,6 +12,7 @@ from orchestrator.duo import DuoEngine, InProcessDrafterClient  # noqa: E402
 from orchestrator.duo_policy import DraftBudgetController  # noqa: E402
 from orchestrator.engine import SpeculativeEngine  # noqa: E402
 from orchestrator.sampling import SamplingParams  # noqa: E402
+from tests.drafting import assert_drafted  # noqa: E402
 from workers.duo_drafter import DuoDrafterSide  # noqa: E402
 from workers.llama_cpp_drafter import LlamaCppDraftModel  # noqa: E402
 from workers.model_store import load_model  # noqa: E402
@@ -51,18 +52,30 @@ def test_llama_cpp_logits_follow_the_torch_model_and_roll_back_exactly(smol, lla
     assert torch.allclose(kv.feed(ids[-1:]), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, seed=3)])
-def test_duodecoding_with_the_llama_cpp_drafter_is_lossless(smol, llama_model, params):
+def llama_duo(runner, llama_model) -> DuoEngine:
+    return DuoEngine(runner, InProcessDrafterClient(DuoDrafterSide(llama_model), overlap=True),
+                     DraftBudgetController(4, 2, 8), calibration_steps=2)
+
+
+def test_duodecoding_with_the_llama_cpp_drafter_is_lossless(smol, llama_model):
+    """Greedy: exactly the target's own greedy decoding, with llama.cpp really drafting (a failed drafter
+    would fall back to target-only decoding, which gives the same tokens)."""
     runner, tokenizer = smol
     ids = tokenizer("def quicksort(xs):\n", return_tensors=None)["input_ids"]
-    engine = DuoEngine(runner, InProcessDrafterClient(DuoDrafterSide(llama_model), overlap=True),
-                       DraftBudgetController(4, 2, 8), calibration_steps=2)
-    res = engine.generate(ids, 32, params)
+    res = llama_duo(runner, llama_model).generate(ids, 32)
+    assert res.tokens == SpeculativeEngine(runner, None).generate(ids, 32).tokens
+    assert_drafted(res, accepted=True)          # the same model in GGUF: its drafts are mostly kept
     assert res.stats.speculative_used > 0
-    if params.greedy:
-        assert res.tokens == SpeculativeEngine(runner, None).generate(ids, 32).tokens
-    else:
-        assert len(res.tokens) == 32 or res.finish_reason == "stop"
+
+
+def test_sampling_with_the_llama_cpp_drafter_drafts_from_its_q(smol, llama_model):
+    """T > 0 goes through llama.cpp's distributions (q) in verification; the output's law is checked on
+    every path by tests/test_distribution_paths.py, here that this path drafts and keeps drafts."""
+    runner, tokenizer = smol
+    ids = tokenizer("def quicksort(xs):\n", return_tensors=None)["input_ids"]
+    res = llama_duo(runner, llama_model).generate(ids, 32, SamplingParams(temperature=0.8, seed=3))
+    assert len(res.tokens) == 32 or res.finish_reason == "stop"
+    assert_drafted(res, accepted=True)
 
 
 @pytest.mark.parametrize("process", ["thread", "actor"])
@@ -92,6 +105,7 @@ def test_config_builds_a_llama_cpp_drafter(tmp_path, smol, process):
         res = engine.generate(ids, 16)
         assert res.tokens == built.engines["plain"].generate(ids, 16).tokens
         assert res.stats.speculative_used > 0
+        assert_drafted(res)
     finally:
         if process == "actor":
             ray.shutdown()
