@@ -10,6 +10,7 @@ from orchestrator.engine import SpeculativeEngine
 from orchestrator.sampling import SamplingParams
 from placement.plan import check_plan
 from tests.conftest import tiny_model
+from tests.drafting import assert_drafted
 from workers.actors import DrafterWorker
 from workers.runner import ModelRunner
 
@@ -85,8 +86,11 @@ def test_colocated_drafters_share_one_actor_through_ray(models):
         try:
             assert sorted(runtime.actors) == ["drafter-cpu-0", "target-shard-0"]
             for name in ("plain", "sd-a", "sd-b", "csd-b"):
-                got = [built.engines[name].generate(p, MAX_NEW).tokens for p in PROMPTS]
-                assert got == expected, f"{name} through the shared drafter actor diverged from plain decoding"
+                runs = [built.engines[name].generate(p, MAX_NEW) for p in PROMPTS]
+                assert [r.tokens for r in runs] == expected, \
+                    f"{name} through the shared drafter actor diverged from plain decoding"
+                if name != "plain":          # a failed drafter actor falls back to target-only: same tokens
+                    assert_drafted(runs, what=name)
             stats = built.engines["sd-b"].generate(PROMPTS[1], MAX_NEW).stats
             assert stats.drafted_tokens > 0
             # only strategy sd-a selected: the actor loads drafter a alone
