@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 
 class DraftLengthPolicy:
+    #: True: next_k() also bounds drafts that cost no drafter time (context lookup), whose verified
+    #: tokens still cost the batch; False: such drafts run at their own length
+    bounds_free_drafts = False
+
     def next_k(self) -> int:
         raise NotImplementedError
 

@@ -289,7 +289,10 @@ class GoodputScheduler:
 
 
 class GoodputDraftLength(DraftLengthPolicy):
-    """One request's view of the shared scheduler (draft_length.policy: goodput)."""
+    """One request's view of the shared scheduler (draft_length.policy: goodput). Its length bounds
+    context-lookup drafts too: their drafting is free, their verification is not."""
+
+    bounds_free_drafts = True
 
     def __init__(self, scheduler: GoodputScheduler, k_max: int = 10):
         self.scheduler, self.k_max = scheduler, k_max

@@ -121,7 +121,8 @@ def test_goodput_requests_equal_plain_decoding_alone_and_batched(target_model, d
     target = ModelRunner(target_model)
     plain = SpeculativeEngine(target)
     expected = [plain.generate(p, 30).tokens for p in prompts]
-    scheduler = GoodputScheduler()
+    # A weight-bound target's profile: drafting pays (tiny models' own costs would say it does not).
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.05, 1e-4, 0.0), prior_weight=1e6, decay=1.0))
     engine = SpeculativeEngine(target, DraftModelDrafter(ModelRunner(draft_model)),
                                lambda: GoodputDraftLength(scheduler, k_max=6), name="goodput")
     results = [engine.generate(p, 30) for p in prompts]
@@ -192,3 +193,26 @@ def test_start_up_profile_fits_the_targets_step_cost(target_model):
     assert a >= 0 and b >= 0 and c >= 0 and a + b + c > 0
     model = StepCostModel(prior=(a, b, c))
     assert model.predict(8, 16) >= model.predict(1, 1) > 0
+
+
+def test_goodput_bounds_free_lookup_drafts_too(target_model, draft_model, prompts):
+    """A hybrid's context copies cost no drafter time but every verified token costs the batch: under
+    a compute-bound cost model the scheduler's k = 0 also stops them (a fixed policy would not)."""
+    from orchestrator.draft_length import FixedDraftLength
+    from orchestrator.engine import SpeculativeEngine
+    from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
+    from workers.runner import ModelRunner
+
+    target = ModelRunner(target_model)
+    expected = [SpeculativeEngine(target).generate(p, 30).tokens for p in prompts]
+
+    def hybrid():
+        return LookupThenModelDrafter(PromptLookupDrafter(2, 1), DraftModelDrafter(ModelRunner(draft_model)), 8)
+    compute_bound = GoodputScheduler(cost=StepCostModel(prior=(0.0, 1.0, 0.0)), probe_every=10 ** 6)
+    goodput = SpeculativeEngine(target, hybrid(), lambda: GoodputDraftLength(compute_bound, k_max=6))
+    fixed0 = SpeculativeEngine(target, hybrid(), lambda: FixedDraftLength(0))
+    bounded = [goodput.generate(p, 30) for p in prompts]
+    free = [fixed0.generate(p, 30) for p in prompts]
+    assert [r.tokens for r in bounded] == expected and [r.tokens for r in free] == expected
+    assert sum(r.stats.drafted_tokens for r in free) > 0          # lookup copies despite k = 0
+    assert sum(r.stats.drafted_tokens for r in bounded) == 0
