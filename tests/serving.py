@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from types import SimpleNamespace
 
 
@@ -21,6 +22,26 @@ class ByteTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(32 + (i - 3) % 93) for i in ids if i >= 3)
+
+
+def slow_drafter(step_s: float):
+    """A drafter that drafts nothing and takes `step_s` doing it: every decoding step of a request lasts at
+    least that long, so tests that must catch a request mid-decoding (cancel, deadline, overload) do not
+    depend on how fast this machine decodes. Output: plain decoding's."""
+    from workers.drafters import EMPTY_DRAFT, Drafter, DraftSession
+
+    class Session(DraftSession):
+        def propose(self, k):
+            time.sleep(step_s)
+            return EMPTY_DRAFT
+
+    class SlowDrafter(Drafter):
+        name = f"slow-{step_s}s"
+
+        def start(self, prompt_ids, params, generator):
+            return Session(prompt_ids)
+
+    return SlowDrafter()
 
 
 @contextlib.contextmanager

@@ -25,27 +25,11 @@ from orchestrator.server import start_server
 from proto import specorch_pb2 as pb
 from tests.conftest import tiny_model
 from tests.drafting import assert_drafted
-from tests.serving import ByteTokenizer, serve_in_thread
-from workers.drafters import EMPTY_DRAFT, DraftModelDrafter, Drafter, DraftSession, PromptLookupDrafter
+from tests.serving import ByteTokenizer, serve_in_thread, slow_drafter
+from workers.drafters import DraftModelDrafter, PromptLookupDrafter
 from workers.runner import ModelRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class SlowDrafter(Drafter):
-    """Drafts nothing and takes `step_s` doing it: every decoding step lasts at least that long."""
-
-    name = "slow"
-    step_s = 0.1
-
-    def start(self, prompt_ids, params, generator):
-        step_s = self.step_s
-
-        class Session(DraftSession):
-            def propose(self, k):
-                time.sleep(step_s)
-                return EMPTY_DRAFT
-        return Session(prompt_ids)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +46,7 @@ def served():
                # the target drafting for itself: every draft is accepted
                "self": SpeculativeEngine(target, DraftModelDrafter(ModelRunner(model)), lambda: FixedDraftLength(4),
                                          name="self"),
-               "slow": SpeculativeEngine(target, SlowDrafter(), lambda: FixedDraftLength(1), name="slow")}
+               "slow": SpeculativeEngine(target, slow_drafter(0.1), lambda: FixedDraftLength(1), name="slow")}
     with serve_in_thread(Built(config, target.device, model, ByteTokenizer(), target, engines)) as served:
         yield served
 

@@ -25,7 +25,7 @@ from orchestrator.security import check_startup
 from orchestrator.validation import RequestError, validate_request
 from proto import specorch_pb2 as pb
 from tests.conftest import tiny_model
-from tests.serving import ByteTokenizer, serve_in_thread
+from tests.serving import ByteTokenizer, serve_in_thread, slow_drafter
 from workers.drafters import PromptLookupDrafter
 from workers.runner import ModelRunner
 
@@ -45,7 +45,11 @@ def make_built(model, **server):
         "server": {"max_new_tokens": 64, "max_batch": 4, **server},
     })
     engines = {"plain": SpeculativeEngine(target),
-               "pld": SpeculativeEngine(target, PromptLookupDrafter(), lambda: FixedDraftLength(4), name="pld")}
+               "pld": SpeculativeEngine(target, PromptLookupDrafter(), lambda: FixedDraftLength(4), name="pld"),
+               # plain decoding's output, each step >= 0.1 s / 10 ms: requests still decoding when tested
+               "slow": SpeculativeEngine(target, slow_drafter(0.1), lambda: FixedDraftLength(1), name="slow"),
+               "slow-10ms": SpeculativeEngine(target, slow_drafter(0.01), lambda: FixedDraftLength(1),
+                                              name="slow-10ms")}
     return Built(config, target.device, model, ByteTokenizer(), target, engines)
 
 
@@ -112,12 +116,12 @@ def test_tiny_temperature_and_huge_top_k_are_served(served):
 def test_overload_is_bounded_and_admitted_requests_finish(model):
     built = make_built(model, concurrency=1, max_queue=1, batch_verification=False)
     with serve_in_thread(built) as s, Client(s.address, timeout=60) as client:
-        expected = built.engines["plain"].generate(ByteTokenizer()("hold on").input_ids, 60).tokens
+        expected = built.engines["plain"].generate(ByteTokenizer()("hold on").input_ids, 20).tokens
         results: dict[int, object] = {}
 
-        def submit(i):
+        def submit(i):      # each admitted request decodes for >= 2 s (19 steps of 0.1 s), however fast this machine
             try:
-                results[i] = client.generate("hold on", max_new_tokens=60).token_ids
+                results[i] = client.generate("hold on", max_new_tokens=20, strategy="slow").token_ids
             except grpc.RpcError as exc:
                 results[i] = exc.code()
 
@@ -145,8 +149,9 @@ def test_500_cancelled_requests_free_their_state(served):
 
     def cancel_batch(n):
         with Client(served.address, timeout=60) as client:
-            for i in range(n):
-                call = client.stub.Generate(build_request("abcdefg" * (1 + i % 3), max_new_tokens=64), timeout=60)
+            for i in range(n):       # >= 10 ms per step: still decoding when the cancel lands, however fast this machine
+                call = client.stub.Generate(build_request("abcdefg" * (1 + i % 3), max_new_tokens=64,
+                                                          strategy="slow-10ms"), timeout=60)
                 next(call)           # decoding has started: the request holds a KV cache
                 call.cancel()
 
@@ -324,10 +329,18 @@ def test_launch_reports_config_errors_before_starting_anything(tmp_path, edit, k
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "SPECORCH_UNSET_TOKEN_VAR"}
-    t0 = time.monotonic()
-    run = subprocess.run([sys.executable, "launch.py", "serve", "--cluster", str(path)], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=120)
+
+    def serve(cluster):
+        t0 = time.monotonic()
+        run = subprocess.run([sys.executable, "launch.py", "serve", "--cluster", str(cluster)], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=300)
+        return run, time.monotonic() - t0
+
+    # Baseline on this machine now: the earliest failure there is (no config file at all).
+    missing, baseline_s = serve(tmp_path / "missing.yaml")
+    assert missing.returncode == 2 and "file not found" in missing.stderr, missing.stderr[-2000:]
+    run, elapsed_s = serve(path)
     assert run.returncode == 2, run.stderr[-2000:]
     assert str(path) in run.stderr and key in run.stderr, run.stderr[-2000:]
     assert "Started a local Ray instance" not in run.stderr + run.stdout and "gRPC endpoint" not in run.stdout
-    assert time.monotonic() - t0 < 60
+    assert elapsed_s < 3 * baseline_s + 10, (elapsed_s, baseline_s)     # reported before anything starts
