@@ -28,7 +28,10 @@ def test_readme_main_command_runs_and_ends_with_the_table():
     cfg = load_config(ROOT / "cluster_configs/local.yaml")
     assert [r[0] for r in rows] == ["plain"] + [s.name for s in cfg.strategies if s.name in cfg.main_job.strategies]
     for name, tps, speedup, accepted, equal in rows:
-        assert float(tps) > 0 and speedup.endswith("x") and float(accepted) >= 1.0, name
+        assert float(tps) > 0 and speedup.endswith("x"), name
+        # Plain decoding scores exactly 1.00; a strategy whose drafter failed falls back to target-only
+        # decoding, which also scores 1.00 (and still equals plain): the drafters' drafts must be kept.
+        assert float(accepted) == 1.0 if name == "plain" else float(accepted) > 1.0, (name, accepted)
         m = re.fullmatch(r"(\d+)/(\d+)(?: \+ (\d+) bf16 near-ties?)?", equal)
         assert m, f"{name}: outputs neither equal to plain decoding nor reported as bf16 near-ties: {equal!r}"
         same, total, ties = int(m[1]), int(m[2]), int(m[3] or 0)
