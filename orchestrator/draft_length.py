@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 
 class DraftLengthPolicy:
-    #: True: next_k() also bounds drafts that cost no drafter time (context lookup), whose verified
-    #: tokens still cost the batch; False: such drafts run at their own length
-    bounds_free_drafts = False
+    def free_draft_limit(self) -> int | None:
+        """Longest draft that costs no drafter time (a context lookup) worth verifying now; None: no
+        limit (such drafts run at their own length)."""
+        return None
 
     def next_k(self) -> int:
         raise NotImplementedError

@@ -132,8 +132,11 @@ class SpeculativeEngine:
                 if session and remaining > 1:
                     # k may be 0 (the policy's "decode normally"); a hybrid may still copy from the context.
                     try:
+                        draft = _clip(session.propose(k), remaining - 1)
                         # A policy that prices every verified token (goodput) bounds free drafts too.
-                        draft = _clip(session.propose(k), k if policy.bounds_free_drafts else remaining - 1)
+                        free = policy.free_draft_limit() if draft.source == "lookup" else None
+                        if free is not None:
+                            draft = _clip(draft, free)
                     except Exception as exc:  # a failed drafter costs speed, never the request
                         session = self._drop_drafter(session, stats, exc)
                 t1 = time.perf_counter()

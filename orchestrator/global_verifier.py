@@ -82,7 +82,8 @@ class GlobalVerifier:
         self.device, self.vocab_size = runner.device, runner.vocab_size
         self.lm_head = getattr(runner, "lm_head", None)     # drafters build trimmed heads from it
         self.stats = VerifierStats()
-        # Called with (rows, tokens, seconds) after each forward (the goodput scheduler's cost model).
+        # Called with (rows, padded tokens = rows x longest, seconds) after each forward (the goodput
+        # scheduler's cost model).
         self.observers: list = []
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []        # taken from the queue but kept for the next batch
@@ -165,7 +166,7 @@ class GlobalVerifier:
                     except Exception as exc:  # noqa: BLE001
                         it.future.set_exception(exc)
         self._last_forward_s = time.perf_counter() - t0
-        tokens = sum(int(it.input_ids.shape[1]) for it in batch)
+        tokens = len(batch) * max(int(it.input_ids.shape[1]) for it in batch)   # forward_many pads rows
         for observe in self.observers:
             observe(len(batch), tokens, self._last_forward_s)
         s = self.stats

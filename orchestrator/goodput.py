@@ -28,6 +28,11 @@ from dataclasses import dataclass, field
 from orchestrator.draft_length import DraftLengthPolicy
 
 
+# Decode-step shapes (requests, tokens each) the start-up profile times (machine_profile.profile_step_cost;
+# the simulator profiles its verifier the same way).
+STEP_COST_SHAPES = ((1, 1), (1, 6), (4, 1), (4, 4), (8, 2), (16, 1), (16, 4))
+
+
 def expected_tokens(accept: list[float], k: int) -> float:
     """Expected tokens of a step that drafts k: 1 (the target's own) + sum_j prod_{m<=j} accept[m].
     accept[j]: probability that draft position j is accepted given positions < j were."""
@@ -117,13 +122,17 @@ def _solve(a: list[list[float]], b: list[float], n: int) -> tuple[float, ...] | 
 
 
 def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, draft_token_s: float,
-                         other_rows: int = 0, min_gain: float = 0.0) -> tuple[list[int], float]:
+                         other_rows: int = 0, min_gain: float = 0.0, padded: bool = False
+                         ) -> tuple[list[int], float]:
     """The draft length of every request maximising the batch's goodput. accepts[i]: request i's
     per-position acceptance (len >= k_max[i]); step_s(rows, tokens): predicted forward seconds, linear
     in tokens for a given number of rows (StepCostModel); draft_token_s: seconds of one (batched) draft
     step; other_rows: requests in the batch that do not draft (plain decoding), one token each;
     min_gain: drafting must beat plain decoding's predicted goodput by this fraction (a margin for what
     the model leaves out: requests that draft reach the verifier later, and batches can split).
+    padded: the batched forward pads every row to the longest (workers/runner.py forward_many does, and
+    the roofline models it): a step costs step_s(rows, rows x (L + 1)) for the longest draft L, so
+    every request drafts min(L, its k_max) and only L is chosen.
     Returns (draft length per request, predicted goodput in tokens per second).
 
     SmartSpec's greedy (one more draft token to the request whose increment raises goodput most, while
@@ -134,6 +143,8 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
     n = len(accepts)
     rows = n + other_rows
     base = float(rows)                                  # one token per row: the target's own
+    if padded:
+        return _uniform_lengths(accepts, k_max, step_s, draft_token_s, other_rows, min_gain)
     increments = []                                     # (E_i(j + 1) - E_i(j), j, i)
     for i, accept in enumerate(accepts):
         survive = 1.0
@@ -157,6 +168,20 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
             seconds += per_token
         used = max(ks, default=0)                      # the draft time the plan really pays
         value = out / (step_s(rows, rows + sum(ks)) + draft_token_s * used)
+        if value > best * (1 + 1e-9) and value > plain * (1 + min_gain):
+            best_ks, best = ks, value
+    return best_ks, best
+
+
+def _uniform_lengths(accepts, k_max, step_s, draft_token_s, other_rows, min_gain):
+    """choose_draft_lengths for padded batches: one longest draft L for all (see there)."""
+    rows = len(accepts) + other_rows
+    plain = rows / step_s(rows, rows)
+    best_ks, best = [0] * len(accepts), plain
+    for longest in range(1, max(k_max, default=0) + 1):
+        ks = [min(longest, k) for k in k_max]
+        out = other_rows + sum(expected_tokens(a, k) for a, k in zip(accepts, ks))
+        value = out / (step_s(rows, rows * (longest + 1)) + draft_token_s * longest)
         if value > best * (1 + 1e-9) and value > plain * (1 + min_gain):
             best_ks, best = ks, value
     return best_ks, best
@@ -205,8 +230,12 @@ class GoodputScheduler:
     together. Requests join through `GoodputDraftLength` policies; the verifier reports each batched
     forward through `observe_forward` (orchestrator/global_verifier.py's observers)."""
 
-    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 64, min_gain: float = 0.1):
+    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 64, min_gain: float = 0.1,
+                 padded: bool = True):
+        """padded: batched forwards pad rows to the longest (ours do: workers/runner.py forward_many);
+        forwards are then reported as rows x longest tokens (GlobalVerifier.observers)."""
         self.cost = cost or StepCostModel()
+        self.padded = padded
         self.probe_every = probe_every
         self.min_gain = min_gain
         self.stats = SchedulerStats()
@@ -214,6 +243,7 @@ class GoodputScheduler:
         self._requests: dict[int, "GoodputDraftLength"] = {}
         self._ids = itertools.count()
         self._plan: dict[int, int] = {}
+        self._free_plan: dict[int, int] = {}
         self._dirty = True
         # Seconds per draft step, decayed mean of the requests' (draft seconds / tokens drafted). It includes
         # waiting for a busy drafter: a request that drafts reaches the verifier that much later, and its
@@ -239,28 +269,36 @@ class GoodputScheduler:
         with self._lock:
             self._requests.pop(rid, None)
             self._plan.pop(rid, None)
+            self._free_plan.pop(rid, None)
             self._dirty = True
 
-    def draft_length(self, rid: int) -> int:
+    def draft_length(self, rid: int, free: bool = False) -> int:
+        """This request's draft length in the current plan; free = for a draft that costs no drafter
+        time (the plan made with a zero draft cost)."""
         with self._lock:
             if self._dirty or rid not in self._plan:
                 self._replan()
-            return self._plan.get(rid, 0)
+            return (self._free_plan if free else self._plan).get(rid, 0)
 
     def _replan(self) -> None:
         ids = list(self._requests)
         policies = [self._requests[i] for i in ids]
         accepts = [p.acceptance.rates() for p in policies]
         ks, goodput = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict,
-                                           self.draft_token_s, round(self._other_rows), self.min_gain)
+                                           self.draft_token_s, round(self._other_rows), self.min_gain,
+                                           self.padded)
         self._plan = dict(zip(ids, ks))
+        free_ks, _ = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict, 0.0,
+                                          round(self._other_rows), self.min_gain, self.padded)
+        self._free_plan = dict(zip(ids, free_ks))
         self._dirty = False
         s = self.stats
         s.decisions += 1
         s.last_draft_lengths = ks
         s.mean_draft_length = sum(ks) / len(ks) if ks else 0.0
-        s.predicted_step_s = self.cost.predict(len(ks) + round(self._other_rows),
-                                               sum(k + 1 for k in ks) + round(self._other_rows))
+        rows = len(ks) + round(self._other_rows)
+        s.predicted_step_s = self.cost.predict(rows, rows * (max(ks, default=0) + 1) if self.padded
+                                               else sum(k + 1 for k in ks) + round(self._other_rows))
         s.predicted_goodput = goodput
 
     # ------------------------------------------------------------ measurements
@@ -289,10 +327,8 @@ class GoodputScheduler:
 
 
 class GoodputDraftLength(DraftLengthPolicy):
-    """One request's view of the shared scheduler (draft_length.policy: goodput). Its length bounds
-    context-lookup drafts too: their drafting is free, their verification is not."""
-
-    bounds_free_drafts = True
+    """One request's view of the shared scheduler (draft_length.policy: goodput). It bounds context-
+    lookup drafts too (free_draft_limit): their drafting is free, their verification is not."""
 
     def __init__(self, scheduler: GoodputScheduler, k_max: int = 10):
         self.scheduler, self.k_max = scheduler, k_max
@@ -311,6 +347,9 @@ class GoodputDraftLength(DraftLengthPolicy):
         else:
             self._since_draft = 0
         return k
+
+    def free_draft_limit(self) -> int:
+        return self.scheduler.draft_length(self.rid, free=True)
 
     def observe(self, drafted, accepted, draft_s, verify_s):
         self.acceptance.observe(drafted, accepted)

@@ -203,7 +203,7 @@ def default_profile_path(cfg) -> Path:
     return Path.home() / ".cache" / "specorch" / f"profile-{cfg.name}.json"
 
 
-STEP_COST_SHAPES = ((1, 1), (1, 6), (4, 1), (4, 4), (8, 2))   # (requests, tokens each) of a decode step
+from orchestrator.goodput import STEP_COST_SHAPES  # noqa: E402  (requests, tokens each) of a decode step
 
 
 def profile_step_cost(target, vocab: int, shapes=STEP_COST_SHAPES, context: int = 32,

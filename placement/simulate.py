@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from orchestrator.goodput import GoodputDraftLength, GoodputScheduler, StepCostModel
+from orchestrator.goodput import STEP_COST_SHAPES, GoodputDraftLength, GoodputScheduler, StepCostModel
 from placement.roofline import Row
 from placement.speculative_model import RequestTrace, StrategyModel, sample_emitted
 
@@ -167,7 +167,7 @@ class BatchServer:
         self.last_duration = duration
         if kind == "verify":
             for observe in self.observers:
-                observe(len(batch), sum(j.row.new for j in batch), duration)
+                observe(len(batch), len(batch) * max(j.row.new for j in batch), duration)   # padded, as the roofline
         self.busy = True
         self.busy_s += duration
         if self.bus is not None:
@@ -276,7 +276,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     if s.goodput:
         # As the server profiles its target at start-up (server.profile_step_cost), so does the simulation.
         scheduler = GoodputScheduler(StepCostModel.fitted(
-            (b, b * t, rep.verify_step([Row(t, 128)] * b)) for b, t in ((1, 1), (1, 6), (4, 1), (4, 4), (8, 2))))
+            (b, b * t, rep.verify_step([Row(t, 128)] * b)) for b, t in STEP_COST_SHAPES))
         verifier.observers.append(scheduler.observe_forward)
     policies: dict[int, GoodputDraftLength] = {}
     done: list[Request] = []
