@@ -87,6 +87,8 @@ class GlobalVerifier:
         self.observers: list = []
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []        # taken from the queue but kept for the next batch
+        self._closing = threading.Lock()
+        self._closed = False
         self._busy = monitoring.BusyTimer("verifier", name)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -100,13 +102,18 @@ class GlobalVerifier:
         if unsupported or num_new is not None or input_ids.shape[0] != 1 or cache.batch != 1:
             raise ValueError("GlobalVerifier.forward takes one sequence per call (batch-1 cache, no extra options)")
         item = _Item(cache, input_ids, depths, tree_mask, logits_rows, lm_head)
-        self._queue.put(item)
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("global verifier stopped")
+            self._queue.put(item)
         return item.future.result()
 
     prefill = ModelRunner.prefill     # built on forward(), so prompts are batched too
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._closing:        # no forward is queued after the stop marker: none would be answered
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout=30)
 
     # ---------------------------------------------------------------- loop

@@ -223,3 +223,23 @@ def test_batched_drafting_with_trimmed_heads_equals_drafting_alone(target_model,
         assert batcher.stats.max_rows >= 2
     finally:
         batcher.close()
+
+
+def test_a_forward_after_close_fails_at_once(target_model):
+    """A request that reaches a stopped verifier gets an error, not a wait that never ends."""
+    runner = ModelRunner(target_model)
+    verifier = GlobalVerifier(runner, max_batch=2)
+    verifier.close()
+    cache = verifier.new_cache(1, 16)
+    outcome: list = []
+
+    def call():
+        try:
+            verifier.forward(cache, torch.tensor([[5, 6, 7]]))
+            outcome.append("answered")
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+    thread = threading.Thread(target=call, daemon=True)      # a daemon: a hang cannot block the run
+    thread.start()
+    thread.join(10)
+    assert outcome == ["global verifier stopped"], outcome or "still waiting after 10 s"
