@@ -5,19 +5,21 @@ load a step is bound by streaming the weights, so extra rows are nearly free; as
 step becomes compute-bound and rejected draft tokens cost real time. The scheduler therefore chooses
 every live request's draft length together, 0 included, to maximise
 
-    goodput(k) = sum_i E_i(k_i) / (T(requests, sum_i (k_i + 1)) + D(max_i k_i))
+    goodput(k) = sum_i E_i(k_i) / (T(requests, tokens) + D * max_i k_i)
 
 - E_i(k): request i's expected tokens from a step drafting k (accepted drafts plus the target's own
   token), from its per-position acceptance learned online;
-- T: one batched target forward as a function of its rows and its total tokens, fitted online (least
-  squares with decay) on the forwards the verifier really ran, seeded by a start-up profile if given;
-- D: drafting time, the per-token draft step times the longest draft (concurrent requests' draft
-  steps are batched: one draft step serves every request that drafts at that moment).
+- T: one batched target forward as a function of its rows and its tokens, fitted online (least
+  squares with decay) on the forwards the verifier really ran, seeded by a start-up profile. Our
+  batched forward pads every row to the longest (workers/runner.py forward_many), so by default
+  tokens = rows x (longest draft + 1) and every request drafts min(L, its k_max) for one chosen L;
+  `padded=False` (for ragged batches) takes tokens = sum_i (k_i + 1) and per-request lengths;
+- D: drafting time per draft step (concurrent requests' draft steps are batched: one draft step
+  serves every request that drafts at that moment).
 
-The choice starts every request at k = 0 (plain decoding) and repeatedly gives one more draft token to
-the request whose increment raises goodput most, while goodput rises: it never predicts worse than
-plain decoding. Only draft lengths change, never a verification rule: the output is lossless whatever
-the scheduler decides. Pure Python over floats; no Ray, no gRPC, no torch.
+k = 0 for all is plain decoding and is kept unless drafting is predicted to beat it by `min_gain`.
+Only draft lengths change, never a verification rule: the output is lossless whatever the scheduler
+decides. Pure Python over floats; no Ray, no gRPC, no torch.
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ class StepCostModel:
     """Seconds of one batched target forward: a + b * tokens + c * requests, fitted online.
 
     Exponentially weighted least squares over (rows, tokens, seconds) of the forwards the verifier ran,
-    so the model follows the machine (and other load on it). Before enough distinct shapes are seen,
-    it falls back to the prior (a profile's coefficients) or to a per-token mean."""
+    so the model follows the machine (and other load on it). With rows that never varied it fits
+    a + b * tokens; from a single shape, a constant; before any, the prior (a profile's coefficients)."""
 
     def __init__(self, prior: tuple[float, float, float] | None = None, decay: float = 0.98,
                  prior_weight: float = 4.0):
@@ -57,7 +59,6 @@ class StepCostModel:
         # Normal equations of the weighted fit, with the prior as pseudo-observations.
         self._xtx = [[0.0] * 3 for _ in range(3)]
         self._xty = [0.0] * 3
-        self.observations = 0
         if prior is not None:
             for rows, tokens in ((1, 1), (1, 8), (8, 8), (8, 64)):
                 self._add(rows, tokens, self._linear(prior, rows, tokens), prior_weight / 4)
@@ -76,7 +77,6 @@ class StepCostModel:
 
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
         self._add(rows, tokens, seconds)
-        self.observations += 1
         solved = _solve(self._xtx, self._xty, 3)
         if solved is not None and min(solved) >= 0:
             self.coef = solved
