@@ -92,7 +92,7 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             self.verifier.observers.append(built.scheduler.observe_forward)
             self.verifier.observers.append(lambda *_: monitoring.record_scheduler(built.scheduler.stats))
         if self.cfg.profile_step_cost and any(getattr(getattr(s, "draft_length", None), "policy", "") == "goodput"
-                                              for s in built.config.strategies):
+                                              for s in built.config.strategies if s.name in built.engines):
             from orchestrator.goodput import StepCostModel
             from orchestrator.machine_profile import profile_step_cost
 
