@@ -102,11 +102,10 @@ class Row:
 
 
 def step_time(shape: ModelShape, hw: Hardware, rows: list[Row], tp: int = 1, pp: int = 1) -> float:
-    """Seconds for one forward of `rows` (padded to the longest, as forward_many does) on tp x pp devices."""
+    """Seconds for one forward of `rows` (their tokens packed, as forward_many does) on tp x pp devices."""
     if not rows:
         return 0.0
-    t_max = max(r.new for r in rows)
-    tokens = t_max * len(rows)                                   # padded rows are computed too
+    tokens = sum(r.new for r in rows)                            # ragged: no padding is computed
     weight_bytes = shape.weight_bytes / (tp * pp)               # per device, streamed once per step
     kv_bytes = sum(r.context + r.new for r in rows) * shape.kv_bytes_per_token / (tp * pp)
     flops = (2 * shape.params * tokens

@@ -128,8 +128,8 @@ class StrategyModel:
 
     def sample_verify_tokens(self, rng) -> int:
         """Target tokens of one step. With draft_share < 1 a step drafts with that probability, and then
-        gamma / draft_share tokens (the mean is kept): a batched forward pads every row to its longest
-        (workers/runner.py forward_many), so a few long lookup drafts cost the whole batch."""
+        gamma / draft_share tokens (the mean is kept): uneven rows, which cost a padded forward the
+        whole batch (tests/test_capacity.py) and a packed one (ours) only their own tokens."""
         if self.family == "plain" or self.draft_share >= 1:
             return self.verify_tokens
         if rng.random() < self.draft_share:

@@ -1,9 +1,13 @@
 """Model runner: exact against HF's forward in float32; rollback, trees, compaction, unequal batches."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from orchestrator.engine import tree_attention
+from workers.kernels import LINEAR_KERNELS, QUERY_BUCKETS, ROW_BUCKETS, KernelChoice, bucket, fastest
 from workers.runner import ModelRunner, _linear
 
 
@@ -84,12 +88,52 @@ def test_batch_of_unequal_lengths(target_model, prompts):
     assert cache.lengths == [len(a), len(b)]
 
 
-def test_gemv_kernels_match_linear():
+def test_every_linear_kernel_matches_linear():
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 40, bias=True).to(torch.bfloat16)
-    for rows in (1, 5):
-        x = torch.randn(1, rows, 48, dtype=torch.bfloat16)
-        torch.testing.assert_close(_linear(x, layer, True).float(), layer(x).float(), rtol=2e-2, atol=2e-2)
+    for kernel in LINEAR_KERNELS:
+        for rows in (1, 5):
+            x = torch.randn(1, rows, 48, dtype=torch.bfloat16)
+            torch.testing.assert_close(_linear(x, layer, kernel).float(), layer(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_kernel_choice_takes_the_fastest_per_bucket():
+    timings = {1: {"linear": 3.0, "weight_major": 2.0, "linear_pair": 1.0}, 2: {"linear": 1.0, "weight_major": 2.0}}
+    assert fastest(timings) == {1: "linear_pair", 2: "linear"}
+    choice = KernelChoice(linear=fastest(timings), head={1: "weight_major"}, measured=True)
+    assert choice.linear_kernel(1) == "linear_pair" and choice.linear_kernel(2) == "linear"
+    assert choice.linear_kernel(1, head=True) == "weight_major"
+    assert choice.linear_kernel(10_000) == "linear"        # past the last bucket: a GEMM
+    assert bucket(3, (1, 2, 4)) == 4 and bucket(5, (1, 2, 4)) is None
+
+
+def test_float32_keeps_hf_kernels_and_reduced_precision_is_measured(target_model):
+    assert not ModelRunner(target_model).kernels.measured          # float32: HF's own kernels, exact
+    bf16 = copy.deepcopy(target_model).to(torch.bfloat16)
+    runner = ModelRunner(bf16)
+    assert runner.kernels.measured
+    assert set(runner.kernels.linear) == set(ROW_BUCKETS) and set(runner.kernels.head) == set(ROW_BUCKETS)
+    for rows, per in runner.kernels.timings["linear"].items():
+        assert runner.kernels.linear[rows] == min(per, key=per.get)
+
+
+@pytest.mark.parametrize("kernel", LINEAR_KERNELS)
+@pytest.mark.parametrize("upcast", [False, True])
+def test_bf16_forward_many_with_each_kernel_is_close_to_float32(target_model, prompts, kernel, upcast):
+    """Every kernel a machine may pick computes the same model (to bf16 rounding), packed or alone."""
+    ref_runner = ModelRunner(target_model)
+    runner = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16))
+    runner.kernels = KernelChoice(linear={b: kernel for b in ROW_BUCKETS}, head={b: kernel for b in ROW_BUCKETS},
+                                  attention_fp32={b: upcast for b in QUERY_BUCKETS}, measured=True)
+    reqs, refs = [], []
+    for p in prompts[:3]:
+        c, rc = runner.new_cache(1, 64), ref_runner.new_cache(1, 64)
+        runner.prefill(c, 0, p[:-2])
+        ref_runner.prefill(rc, 0, p[:-2])
+        reqs.append((c, torch.tensor([p[-2:]]), None, None, None))
+        refs.append(ref_runner.forward(rc, torch.tensor([p[-2:]])))
+    for got, ref in zip(runner.forward_many(reqs), refs):
+        torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
 
 
 def test_unsupported_architecture_is_named():

@@ -21,9 +21,9 @@ def test_trimmed_logits_equal_full_logits_on_kept_ids(int8):
     if int8:
         quantize_linear_int8(head)
     x = torch.randn(1, 3, 16, dtype=torch.bfloat16)
-    full = _linear(x, head, gemv=True).float()                                  # [1, 3, 40]
+    full = _linear(x, head, kernel="weight_major").float()                                  # [1, 3, 40]
     trimmed = TrimmedHead(head, kept_token_ids(40, 8, [20, 33]))
-    small = _linear(x, trimmed, gemv=True).float()                              # [1, 3, 10]
+    small = _linear(x, trimmed, kernel="weight_major").float()                              # [1, 3, 10]
     assert small.shape[-1] == 10
     expanded = trimmed.expand(small)                                            # [1, 3, 40]
     kept = torch.tensor(list(range(8)) + [20, 33])

@@ -25,16 +25,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workers.kernels import KernelChoice, attention, choose_for, matmul
+
 SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral", "qwen3"}
 
 
-def _linear(x: torch.Tensor, layer: torch.nn.Linear, gemv: bool) -> torch.Tensor:
-    """y = x W^T + b, with kernels picked for decode shapes.
+def _linear(x: torch.Tensor, layer: torch.nn.Linear, kernel: str = "linear") -> torch.Tensor:
+    """y = x W^T + b with the kernel chosen for this shape (workers/kernels.py LINEAR_KERNELS).
 
-    On the CPU in bf16/fp16, oneDNN's `linear` with one or a few rows runs at about
-    half the memory bandwidth of `mv` (one row) or of `mm(W, x^T)` (a few rows,
-    the weight as the long operand); measured here 1.5-1.9x faster per layer.
-    float32 and GPUs keep `linear`, so float32 numerics stay HF's exactly.
+    On some CPUs `mv` / `mm(W, x^T)` stream decode-shaped weights at twice the bandwidth of
+    oneDNN's `linear`, on others not. int8 layers (workers/quantize.py) have one kernel.
     """
     w8 = getattr(layer, "weight_int8", None)
     if w8 is not None:                                           # int8 drafter (workers/quantize.py)
@@ -43,14 +43,12 @@ def _linear(x: torch.Tensor, layer: torch.nn.Linear, gemv: bool) -> torch.Tensor
         if layer.bias is not None:
             y = y + layer.bias
         return y.reshape(*x.shape[:-1], w8.shape[0])
-    if not gemv:
+    if kernel == "linear":
         return layer(x)
-    w = layer.weight                                             # [out, in]
-    flat = x.reshape(-1, x.shape[-1])                            # [rows, in]
-    y = torch.mv(w, flat[0]).unsqueeze(0) if flat.shape[0] == 1 else torch.mm(w, flat.t()).t()
+    y = matmul(x.reshape(-1, x.shape[-1]), layer.weight, kernel)   # [rows, out]
     if layer.bias is not None:
         y = y + layer.bias
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    return y.reshape(*x.shape[:-1], layer.weight.shape[0])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +160,11 @@ class ModelRunner:
         self.num_layers = len(self.layers)
         self.max_positions = getattr(self.config, "max_position_embeddings", 1 << 20)
         self.has_qk_norm = hasattr(attn0, "q_norm")
-        self.gemv = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
+        self.kernels: KernelChoice = choose_for(self)     # measured here, on this machine's CPU
+
+    def _kernel(self, x: torch.Tensor, head: bool = False) -> str:
+        """The kernel for the linears (or the output head) of input x [..., in]."""
+        return self.kernels.linear_kernel(x.numel() // x.shape[-1], head)
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
@@ -224,7 +226,7 @@ class ModelRunner:
         if logits_rows is not None:
             hidden = hidden[:, logits_rows]
         hidden = self.norm(hidden)
-        return _linear(hidden, lm_head if lm_head is not None else self.lm_head, self.gemv).float()
+        return _linear(hidden, lm_head if lm_head is not None else self.lm_head, self._kernel(hidden, head=True)).float()
 
     def _step(self, cache: KVCache, batch: int, t: int, depths, tree_mask) -> _Step:
         """Positions, cache slots and the attention mask of T new tokens per row."""
@@ -258,68 +260,80 @@ class ModelRunner:
         """One forward for several independent sequences, each with its own batch-1 cache.
 
         requests: (cache, input_ids [1, T_i], depths [1, T_i] | None, tree_mask [1, T_i, T_i] | None,
-        logits_rows | None[, lm_head | None]). The linear layers, which stream every weight from memory,
-        run once on all rows padded to the longest T; attention runs per sequence on
-        its own cache. Returns each request's logits [1, T_i', vocab] (float32), equal
-        to what forward() gives that request alone (hidden states [1, T_i, hidden] from a
-        pipeline stage that is not the last).
+        logits_rows | None[, lm_head | None]). The sequences' tokens are packed into one ragged row
+        [1, sum T_i] (no padding): the linear layers, which stream every weight from memory, run once
+        on all of them, and so does the output head (once per distinct head); rotary embedding and
+        attention run per sequence on its own cache. Returns each request's logits [1, T_i', vocab]
+        (float32), equal to what forward() gives that request alone (hidden states [1, T_i, hidden]
+        from a pipeline stage that is not the last).
         """
-        if len(requests) == 1:        # nothing to share: the plain path, without padding and per-row loops
+        if len(requests) == 1:        # nothing to share: the plain path, without per-sequence loops
             cache, inputs, depths, tree_mask, rows = requests[0][:5]
             if cache.batch != 1:
                 raise ValueError("forward_many takes batch-1 caches")
             return [self.forward(cache, inputs, depths=depths, tree_mask=tree_mask, logits_rows=rows,
                                  lm_head=requests[0][5] if len(requests[0]) > 5 else None)]
         lengths = [int(r[1].shape[1]) for r in requests]
-        t_max = max(lengths)
-        if self.first_stage:
-            ids = torch.zeros(len(requests), t_max, dtype=torch.long, device=self.device)   # [B, T_max], 0 = pad
-        else:   # a later pipeline stage: inputs are hidden states [1, T_i, hidden]
-            hidden = torch.zeros(len(requests), t_max, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)                                  # sequence i is [bounds[i], bounds[i+1])
         ctxs = []
-        for i, (cache, inputs, depths, tree_mask, _rows) in enumerate(r[:5] for r in requests):
+        for cache, inputs, depths, tree_mask, _rows in (r[:5] for r in requests):
             if cache.batch != 1:
                 raise ValueError("forward_many takes batch-1 caches")
-            if self.first_stage:
-                ids[i, : lengths[i]] = inputs[0]
-            else:
-                hidden[i, : lengths[i]] = inputs[0]
-            ctxs.append(self._step(cache, 1, lengths[i], depths, tree_mask))
-        if self.first_stage:
-            hidden = self.embed(ids)                                      # [B, T_max, hidden]
-        for i, ctx in enumerate(ctxs):
-            cos, sin = self.rotary(hidden[i:i + 1, : lengths[i]], ctx.position_ids)
-            ctx.cos, ctx.sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            ctxs.append(self._step(cache, 1, int(inputs.shape[1]), depths, tree_mask))
+        packed = torch.cat([r[1][0] for r in requests]).unsqueeze(0)        # [1, N] ids or [1, N, hidden]
+        hidden = self.embed(packed) if self.first_stage else packed.to(self.dtype)
+        positions = torch.cat([ctx.position_ids for ctx in ctxs], dim=1)   # [1, N]
+        cos, sin = self.rotary(hidden, positions)                          # [1, N, head_dim]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                      # [1, 1, N, head_dim]
+        spans = list(zip(bounds[:-1], bounds[1:]))
         for li in range(self.num_layers):
-            q, k, v = self._qkv(li, hidden)                                # [B, heads, T_max, hd]
-            out = torch.zeros_like(q)
-            for i, (ctx, n) in enumerate(zip(ctxs, lengths)):
-                out[i:i + 1, :, :n] = self._attend(li, q[i:i + 1, :, :n], k[i:i + 1, :, :n], v[i:i + 1, :, :n], ctx)
-            hidden = hidden + self._o_proj(li, out.transpose(1, 2).reshape(len(requests), t_max, -1))
+            q, k, v = self._qkv(li, hidden)                                # [1, heads, N, hd]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            out = torch.cat([self._attend_rotated(li, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], ctx)
+                             for ctx, (a, b) in zip(ctxs, spans)], dim=2)  # [1, heads, N, hd]
+            hidden = hidden + self._o_proj(li, out.transpose(1, 2).reshape(1, bounds[-1], -1))
             hidden = hidden + self._mlp(li, hidden)
-        results = []
-        for i, request in enumerate(requests):
-            h = hidden[i:i + 1, : lengths[i]]
-            if not self.last_stage:
-                results.append(h)
-                continue
-            rows = request[4]
-            head = request[5] if len(request) > 5 and request[5] is not None else self.lm_head   # a trimmed head
-            h = h[:, rows] if rows is not None else h
-            results.append(_linear(self.norm(h), head, self.gemv).float())
+        results = self._split_outputs(requests, hidden, spans)
         for ctx, n in zip(ctxs, lengths):      # only now: a failed forward leaves every cache as it was
             ctx.cache.lengths[0] = ctx.starts[0] + n
         return results
 
+    def _split_outputs(self, requests: list[tuple], hidden: torch.Tensor, spans: list[tuple[int, int]]):
+        """Per request: its hidden states (not the last stage) or the logits of its logits_rows, with
+        one output-head matmul per distinct head over every request's rows."""
+        if not self.last_stage:
+            return [hidden[:, a:b] for a, b in spans]
+        picks, heads = [], []
+        for request, (a, b) in zip(requests, spans):
+            rows = request[4]
+            idx = torch.arange(a, b, device=self.device)
+            picks.append(idx[rows] if rows is not None else idx)
+            heads.append(request[5] if len(request) > 5 and request[5] is not None else self.lm_head)
+        results: list = [None] * len(requests)
+        for head in {id(h): h for h in heads}.values():
+            members = [i for i, h in enumerate(heads) if h is head]
+            idx = torch.cat([picks[i] for i in members])
+            x = self.norm(hidden[:, idx])                                   # [1, rows, hidden]
+            logits = _linear(x, head, self._kernel(x, head=True)).float()[0]               # [rows, vocab]
+            start = 0
+            for i in members:
+                n = int(picks[i].numel())
+                results[i] = logits[start:start + n].unsqueeze(0)
+                start += n
+        return results
+
     def _qkv(self, li: int, hidden: torch.Tensor):
         """Layer li's projected q, k, v before rotary embedding: each [batch, heads, T, hd]."""
-        layer, gemv = self.layers[li], self.gemv
+        layer, kernel = self.layers[li], self._kernel(hidden)
         attn = layer.self_attn
         batch, t = hidden.shape[:2]
         x = layer.input_layernorm(hidden)
-        q = _linear(x, attn.q_proj, gemv).view(batch, t, -1, self.head_dim)
-        k = _linear(x, attn.k_proj, gemv).view(batch, t, -1, self.head_dim)
-        v = _linear(x, attn.v_proj, gemv).view(batch, t, -1, self.head_dim)
+        q = _linear(x, attn.q_proj, kernel).view(batch, t, -1, self.head_dim)
+        k = _linear(x, attn.k_proj, kernel).view(batch, t, -1, self.head_dim)
+        v = _linear(x, attn.v_proj, kernel).view(batch, t, -1, self.head_dim)
         if self.has_qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -333,13 +347,17 @@ class ModelRunner:
     def _o_proj(self, li: int, x: torch.Tensor) -> torch.Tensor:
         """Layer li's attention output projection; x [batch, T, heads * hd]. (Tensor-parallel
         ranks hold a slice of the heads and sum the partial results: workers/tensor_parallel.py.)"""
-        return _linear(x, self.layers[li].self_attn.o_proj, self.gemv)
+        return _linear(x, self.layers[li].self_attn.o_proj, self._kernel(x))
 
     def _attend(self, li: int, q, k, v, ctx: "_Step") -> torch.Tensor:
         """Rotary, KV write into ctx.cache, attention over the cache. q/k/v [batch, heads, T, hd]."""
-        attn, cache, t = self.layers[li].self_attn, ctx.cache, q.shape[2]
         q = q * ctx.cos + _rotate_half(q) * ctx.sin
         k = k * ctx.cos + _rotate_half(k) * ctx.sin
+        return self._attend_rotated(li, q, k, v, ctx)
+
+    def _attend_rotated(self, li: int, q, k, v, ctx: "_Step") -> torch.Tensor:
+        """KV write into ctx.cache and attention over it, rotary already applied."""
+        attn, cache, t = self.layers[li].self_attn, ctx.cache, q.shape[2]
         kc, vc = cache.keys[li], cache.values[li]
         if ctx.uniform:  # common case: one contiguous write for all rows
             s0 = ctx.starts[0]
@@ -348,18 +366,15 @@ class ModelRunner:
         else:
             kc[ctx.batch_idx, :, ctx.slots] = k.transpose(1, 2)
             vc[ctx.batch_idx, :, ctx.slots] = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, kc[:, :, :ctx.end], vc[:, :, :ctx.end], attn_mask=ctx.mask,
-            scale=attn.scaling, enable_gqa=self.num_kv_heads != self.num_heads,
-        )                                                                 # [batch, heads, T, hd]
-        return out
+        return attention(q, kc[:, :, :ctx.end], vc[:, :, :ctx.end], ctx.mask, attn.scaling,
+                         self.num_kv_heads != self.num_heads, self.kernels.upcast_attention(t))  # [batch, heads, T, hd]
 
     def _mlp(self, li: int, hidden: torch.Tensor) -> torch.Tensor:
-        layer, gemv = self.layers[li], self.gemv
+        layer, kernel = self.layers[li], self._kernel(hidden)
         x = layer.post_attention_layernorm(hidden)
         mlp = layer.mlp
-        x = mlp.act_fn(_linear(x, mlp.gate_proj, gemv)) * _linear(x, mlp.up_proj, gemv)
-        return _linear(x, mlp.down_proj, gemv)
+        x = mlp.act_fn(_linear(x, mlp.gate_proj, kernel)) * _linear(x, mlp.up_proj, kernel)
+        return _linear(x, mlp.down_proj, kernel)
 
     def _grouped_layers(self, hidden, ctx, groups, mode, exchange=None):
         """EasySpec's layer-parallel approximation (ALGORITHMS.md section 1).
