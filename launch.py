@@ -42,7 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def selected(args, cfg, demo: bool) -> list[str] | None:
     """The strategies a run builds (None = every configured one): --strategies NAME... or all; without
     it, the main job runs main_job.strategies and serve every configured strategy."""
-    from orchestrator.config import ConfigError
+    from core.config import ConfigError
 
     if args.strategies is None:
         return cfg.main_job.strategies if demo else None
@@ -56,7 +56,8 @@ def selected(args, cfg, demo: bool) -> list[str] | None:
 def check(args, demo: bool):
     """Load the config and make every check the run can fail before Ray starts or a model loads
     (placement/plan.py: check_plan). The config and the checked run."""
-    from orchestrator.config import ConfigError, load_config
+    from core.config import ConfigError
+    from orchestrator.config import load_config
     from placement.plan import check_plan
 
     cfg = load_config(args.cluster)
@@ -79,7 +80,7 @@ def cmd_dry_run(args) -> int:
 
 
 def _encode(tokenizer, prompt) -> list[int]:
-    """Prompt ids as the server encodes them (orchestrator/server.py: _encode)."""
+    """Prompt ids as the server encodes them (orchestrator/edge/server.py: _encode)."""
     if isinstance(prompt, list):
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -106,7 +107,7 @@ def run_demo(address: str, engines: list[str], max_new_tokens: int, token: str |
     """Submit each sample prompt through the gRPC client once per strategy (plain first), print plain
     decoding's outputs, and return the final table and whether every output equals plain decoding
     or differs from it at a bf16 near-tie (checked with `gap`: see logit_gap)."""
-    from orchestrator.client import Client
+    from orchestrator.edge.client import Client
 
     prompts = [[{"role": "user", "content": text}] if chat else text for _, chat, text in SAMPLE_PROMPTS]
     results: dict[str, list] = {name: [] for name in engines}
@@ -165,10 +166,10 @@ def cmd_serve(args, demo: bool) -> int:
     import asyncio
     import signal
 
+    from core.config import ConfigError
     from orchestrator.build import build_engines
-    from orchestrator.config import ConfigError
-    from orchestrator.security import check_startup, load_auth_token
-    from orchestrator.server import start_server
+    from orchestrator.edge.security import check_startup, load_auth_token
+    from orchestrator.edge.server import start_server
 
     t_start = time.time()
     cfg, run = check(args, demo)                   # every plan / strategy check, before Ray or any model
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from orchestrator.config import ConfigError
+    from core.config import ConfigError
     from placement.plan import PlacementError
 
     try:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.build import Built, load_for_decoding
-from orchestrator.sampling import SamplingParams
+from core.sampling import SamplingParams
+from orchestrator.build import Built
+from workers.loading import load_for_decoding
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def _mean(rs: list[dict], key: str) -> float | None:
 
 
 def _cost_speedup(rs: list[dict]) -> float | None:
-    """CS-Drafting's cost model (orchestrator/cost.py) over a set of requests: plain decoding's target
+    """CS-Drafting's cost model (core/cost.py) over a set of requests: plain decoding's target
     forwards for the same tokens / (target forwards + parameter-weighted drafter forwards); plain = 1."""
     if not rs or any(r.get("draft_cost") is None for r in rs):
         return None

@@ -5,7 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator.config import ConfigError, load_config
+from core.config import ConfigError
+from orchestrator.config import load_config
 
 
 def _alphas(pairs: list[str] | None) -> dict[str, float]:

@@ -25,7 +25,7 @@ Round structure, with `pending` the newest committed token (not yet in the targe
    all threads and the drafter's prefill runs in round 1, beside the target's one-token forward. (The spec's round-0 draft of length 1 would be a guess checked
    against this same p: it cannot add a token, and waiting for it puts the drafter's prefill, here
    often slower than the target's, on the first token's path.)
-The draft budget per round comes from `DraftBudgetController` (orchestrator/duo_policy.py), fed with
+The draft budget per round comes from `DraftBudgetController` (core/duo_policy.py), fed with
 the drafter's per-token compute time and the target's verify time, measured online and by a short
 start-up calibration.
 
@@ -43,12 +43,12 @@ from typing import Callable
 
 import torch
 
-from orchestrator.duo_policy import DraftBudgetController
+from core.duo_policy import DraftBudgetController
+from core.metrics import RequestStats
+from core.sampling import SamplingParams, make_generator, sample, warp_probs
+from core.verification import verify_chain, verify_greedy, verify_siblings, verify_tree, verify_tree_greedy
 from orchestrator.engine import GenerationResult, emit, tree_attention
 from orchestrator.gpu_stats import GpuMonitor
-from orchestrator.metrics import RequestStats
-from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
-from orchestrator.verification import verify_chain, verify_greedy, verify_siblings, verify_tree, verify_tree_greedy
 from workers.duo_drafter import MultiDraft
 from workers.runner import ModelRunner
 
@@ -384,7 +384,7 @@ class DuoEngine:
 
 
 def build_duo_engine(strategy, drafter_spec, target, eos_token_ids: tuple[int, ...]) -> DuoEngine:
-    """A DuoEngine for a `kind: duodecoding` strategy (orchestrator/config.DuoDecodingStrategy) over a
+    """A DuoEngine for a `kind: duodecoding` strategy (orchestrator/strategies/duodecoding.py) over a
     loaded target; the drafter is loaded on the CPU, in a Ray actor or in this process."""
     from workers.duo_drafter import DuoDrafterActor, DuoDrafterSide, load_draft_model
 

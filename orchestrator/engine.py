@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 
-from orchestrator.cost import draft_cost, parameter_count
-from orchestrator.draft_length import DraftLengthPolicy, FixedDraftLength
-from orchestrator.metrics import RequestStats
-from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
-from orchestrator.verification import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
+from core.cost import draft_cost, parameter_count
+from core.draft_length import DraftLengthPolicy, FixedDraftLength
+from core.metrics import RequestStats
+from core.sampling import SamplingParams, make_generator, sample, warp_probs
+from core.verification import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
 from workers.drafters import EMPTY_DRAFT, Draft, Drafter
 from workers.runner import ModelRunner
 
@@ -120,7 +120,7 @@ class SpeculativeEngine:
             except Exception as exc:  # noqa: BLE001 - as below: a broken drafter never fails the request
                 session = self._drop_drafter(session, stats, exc)
         stats.draft_s += time.perf_counter() - t_draft_start     # drafter prefill
-        opened, model_drafted = session, 0     # for the cost model (orchestrator/cost.py)
+        opened, model_drafted = session, 0     # for the cost model (core/cost.py)
         finish = "stop" if first in self.eos_token_ids else "length"
 
         try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orchestrator import monitoring
+from workers import monitoring
 from workers.runner import KVCache, ModelRunner
 
 PREFILL_TOKENS = 32   # inputs longer than this are batched only with each other

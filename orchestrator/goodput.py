@@ -27,7 +27,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
-from orchestrator.draft_length import DraftLengthPolicy
+from core.draft_length import DraftLengthPolicy
 
 
 # Decode-step shapes (requests, tokens each) the start-up profile times (machine_profile.profile_step_cost;

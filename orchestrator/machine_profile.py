@@ -135,7 +135,7 @@ def target_steps(runner, vocab: int, reps: int = 5, log=print) -> dict:
 def draft_token_s(drafter, vocab: int, k: int = 8, rounds: int = 5) -> float:
     """Seconds per drafted token through the strategy's own session (fastest round); every draft
     accepted, + a bonus token."""
-    from orchestrator.sampling import SamplingParams
+    from core.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(1)
     session = drafter.start(torch.randint(0, vocab, (64,), generator=g).tolist(), SamplingParams(), None)
@@ -154,8 +154,10 @@ def draft_token_s(drafter, vocab: int, k: int = 8, rounds: int = 5) -> float:
 
 
 def profile_machine(cfg, log=print) -> dict:
-    from orchestrator.build import load_for_decoding, make_drafter, pick_device
-    from orchestrator.config import DraftModelStrategy, EasySpecStrategy
+    from orchestrator.build import make_drafter
+    from orchestrator.strategies.draft_model import DraftModelStrategy
+    from orchestrator.strategies.easyspec import EasySpecStrategy
+    from workers.loading import load_for_decoding, pick_device
     from workers.runner import ModelRunner
 
     if cfg.runtime.threads:

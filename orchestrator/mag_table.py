@@ -11,9 +11,9 @@ import time
 
 import torch
 
+from core.sampling import SamplingParams
 from orchestrator.bench import Prompt, encode
 from orchestrator.build import Built
-from orchestrator.sampling import SamplingParams
 from workers.mag import BigramTable, build_bigram_table
 
 

@@ -27,16 +27,17 @@ from types import SimpleNamespace
 import ray
 import torch
 
-from orchestrator.build import Built, eos_ids, make_drafter, pick_device, policy_factory
-from orchestrator.config import CascadeStrategy, DraftModelStrategy, DuoDecodingStrategy, EasySpecStrategy, EngineConfig
-from orchestrator.duo import build_duo_engine
+from core.errors import WorkerUnavailable
+from orchestrator.build import Built, policy_factory
+from orchestrator.config import EngineConfig
+from orchestrator.drafter_worker import DrafterWorker
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.errors import WorkerUnavailable
-from placement.plan import Plan, PlacementError, actor_drafters, check_strategies, easyspec_rank_name
+from orchestrator.strategies import RayContext
+from placement.plan import Plan, PlacementError, check_strategies, rank_name
 from placement.ray_groups import create_placement_group, shard_strategy
-from workers.actors import DrafterWorker, LostRequestState, TargetShard
-from workers.drafters import Draft, Drafter, DraftSession, PromptLookupDrafter
-from workers.easyspec_workers import DistributedEasySpecDrafter, start_ranks
+from workers.actors import LostRequestState, TargetShard
+from workers.drafters import Draft, Drafter, DraftSession
+from workers.loading import DTYPES, eos_ids, pick_device
 from workers.runner import ModelRunner
 
 
@@ -319,12 +320,13 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     for s in plan.shards:
         if s.role != "drafter":
             continue
-        # Draft-model, one-process EasySpec and one-drafter cascade strategies (MaG included) live in the
-        # actor that loads their drafter: this entry's own model or one it colocates.
-        uses = [st for st in chosen if (keys := actor_drafters(st)) and run.hosts.get(keys[0]) == s.model]
+        # Strategies drafting in a drafter actor (`actor_drafters`: draft-model, one-process EasySpec and
+        # one-drafter cascade strategies) live in the actor that loads their drafter: this entry's own
+        # model or one it colocates.
+        uses = [st for st in chosen if (keys := st.actor_drafters()) and run.hosts.get(keys[0]) == s.model]
         if not uses:
             continue
-        loads = [k for k in s.models if any(actor_drafters(st)[0] == k for st in uses)]
+        loads = [k for k in s.models if any(st.actor_drafters()[0] == k for st in uses)]
         batching = config.server.batch_drafting and config.server.concurrency > 1
         actors[s.name] = ray.remote(DrafterWorker).options(
             **options(s), max_concurrency=config.server.concurrency if batching else 1).remote(
@@ -338,21 +340,6 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         if ray.get(handles[0].vocab_size.remote(model_key)) != vocab:
             raise ValueError(f"models.drafters.{model_key}: vocabulary size differs from the target's")
 
-    easyspec_ranks: dict[str, list] = {}      # strategy -> its ranks (EasySpec with workers > 1)
-    for st in chosen:
-        if isinstance(st, EasySpecStrategy) and st.workers > 1:
-            rank_shards = [next(s for s in plan.shards if s.name == easyspec_rank_name(st.name, r))
-                           for r in range(st.workers)]
-            # max_restarts 0: a restarted rank could not rejoin the process group
-            ranks = start_ranks(config.models.drafters[st.drafter].model_dump(), [st.model_dump()], st.workers,
-                                "cuda" if rank_shards[0].device == "gpu" else "cpu", threads or rank_shards[0].cpus,
-                                [{**options(s), "max_restarts": 0} for s in rank_shards],
-                                config.cluster.actor_call_timeout_s or 300.0)
-            actors.update({s.name: h for s, h in zip(rank_shards, ranks)})
-            easyspec_ranks[st.name] = ranks
-            if ray.get(ranks[0].vocab_size.remote()) != vocab:
-                raise ValueError(f"models.drafters.{st.drafter}: vocabulary size differs from the target's")
-
     device = pick_device(config.runtime.device)
     timeout = config.cluster.actor_call_timeout_s
     target = PipelineTarget(stages, vocab, timeout=timeout, link_min_tokens=link_min_tokens)
@@ -360,25 +347,25 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     eos = eos_ids(meta, tokenizer)
     built = Built(config, device, meta, tokenizer, target,
                   {"plain": SpeculativeEngine(target, None, eos_token_ids=eos, name="plain")})
+
+    def remote_drafter(key: str, strategy: str) -> Drafter:
+        if key not in drafter_actors:     # check_plan rules this out for plans of this config
+            raise PlacementError(f"strategy {strategy!r}: drafter {key!r} has no actor in this plan "
+                                 f"(add placement.drafters.{key}, or colocate it)")
+        return RemoteDrafter(drafter_actors[key], strategy, timeout)
+
+    def own_shards(st) -> list:
+        return [next(s for s in plan.shards if s.name == rank_name(st, r)) for r in range(st.own_actors())]
+
+    ctx = RayContext(config, target, vocab, threads, timeout, remote_drafter, own_shards, options, actors)
     for st in chosen:
-        if isinstance(st, DuoDecodingStrategy):   # pipelined, with its own CPU drafter actor (orchestrator/duo.py)
-            built.engines[st.name] = build_duo_engine(st, config.models.drafters[st.drafter], target, eos)
-            continue
-        if st.name in easyspec_ranks:
-            drafter = DistributedEasySpecDrafter(easyspec_ranks[st.name], st.name, timeout)
-        elif isinstance(st, (DraftModelStrategy, EasySpecStrategy)) or (isinstance(st, CascadeStrategy)
-                                                                        and st.drafters):
-            first = st.drafters[0] if isinstance(st, CascadeStrategy) else st.drafter
-            if first not in drafter_actors:     # check_plan rules this out for plans of this config
-                raise PlacementError(f"strategy {st.name!r}: drafter {first!r} has no actor in this plan "
-                                     f"(add placement.drafters.{first}, or colocate it)")
-            drafter = RemoteDrafter(drafter_actors[first], st.name, timeout)
-        elif isinstance(st, CascadeStrategy):   # MaG alone: a table walk, beside the engine like prompt lookup
-            drafter = make_drafter(st, None)
-        else:   # prompt lookup is a table scan: it stays beside the engine
-            drafter = PromptLookupDrafter(st.max_ngram, st.min_ngram, st.num_candidates)
-        built.engines[st.name] = SpeculativeEngine(target, drafter, policy_factory(st.draft_length, built.scheduler),
-                                                   eos_token_ids=eos, name=st.name)
+        # an engine of its own (DuoDecoding: pipelined, with its own CPU drafter actor), else its drafter:
+        # in a drafter actor, in ranks of its own (EasySpec, workers > 1) or beside the engine (prompt lookup)
+        engine = st.make_engine(config, target, eos)
+        if engine is None:
+            engine = SpeculativeEngine(target, st.ray_drafter(ctx), policy_factory(st.draft_length, built.scheduler),
+                                       eos_token_ids=eos, name=st.name)
+        built.engines[st.name] = engine
     return built, RayRuntime(plan, pg, actors, None)
 
 
@@ -386,7 +373,6 @@ def _tokenizer_and_meta(source: str, dtype: str):
     """The target's tokenizer and config without loading its weights into this process."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from orchestrator.build import DTYPES
     from workers.model_store import resolve_model_path
 
     path = resolve_model_path(source, DTYPES[dtype])

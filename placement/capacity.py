@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.config import DraftModelStrategy, EasySpecStrategy, EngineConfig, PromptLookupStrategy
+from orchestrator.config import EngineConfig
 from placement.hardware import KNOWN_DEVICES
 from placement.roofline import (Hardware, ModelShape, Row, draft_message_bytes, model_shape, step_time,
                                 transfer_time)
@@ -201,32 +201,9 @@ def draft_costs(models: list["StrategyModel"], calib: dict[str, Measured]) -> di
     return out
 
 
-def _family(s) -> str | None:
-    """The step model's family of a configured strategy (None: a kind the simulator does not model)."""
-    if isinstance(s, EasySpecStrategy):
-        return "easyspec"
-    if isinstance(s, PromptLookupStrategy):
-        return "prompt_lookup"
-    if isinstance(s, DraftModelStrategy):
-        return "hybrid" if s.lookup_first is not None else "draft_model"
-    return {"cascade": "cs_drafting", "duodecoding": "duodecoding"}.get(getattr(s, "kind", None))
-
-
 def _drafter(s) -> str | None:
-    return getattr(s, "drafter", None) or (getattr(s, "drafters", None) or [None])[0]
-
-
-def _gamma(s) -> int:
-    if getattr(s, "k_matrix", None):                 # a cascade: the target's row is the whole draft
-        return sum(s.k_matrix[0])
-    if getattr(s, "gamma_init", None):               # DuoDecoding's controller starts here
-        return s.gamma_init
-    dl = s.draft_length
-    if dl.policy == "fixed":
-        return dl.k
-    if dl.policy == "adaptive":
-        return dl.k_init
-    return dl.k_max        # goodput: its longest draft; the simulation runs the scheduler (placement/simulate.py)
+    """The first drafter model a strategy names (its step model's drafter)."""
+    return next((key for _, key in s.model_refs()), None)
 
 
 def _hybrid_split(name: str, m: Measured, siblings: dict[str, Measured], drafter: str | None
@@ -256,15 +233,14 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
     """The config's strategies (and plain) with gamma/alpha from the bench (acceptance), else parameters.
     per_request: each simulated request replays one bench record's steps in turn (`request_mix`),
     for predicting runs of the same prompts; else the pooled alpha and draft length."""
-    plain_sd = {s.name: s.drafter for s in cfg.strategies              # draft every step with the model
-                if isinstance(s, DraftModelStrategy) and s.lookup_first is None and not s.min_confidence}
+    plain_sd = {s.name: _drafter(s) for s in cfg.strategies if s.model_every_step()}   # draft every step with the model
     out = [StrategyModel("plain", "plain", source="-")]
     for s in cfg.strategies:
-        fam = _family(s)
+        fam = s.capacity_family()     # the step model of its kind; None: a kind the simulator does not model
         if fam is None:
             continue
         drafter = _drafter(s)
-        gamma, source = _gamma(s), ""
+        gamma, source = s.capacity_gamma(), ""
         model_share, model_len, draft_share, mix = 1.0, 0.0, 1.0, ()
         if s.name in bench:
             m = bench[s.name]
@@ -286,9 +262,8 @@ def strategy_models(cfg: EngineConfig, workload: Workload, bench: dict[str, Meas
             if alpha is None:
                 continue                      # nothing known about this strategy's acceptance: not simulated
             source = "parameter"
-        chunk = s.k_matrix[-1][-1] if getattr(s, "k_matrix", None) else 1.0   # MaG tokens per review
         out.append(StrategyModel(s.name, fam, gamma, alpha, drafter, model_share=model_share,
-                                 model_draft_len=model_len, review_chunk=chunk, source=source,
+                                 model_draft_len=model_len, review_chunk=s.review_chunk(), source=source,
                                  draft_share=draft_share, request_mix=mix,
                                  goodput=getattr(getattr(s, "draft_length", None), "policy", "") == "goodput"))
     return out
@@ -346,8 +321,8 @@ def _drafter_threads(cfg: EngineConfig, strategy_name: str, drafter: str | None)
     """Threads of the process that runs this strategy's drafts, as orchestrator/ray_runtime.py sets them:
     a DuoDecoding drafter its own `threads`; a drafter actor runtime.threads, else its placement's cpus."""
     st = next((s for s in cfg.strategies if s.name == strategy_name), None)
-    if st is not None and getattr(st, "kind", None) == "duodecoding":
-        return st.threads
+    if st is not None and st.drafter_threads() is not None:
+        return st.drafter_threads()
     pl = cfg.placement.drafters.get(drafter) if cfg.placement and drafter else None
     return cfg.runtime.threads or (pl.cpus if pl else 1)
 

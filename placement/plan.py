@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.config import (CascadeStrategy, DraftModelStrategy, EasySpecStrategy, EngineConfig, ModelSpec,
-                                 NodePool)
+from core.config import ModelSpec, NodePool
+from orchestrator.config import EngineConfig
 from placement.hardware import KNOWN_DEVICES
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -62,7 +62,7 @@ def footprint(spec: ModelSpec) -> ModelFootprint:
 @dataclass(frozen=True)
 class Shard:
     name: str                  # actor name, e.g. target-shard-0, drafter-cpu-0
-    role: str                  # "target" or "drafter"
+    role: str                  # "target", "drafter", or the kind of a strategy with actors of its own
     model: str                 # models.target or a models.drafters key
     pool: str
     node: int                  # index of the node within its pool
@@ -208,23 +208,25 @@ def plan_placement(config: EngineConfig) -> Plan:
                                      (0, dfp.layers), 0, 1, gb, dpool.accelerator if gpus else None,
                                      tuple(d.colocate)))
 
-    # --- EasySpec with workers > 1: one actor per group member, each with the full draft weights,
-    # placed like its drafter (workers/easyspec_workers.py)
+    # --- strategies with actors of their own (EasySpec with workers > 1: one rank per group member, each
+    # with the full draft weights), placed like their first drafter model (workers/easyspec_workers.py)
     for st in config.strategies:
-        if getattr(st, "kind", None) != "easyspec" or st.workers < 2:
+        n = st.own_actors()
+        if not n:
             continue
-        host = config.placement.host_of(st.drafter)
+        key = st.model_refs()[0][1]
+        host = config.placement.host_of(key)
         if host is None:
-            raise PlacementError(f"strategy {st.name!r} (workers: {st.workers}): drafter {st.drafter!r} has no "
-                                 f"placement; add placement.drafters.{st.drafter} (its ranks are placed like it)")
+            raise PlacementError(f"strategy {st.name!r} (workers: {n}): drafter {key!r} has no "
+                                 f"placement; add placement.drafters.{key} (its ranks are placed like it)")
         d = config.placement.drafters[host]
         dpool, gpus = pools[d.pool], 1 if d.device == "gpu" else 0
-        dfp = footprint(config.models.drafters[st.drafter])
-        for rank in range(st.workers):
-            name = easyspec_rank_name(st.name, rank)
+        dfp = footprint(config.models.drafters[key])
+        for rank in range(n):
+            name = rank_name(st, rank)
             node = take(dpool, name, gpus, d.cpus, dfp.weight_bytes / 1e9)
-            plan.shards.append(Shard(name, "easyspec", st.drafter, dpool.name, node.index, d.device, gpus, d.cpus,
-                                     (0, dfp.layers), rank, st.workers, dfp.weight_bytes / 1e9,
+            plan.shards.append(Shard(name, st.kind, key, dpool.name, node.index, d.device, gpus, d.cpus,
+                                     (0, dfp.layers), rank, n, dfp.weight_bytes / 1e9,
                                      dpool.accelerator if gpus else None))
     return plan
 
@@ -235,17 +237,6 @@ class RunPlan:
     plan: Plan | None          # None: every model in one process (--in-process)
     strategies: list           # the selected, runnable strategies (config objects; plain is implicit)
     hosts: dict[str, str]      # models.drafters key -> placement.drafters key whose actors load it (Ray)
-
-
-def actor_drafters(strategy) -> list[str]:
-    """The models.drafters keys a strategy drafts with through drafter actors (DrafterWorker):
-    draft-model and one-process EasySpec strategies, cascades. DuoDecoding starts its own actor and
-    EasySpec with workers > 1 its own ranks; prompt lookup and MaG alone need no model."""
-    if isinstance(strategy, CascadeStrategy):
-        return list(strategy.drafters)
-    if isinstance(strategy, DraftModelStrategy) or (isinstance(strategy, EasySpecStrategy) and strategy.workers == 1):
-        return [strategy.drafter]
-    return []
 
 
 def _say(line: str) -> None:
@@ -263,12 +254,9 @@ def check_strategies(config: EngineConfig, only: list[str] | None = None, in_pro
         return RunPlan(None, chosen, hosts)
     placed = config.placement
     for st in chosen:
-        keys = actor_drafters(st)
-        if len(keys) > 1:
-            raise PlacementError(f"strategy {st.name!r}: cascades of several neural drafters run in process only "
-                                 "for now (launch.py serve --in-process, or bench); through Ray a cascade may name "
-                                 "one drafter")
-        for key in keys:
+        if why := st.ray_problem():
+            raise PlacementError(f"strategy {st.name!r}: {why}")
+        for key in st.actor_drafters():
             host = placed.host_of(key)
             if host is None:
                 raise PlacementError(f"strategy {st.name!r}: drafter {key!r} has no placement; "
@@ -308,5 +296,6 @@ def check_plan(config: EngineConfig, only: list[str] | None = None, in_process: 
     return run
 
 
-def easyspec_rank_name(strategy: str, rank: int) -> str:
-    return f"easyspec-{strategy}-rank{rank}"
+def rank_name(strategy, rank: int) -> str:
+    """The actor name of rank `rank` of a strategy's own actors (`own_actors`), e.g. easyspec-es2-rank0."""
+    return f"{strategy.kind}-{strategy.name}-rank{rank}"

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.config import load_yaml_model
+from core.config import load_yaml_model
 
 
 class _Strict(BaseModel):

@@ -40,8 +40,8 @@ from serving_bench import as_request, measure_wave, serve_in_thread, stop_servin
 
 from orchestrator.bench import load_prompts, run_bench  # noqa: E402
 from orchestrator.build import build_engines  # noqa: E402
-from orchestrator.client import Client  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
+from orchestrator.edge.client import Client  # noqa: E402
 from orchestrator.ray_runtime import place, start_ray  # noqa: E402
 from placement.plan import plan_placement  # noqa: E402
 

@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from core.draft_length import FixedDraftLength  # noqa: E402
+from core.metrics import AggregateStats  # noqa: E402
 from orchestrator.bench import encode, load_prompts  # noqa: E402
-from orchestrator.build import eos_ids, load_for_decoding  # noqa: E402
-from orchestrator.draft_length import FixedDraftLength  # noqa: E402
 from orchestrator.engine import SpeculativeEngine  # noqa: E402
-from orchestrator.metrics import AggregateStats  # noqa: E402
 from workers.drafters import DraftModelDrafter  # noqa: E402
 from workers.easyspec import Calibration, EasySpecDrafter  # noqa: E402
+from workers.loading import eos_ids, load_for_decoding  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 
 

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from core.sampling import SamplingParams  # noqa: E402
 from orchestrator.bench import encode, load_prompts  # noqa: E402
-from orchestrator.build import load_for_decoding  # noqa: E402
-from orchestrator.sampling import SamplingParams  # noqa: E402
 from workers.drafters import DraftModelDrafter  # noqa: E402
 from workers.easyspec import EasySpecDrafter  # noqa: E402
+from workers.loading import load_for_decoding  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 
 
@@ -64,10 +64,10 @@ def time_proposes(drafter, prompt: list[int], k: int, rounds: int, warmup: int) 
 def end_to_end(args, ranks, prompts_text) -> dict:
     """tokens/s through SpeculativeEngine (greedy, fixed k) on the 1.5B target in this process: plain,
     sequential SD, the EasySpec emulation and EasySpec on the ranks, interleaved prompt by prompt."""
-    from orchestrator.build import eos_ids
-    from orchestrator.draft_length import FixedDraftLength
+    from core.draft_length import FixedDraftLength
     from orchestrator.engine import SpeculativeEngine
     from workers.easyspec_workers import DistributedEasySpecDrafter
+    from workers.loading import eos_ids
 
     torch.set_num_threads(args.threads[0])
     target_model, tok = load_for_decoding(args.target, args.dtype, torch.device("cpu"))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from orchestrator.client import Client, build_request  # noqa: E402
+from orchestrator.edge.client import Client, build_request  # noqa: E402
 
 PROMPTS = ["def fibonacci(n):\n", "Write a haiku about the sea.", "import numpy as np\n\ndef normalize(x):\n",
            "The capital of France is", "class Stack:\n    def __init__(self):\n"]

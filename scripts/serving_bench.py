@@ -25,10 +25,10 @@ import ray  # noqa: E402
 from launch import SAMPLE_PROMPTS  # noqa: E402
 from orchestrator.bench import Prompt, encode, load_prompts  # noqa: E402
 from orchestrator.build import build_engines  # noqa: E402
-from orchestrator.client import Client  # noqa: E402
+from orchestrator.edge.client import Client  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.ray_runtime import place, start_ray  # noqa: E402
-from orchestrator.server import start_server  # noqa: E402
+from orchestrator.edge.server import start_server  # noqa: E402
 from placement.plan import plan_placement  # noqa: E402
 
 

@@ -26,7 +26,7 @@ def _drafted(s) -> int:
         # beside the target's forwards (used or discarded) count too, when the drafter computed them.
         return s.drafted_tokens + (s.speculative_drafts if s.drafter_busy_s > 0 else 0)
     # pb.RequestStats (the gRPC answer) has no drafted_tokens; accepted_per_position is as long as the
-    # longest draft verified (orchestrator/metrics.py), so it is empty exactly when nothing was drafted.
+    # longest draft verified (core/metrics.py), so it is empty exactly when nothing was drafted.
     return len(s.accepted_per_position)
 
 

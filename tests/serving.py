@@ -46,8 +46,8 @@ def slow_drafter(step_s: float):
 
 @contextlib.contextmanager
 def serve_in_thread(built, host: str = "127.0.0.1"):
-    """Run orchestrator.server.start_server(built) on its own event loop; yields address, service."""
-    from orchestrator.server import start_server
+    """Run orchestrator.edge.server.start_server(built) on its own event loop; yields address, service."""
+    from orchestrator.edge.server import start_server
 
     loop = asyncio.new_event_loop()
     started = threading.Event()

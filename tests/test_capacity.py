@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError
+from core.config import ConfigError
 from placement.capacity import Curve, MeasuredStep
 from placement.hardware import KNOWN_DEVICES
 from placement.roofline import Hardware, ModelShape, Row, step_time

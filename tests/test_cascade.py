@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.draft_length import FixedDraftLength
+from core.sampling import SamplingParams
 from orchestrator.config import EngineConfig
-from orchestrator.draft_length import FixedDraftLength
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.sampling import SamplingParams
 from tests.conftest import VOCAB
 from tests.drafting import assert_drafted
 from tests.test_engine import noisy_copy
@@ -20,8 +20,8 @@ from tests.test_sampling_lossless import N_NEW, V, exact_sequence_probs, small_v
 from tests.test_verification import chi_square_p_value
 from workers import cascade as cascade_mod
 from workers.cascade import CascadeDrafter, review_greedy, review_sampled, schedule
-from workers.mag import (BigramTable, MaGDrafter, build_bigram_table, load_table, mag_draft, save_table)
 from workers.drafters import DraftModelDrafter
+from workers.mag import (BigramTable, MaGDrafter, build_bigram_table, load_table, mag_draft, save_table)
 from workers.runner import ModelRunner
 
 
@@ -274,7 +274,8 @@ def test_cascade_config_validation():
 def test_every_shipped_config_loads():
     from pathlib import Path
 
-    from orchestrator.config import CascadeStrategy, load_config
+    from orchestrator.config import load_config
+    from orchestrator.strategies.cascade import CascadeStrategy
 
     root = Path(__file__).resolve().parents[1] / "cluster_configs"
     cascades = 0

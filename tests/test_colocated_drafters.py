@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from core.sampling import SamplingParams
 from orchestrator.config import load_config
+from orchestrator.drafter_worker import DrafterWorker
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.sampling import SamplingParams
 from placement.plan import check_plan
 from tests.conftest import tiny_model
 from tests.drafting import assert_drafted
-from workers.actors import DrafterWorker
 from workers.runner import ModelRunner
 
 MAX_NEW = 16

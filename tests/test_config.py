@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, load_config
+from core.config import ConfigError
+from orchestrator.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ strategies:
 def test_strategies_missing_an_optional_extra_are_skipped_unless_asked_for(monkeypatch, capsys):
     import importlib.util
 
-    from orchestrator.build import runnable_strategies
+    from orchestrator.selection import runnable_strategies
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))

@@ -26,9 +26,9 @@ import pytest
 import torch
 import yaml
 
+from core.sampling import SamplingParams, warp_probs
 from orchestrator.build import build_engines
 from orchestrator.config import load_config
-from orchestrator.sampling import SamplingParams, warp_probs
 from tests.test_verification import chi_square_p_value
 
 V = 8            # vocabulary
@@ -212,9 +212,9 @@ def assert_rejected(outs, exact, what: str) -> None:
 
 
 def test_rejects_an_accept_always_verifier(draft_model_engine, exact, monkeypatch):
+    from core.sampling import sample
+    from core.verification import ChainResult
     import orchestrator.engine as engine_module
-    from orchestrator.verification import ChainResult
-    from orchestrator.sampling import sample
 
     def accept_all(draft_tokens, draft_probs, target_probs, generator):
         return ChainResult(len(draft_tokens), int(sample(target_probs[len(draft_tokens)], generator)))
@@ -239,7 +239,7 @@ def test_rejects_a_drafter_that_misreports_q(draft_model_engine, exact, monkeypa
 
 
 def test_rejects_a_drafter_sharing_the_verifiers_random_stream(draft_model_engine, exact, monkeypatch):
-    import orchestrator.sampling as sampling
+    import core.sampling as sampling
 
     monkeypatch.setattr(sampling, "stream_seed", lambda seed, role: seed)   # every role: the same stream
     outs, _ = sample_outputs(draft_model_engine)
@@ -278,8 +278,8 @@ def test_llama_cpp_drafter_follows_the_target():
     """DuoDecoding with llama.cpp drafting from the embedded SmolLM2 GGUF for the same model in torch
     float32 (vocabulary 49,152: top_k = 3 keeps the exact joint enumerable)."""
     pytest.importorskip("llama_cpp")
+    from core.duo_policy import DraftBudgetController
     from orchestrator.duo import DuoEngine, InProcessDrafterClient
-    from orchestrator.duo_policy import DraftBudgetController
     from workers.duo_drafter import DuoDrafterSide
     from workers.llama_cpp_drafter import LlamaCppDraftModel
     from workers.model_store import load_model

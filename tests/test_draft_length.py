@@ -1,4 +1,4 @@
-from orchestrator.draft_length import AdaptiveDraftLength, expected_speedup
+from core.draft_length import AdaptiveDraftLength, expected_speedup
 
 
 def test_expected_speedup_formula():

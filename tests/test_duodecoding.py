@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from core.duo_policy import DraftBudgetController, largest_divisor_at_most, plan_num_sequences
+from core.sampling import SamplingParams
 from orchestrator.duo import DuoEngine, InProcessDrafterClient
-from orchestrator.duo_policy import DraftBudgetController, largest_divisor_at_most, plan_num_sequences
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.sampling import SamplingParams
 from tests.drafting import GPU_READING, assert_drafted, fault_events
 from tests.test_sampling_lossless import N_NEW, SAMPLES, V, exact_sequence_probs, small_vocab_model
 from tests.test_verification import chi_square_p_value
@@ -397,7 +397,8 @@ def test_real_nvml_reads_this_machines_gpus():
 
 # ------------------------------------------------------------------ config
 def test_config_errors_name_the_key(tmp_path):
-    from orchestrator.config import ConfigError, load_config
+    from core.config import ConfigError
+    from orchestrator.config import load_config
 
     def load(strategy: dict):
         cfg = {"models": {"target": {"source": "t"}, "drafters": {"d": {"source": "d"}}},

@@ -9,9 +9,9 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
+from core.sampling import SamplingParams  # noqa: E402
 from orchestrator.build import build_engines  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.sampling import SamplingParams  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 from tests.drafting import assert_drafted  # noqa: E402
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.draft_length import FixedDraftLength
+from core.draft_length import FixedDraftLength
+from core.sampling import SamplingParams
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.sampling import SamplingParams
 from tests.conftest import tiny_model
 from tests.drafting import assert_drafted
 from workers.easyspec import Calibration, EasySpecDrafter, default_groups

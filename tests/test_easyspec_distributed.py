@@ -10,9 +10,9 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from orchestrator.draft_length import FixedDraftLength  # noqa: E402
+from core.draft_length import FixedDraftLength  # noqa: E402
+from core.sampling import SamplingParams, make_generator  # noqa: E402
 from orchestrator.engine import SpeculativeEngine  # noqa: E402
-from orchestrator.sampling import SamplingParams, make_generator  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 from tests.drafting import assert_drafted  # noqa: E402
 from workers.easyspec import Calibration, EasySpecDrafter  # noqa: E402

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
+from core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from core.sampling import SamplingParams
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.sampling import SamplingParams
 from tests.drafting import assert_drafted
 from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
 from workers.runner import ModelRunner

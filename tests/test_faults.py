@@ -14,8 +14,8 @@ ray = pytest.importorskip("ray")
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from orchestrator.client import Client, build_request  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
+from orchestrator.edge.client import Client, build_request  # noqa: E402
 from orchestrator.engine import SpeculativeEngine  # noqa: E402
 from orchestrator.ray_runtime import place  # noqa: E402
 from placement.plan import plan_placement  # noqa: E402

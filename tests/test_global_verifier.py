@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from orchestrator.draft_length import FixedDraftLength
+from core.draft_length import FixedDraftLength
 from orchestrator.engine import SpeculativeEngine, tree_attention
 from orchestrator.global_verifier import GlobalVerifier
 from tests.drafting import assert_drafted
@@ -174,7 +174,7 @@ def test_bad_calls_are_refused(target_model):
 def test_batched_drafting_with_trimmed_heads_equals_drafting_alone(target_model, draft_model, prompts):
     """A drafter actor's batcher: concurrent draft-model sessions, each with its own trimmed head,
     through one GlobalVerifier give exactly the drafts (and q) each session gives alone."""
-    from orchestrator.sampling import SamplingParams, make_generator
+    from core.sampling import SamplingParams, make_generator
     from workers.vocab_trim import TrimmedHead, kept_token_ids
 
     runner = ModelRunner(draft_model)

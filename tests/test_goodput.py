@@ -152,8 +152,8 @@ def test_get_stats_reports_the_schedulers_decisions():
     """Through the gRPC server: concurrent goodput requests meet in the global verifier, and GetStats
     shows the chosen draft lengths, predicted and measured step times and the predicted goodput."""
     from orchestrator.build import Built
-    from orchestrator.client import Client
     from orchestrator.config import EngineConfig
+    from orchestrator.edge.client import Client
     from orchestrator.engine import SpeculativeEngine
     from tests.conftest import tiny_model
     from tests.serving import ByteTokenizer, serve_in_thread
@@ -198,7 +198,7 @@ def test_start_up_profile_fits_the_targets_step_cost(target_model):
 def test_goodput_bounds_free_lookup_drafts_too(target_model, draft_model, prompts):
     """A hybrid's context copies cost no drafter time but every verified token costs the batch: under
     a compute-bound cost model the scheduler's k = 0 also stops them (a fixed policy would not)."""
-    from orchestrator.draft_length import FixedDraftLength
+    from core.draft_length import FixedDraftLength
     from orchestrator.engine import SpeculativeEngine
     from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
     from workers.runner import ModelRunner

@@ -16,12 +16,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.draft_length import FixedDraftLength
 from orchestrator.build import Built
-from orchestrator.client import Client, build_request
 from orchestrator.config import EngineConfig
-from orchestrator.draft_length import FixedDraftLength
+from orchestrator.edge.client import Client, build_request
+from orchestrator.edge.server import start_server
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.server import start_server
 from proto import specorch_pb2 as pb
 from tests.conftest import tiny_model
 from tests.drafting import assert_drafted
@@ -265,7 +265,7 @@ def test_cancel_and_deadline_free_the_request(served):
 
 
 def test_async_client(served):
-    from orchestrator.client import AsyncClient
+    from orchestrator.edge.client import AsyncClient
 
     async def go():
         async with AsyncClient(served.address, timeout=60) as client:
@@ -280,7 +280,7 @@ def test_async_client(served):
 
 
 def test_text_stream_equals_full_decode_across_line_ends():
-    from orchestrator.server import _TextStream
+    from orchestrator.edge.server import _TextStream
 
     class CharTokenizer:
         def decode(self, ids, skip_special_tokens=True):

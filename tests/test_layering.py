@@ -131,3 +131,36 @@ def test_checker_catches_a_violation_and_a_circle():
     assert layer_violations(graph, {m: set() for m in graph}) == ["core.a (core) imports workers.b (workers)"]
     assert circles(graph) == [["core.a", "workers.b"]]
     assert layer_violations({"core.x": set()}, {"core.x": {"ray"}}) == ["core.x (core) imports ray"]
+
+
+# Modules that may still test for a strategy kind: the kinds' own modules, and the one left to the
+# owner of the capacity work (orchestrator/machine_profile.py picks the drafters it profiles).
+KIND_TESTS_ALLOWED = ("orchestrator.strategies", "orchestrator.machine_profile")
+
+
+def kind_tests(path: Path) -> list[int]:
+    """Lines where a module tests an object for a strategy kind: isinstance(x, ...Strategy), or
+    `x.kind` / getattr(x, "kind") compared with a configured kind's name."""
+    from orchestrator.strategies import KINDS
+
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            types = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            if any(getattr(t, "id", getattr(t, "attr", "")).endswith("Strategy") for t in types):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            kind = any(isinstance(x, ast.Attribute) and x.attr == "kind" or isinstance(x, ast.Call)
+                       and getattr(x.func, "id", None) == "getattr" and getattr(x.args[1], "value", None) == "kind"
+                       for x in sides)
+            if kind and any(isinstance(x, ast.Constant) and x.value in KINDS for x in sides):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_strategy_kinds_are_reached_through_the_registry_only():
+    """Outside orchestrator/strategies/ the code calls a kind's hooks and never tests for a kind."""
+    found = [f"{name}:{line}" for name, path in project_modules().items()
+             if not name.startswith(KIND_TESTS_ALLOWED) for line in kind_tests(path)]
+    assert not found, "strategy kinds tested outside orchestrator/strategies/: " + ", ".join(found)

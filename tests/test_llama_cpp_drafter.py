@@ -8,10 +8,10 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from core.duo_policy import DraftBudgetController  # noqa: E402
+from core.sampling import SamplingParams  # noqa: E402
 from orchestrator.duo import DuoEngine, InProcessDrafterClient  # noqa: E402
-from orchestrator.duo_policy import DraftBudgetController  # noqa: E402
 from orchestrator.engine import SpeculativeEngine  # noqa: E402
-from orchestrator.sampling import SamplingParams  # noqa: E402
 from tests.drafting import assert_drafted  # noqa: E402
 from workers.duo_drafter import DuoDrafterSide  # noqa: E402
 from workers.llama_cpp_drafter import LlamaCppDraftModel  # noqa: E402

@@ -13,8 +13,8 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from orchestrator.client import Client  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
+from orchestrator.edge.client import Client  # noqa: E402
 from orchestrator.ray_runtime import metrics_endpoints, place  # noqa: E402
 from placement.plan import plan_placement  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
@@ -119,6 +119,6 @@ def test_grafana_dashboard_uses_only_exported_metrics():
     dashboard = json.loads((root / "docs/grafana/specorch.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {re.sub(r"_(total|bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_specorch_\w+", e)}
-    defined = {"ray_" + n for n in re.findall(r'"(specorch_\w+)"', (root / "orchestrator/monitoring.py").read_text())}
+    defined = {"ray_" + n for n in re.findall(r'"(specorch_\w+)"', (root / "workers/monitoring.py").read_text())}
     assert used and used <= defined, used - defined
     assert defined <= used, f"metrics with no panel: {defined - used}"

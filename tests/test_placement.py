@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, EngineConfig, load_config
-from placement.plan import PlacementError, actor_drafters, check_plan, plan_placement
+from core.config import ConfigError
+from orchestrator.config import EngineConfig, load_config
+from placement.plan import PlacementError, check_plan, plan_placement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,7 @@ def test_every_shipped_config_plans_through_check_plan(path):
         assert run.plan is not None and run.plan.shards
         loaded = {k for s in run.plan.shards if s.role == "drafter" for k in s.models}
         for st in run.strategies:
-            for key in actor_drafters(st):
+            for key in st.actor_drafters():
                 assert key in loaded and run.hosts[key] in cfg.placement.drafters, (st.name, key)
 
 

@@ -9,11 +9,11 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
+from core.sampling import SamplingParams  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.engine import SpeculativeEngine  # noqa: E402
 from orchestrator.global_verifier import GlobalVerifier  # noqa: E402
 from orchestrator.ray_runtime import PipelineTarget, place  # noqa: E402
-from orchestrator.sampling import SamplingParams  # noqa: E402
 from placement.plan import plan_placement  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 from tests.drafting import assert_drafted  # noqa: E402
@@ -131,7 +131,7 @@ def test_bf16_logits_cross_actors_exactly(models, ray_local):
     """The last stage sends logits in the model dtype; widened again they equal in-process logits."""
     import torch
 
-    from orchestrator.build import load_for_decoding
+    from workers.loading import load_for_decoding
 
     root, _ = models
     cfg = config_file(root, 2)
@@ -152,7 +152,7 @@ def test_bf16_logits_cross_actors_exactly(models, ray_local):
 def test_stage_link_reports_the_failing_stage_and_keeps_working(models, ray_local):
     import torch
 
-    from orchestrator.errors import WorkerUnavailable
+    from core.errors import WorkerUnavailable
 
     root, target_model = models
     cfg = config_file(root, 2, "auto")

@@ -31,13 +31,13 @@ def smol():
 
 
 def test_greedy_strategies_equal_plain_and_hf_on_smollm2(smol):
-    from orchestrator.build import eos_ids
-    from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
+    from core.draft_length import AdaptiveDraftLength, FixedDraftLength
     from orchestrator.engine import SpeculativeEngine
     from tests.drafting import assert_drafted
     from workers.drafters import DraftModelDrafter, PromptLookupDrafter
-    from workers.runner import ModelRunner
+    from workers.loading import eos_ids
     from workers.model_store import load_model
+    from workers.runner import ModelRunner
 
     model, tok = smol
     bf16_drafter, _ = load_model("smollm2-135m", torch.bfloat16)   # same model, lower precision: a real drafter
@@ -106,7 +106,7 @@ def test_launch_main_and_bench_on_ci_tiny(tmp_path):
 def test_serve_answers_client_and_stops_on_sigterm():
     import signal
 
-    from orchestrator.client import Client
+    from orchestrator.edge.client import Client
 
     proc = subprocess.Popen([sys.executable, "launch.py", "serve", "--cluster", "cluster_configs/ci-tiny.yaml",
                              "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

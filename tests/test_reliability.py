@@ -16,13 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.config import ConfigError, ServerSection
+from core.draft_length import FixedDraftLength
 from orchestrator.build import Built
-from orchestrator.client import Client, build_request
-from orchestrator.config import ConfigError, EngineConfig, ServerSection
-from orchestrator.draft_length import FixedDraftLength
+from orchestrator.config import EngineConfig
+from orchestrator.edge.client import Client, build_request
+from orchestrator.edge.security import check_startup
+from orchestrator.edge.validation import RequestError, validate_request
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.security import check_startup
-from orchestrator.validation import RequestError, validate_request
 from proto import specorch_pb2 as pb
 from tests.conftest import tiny_model
 from tests.serving import ByteTokenizer, serve_in_thread, slow_drafter

@@ -12,9 +12,9 @@ import itertools
 import pytest
 import torch
 
-from orchestrator.draft_length import FixedDraftLength
+from core.draft_length import FixedDraftLength
+from core.sampling import SamplingParams, warp_probs
 from orchestrator.engine import SpeculativeEngine
-from orchestrator.sampling import SamplingParams, warp_probs
 from tests.test_verification import chi_square_p_value
 from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
 from workers.easyspec import Calibration, EasySpecDrafter

@@ -1,4 +1,4 @@
-"""Tests for orchestrator.sampling and orchestrator.verification.
+"""Tests for core.sampling and core.verification.
 
 The statistical tests run a toy target and draft many times and check with a chi-square test that the
 emitted tokens follow the target distribution (the lossless property). The same check is run on
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
-from orchestrator.verification import (
+from core.sampling import SamplingParams, make_generator, sample, warp_probs
+from core.verification import (
     ChainResult,
     TreeResult,
     verify_chain,

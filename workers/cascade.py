@@ -25,7 +25,7 @@ Leniency (intermediate levels only): a reviewer with leniency l >= 1 accepts
 draft token x with probability min(1, l * p(x) / q(x)) (l = 1 is speculative
 sampling), i.e. at temperature 0 (p, q = unwarped softmax, as in the paper)
 accepts a non-argmax x when p(x) > q(x) / l. Leniency never reaches level 0:
-the engine verifies the final draft with orchestrator/verification.py, exact.
+the engine verifies the final draft with core/verification.py, exact.
 
 Lossless at T > 0: every level output token x_j has an exactly known
 distribution given everything before it (the draft tokens below are drawn from
@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orchestrator.cost import parameter_count
-from orchestrator.sampling import SamplingParams, sample, warp_probs
+from core.cost import parameter_count
+from core.sampling import SamplingParams, sample, warp_probs
 from workers.drafters import EMPTY_DRAFT, Draft, Drafter, DraftSession
 from workers.mag import MaGDrafter, MaGSession
 from workers.runner import ModelRunner

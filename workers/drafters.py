@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.sampling import SamplingParams, sample, warp_probs
+from core.sampling import SamplingParams, sample, warp_probs
 from workers.runner import ModelRunner
 from workers.vocab_trim import TrimmedHead, kept_token_ids
 

@@ -8,7 +8,7 @@ costs nothing but the time spent on it.
 
 Draft shape (ALGORITHMS.md section 2): x1 is the drafter's choice after the base (argmax when greedy,
 sampled from q otherwise); lp12 = log q(x1) + max log q(. | x1) from the raw logits; k sequences
-(orchestrator/duo_policy.plan_num_sequences) of budget // k tokens each: sequence 0 starts with x1,
+(core/duo_policy.plan_num_sequences) of budget // k tokens each: sequence 0 starts with x1,
 sequence j with the j-th best alternative to x1. Alternatives are deterministic given x1, so their
 first rows are one-hot (the one-hot sibling rule); the structure (k, lengths) is fixed before the
 tokens it governs are sampled, which keeps the multi-draft verification exact.
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.duo_policy import plan_num_sequences
-from orchestrator.sampling import SamplingParams, make_generator, sample, warp_probs
+from core.duo_policy import plan_num_sequences
+from core.sampling import SamplingParams, make_generator, sample, warp_probs
 from workers.runner import ModelRunner
 
 
@@ -231,14 +231,14 @@ class DuoDrafterSide:
 def load_draft_model(drafter_spec: dict, backend: str, vocab_size: int, device: str = "cpu",
                      threads: int | None = None):
     """The drafter side's model: torch weights through the model store, or the GGUF through llama.cpp."""
-    from orchestrator.config import ModelSpec
+    from core.config import ModelSpec
 
     spec = ModelSpec.model_validate(drafter_spec)
     if backend == "llama_cpp":
         from workers.llama_cpp_drafter import LlamaCppDraftModel
 
         return LlamaCppDraftModel(spec.source, vocab_size, threads=threads or 1)
-    from orchestrator.build import load_for_decoding, pick_device
+    from workers.loading import load_for_decoding, pick_device
 
     dev = pick_device(device)
     model, _ = load_for_decoding(spec.source, spec.dtype, dev, spec.quantize, with_tokenizer=False)

@@ -44,7 +44,7 @@ from datetime import timedelta
 
 import torch
 
-from orchestrator.sampling import SamplingParams, make_generator
+from core.sampling import SamplingParams, make_generator
 from workers.actors import LostRequestState
 from workers.drafters import Draft, Drafter, DraftSession
 
@@ -73,15 +73,20 @@ class GroupExchange:
         return buf[0]
 
 
+# The keys of an EasySpec strategy's config (orchestrator/strategies/easyspec.py) its drafters take;
+# other keys of the strategy dicts passed to EasySpecRank / start_ranks are ignored.
+DRAFTER_ARGS = ("name", "degree", "mode", "calibration", "groups")
+
+
 class EasySpecRank:
     """One rank of distributed EasySpec drafters: full draft weights, one drafter per EasySpec
-    strategy over them, and per-request sessions."""
+    strategy over them (each a dict holding DRAFTER_ARGS), and per-request sessions."""
 
     def __init__(self, drafter_spec: dict, strategies: list[dict], rank: int, world: int, device: str = "auto",
                  threads: int | None = None):
-        from orchestrator.build import load_for_decoding, pick_device
-        from orchestrator.config import ModelSpec, StrategyAdapter
+        from core.config import ModelSpec
         from workers.easyspec import EasySpecDrafter
+        from workers.loading import load_for_decoding, pick_device
         from workers.runner import ModelRunner
 
         if threads:
@@ -93,13 +98,12 @@ class EasySpecRank:
         runner = ModelRunner(model, self.device)
         exchange = GroupExchange(rank, world)
         self.drafters: dict[str, EasySpecDrafter] = {}
-        for s in map(StrategyAdapter.validate_python, strategies):
-            drafter = EasySpecDrafter(runner, degree=s.degree, mode=s.mode, calibration=s.calibration,
-                                      groups=s.groups, name=s.name, exchange=exchange)
+        for s in strategies:
+            drafter = EasySpecDrafter(runner, exchange=exchange, **{k: s[k] for k in DRAFTER_ARGS if k in s})
             largest = max(len(g) for g in drafter.groups)
             if largest > world:
-                raise ValueError(f"strategy {s.name!r}: workers ({world}) < its largest layer group ({largest})")
-            self.drafters[s.name] = drafter
+                raise ValueError(f"strategy {s['name']!r}: workers ({world}) < its largest layer group ({largest})")
+            self.drafters[s["name"]] = drafter
         self.vocab = runner.vocab_size
         self.sessions: dict[str, DraftSession] = {}
 

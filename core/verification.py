@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from orchestrator.sampling import sample
+from core.sampling import sample
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from orchestrator.config import ConfigError, ServerSection
+from core.config import ConfigError, ServerSection
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 

@@ -93,7 +93,7 @@ def metrics() -> _Metrics | None:
 
 @_never_raises
 def record_request(strategy: str, temperature: float, stats) -> None:
-    """One finished request's RequestStats (orchestrator/metrics.py)."""
+    """One finished request's RequestStats (core/metrics.py)."""
     m = metrics()
     if m is None:
         return

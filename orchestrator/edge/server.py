@@ -1,12 +1,12 @@
 """gRPC front door (grpc.aio): Generate (streaming), GenerateBatch, GetStats, health, reflection.
 
 Servicer methods are thin: admit (a bounded number in flight), validate
-(orchestrator/validation.py), run the engine in a decode thread, stream tokens back.
+(orchestrator/edge/validation.py), run the engine in a decode thread, stream tokens back.
 Up to `server.concurrency` requests decode at once; their target forwards meet in
 the global verifier. The engines' target and drafters are in this process or in
 Ray actors (orchestrator/ray_runtime.py); the server does not care which.
 
-Failure isolation: a malformed message is parsed leniently (orchestrator/wire.py)
+Failure isolation: a malformed message is parsed leniently (orchestrator/edge/wire.py)
 so it gets INVALID_ARGUMENT naming the field, never INTERNAL; a request whose
 worker died gets UNAVAILABLE; any other failure fails that request alone.
 """
@@ -23,16 +23,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from core.errors import WorkerUnavailable
+from core.metrics import AggregateStats, RequestStats
 from orchestrator.build import Built
-from orchestrator.errors import WorkerUnavailable
+from orchestrator.edge.security import BearerTokenInterceptor, load_auth_token, server_credentials
+from orchestrator.edge.validation import RequestError, ValidRequest, validate_request
+from orchestrator.edge.wire import MalformedRequest, lenient_parser
 from orchestrator.global_verifier import GlobalVerifier
-from orchestrator import monitoring
-from orchestrator.metrics import AggregateStats, RequestStats
-from orchestrator.security import BearerTokenInterceptor, load_auth_token, server_credentials
-from orchestrator.validation import RequestError, ValidRequest, validate_request
-from orchestrator.wire import MalformedRequest, lenient_parser
 from proto import specorch_pb2 as pb
 from proto import specorch_pb2_grpc as pb_grpc
+from workers import monitoring
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecDecode"].full_name
 

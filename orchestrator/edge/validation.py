@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from orchestrator.sampling import SamplingParams
+from core.sampling import SamplingParams
 
 ROLES = {"system", "user", "assistant"}
 

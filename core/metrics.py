@@ -31,7 +31,7 @@ class RequestStats:
     ttft_s: float = 0.0
     total_s: float = 0.0
     events: list[str] = field(default_factory=list)  # e.g. "drafter failed; target-only from step 7"
-    # Cost model (orchestrator/cost.py): drafter forwards x their parameters / target parameters; None = unknown
+    # Cost model (core/cost.py): drafter forwards x their parameters / target parameters; None = unknown
     draft_cost: float | None = None
     draft_forwards: dict[str, int] = field(default_factory=dict)    # forwards per drafter level (prefill excluded)
     # Pipelined drafting (orchestrator/duo.py): the budget chosen per step, each side's busy seconds,

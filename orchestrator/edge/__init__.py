@@ -1,0 +1,1 @@
+"""The gRPC edge: server, client, wire parsing, request validation, security (TLS, bearer token)."""
