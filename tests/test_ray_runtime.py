@@ -137,8 +137,13 @@ def test_bf16_logits_cross_actors_exactly(models, ray_local):
     cfg = config_file(root, 2)
     cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={
         "target": cfg.models.target.model_copy(update={"dtype": "bfloat16"})})})
-    local = ModelRunner(load_for_decoding(str(root / "target"), "bfloat16", torch.device("cpu"),
-                                          with_tokenizer=False)[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the shards run (runtime.threads): the same stored bf16 kernel choice
+    try:
+        local = ModelRunner(load_for_decoding(str(root / "target"), "bfloat16", torch.device("cpu"),
+                                              with_tokenizer=False)[0])
+    finally:
+        torch.set_num_threads(threads)
     built, runtime = place(cfg, plan_placement(cfg), only=[], name="test-bf16")
     try:
         ids = torch.tensor([PROMPTS[2]])

@@ -97,6 +97,19 @@ def test_every_linear_kernel_matches_linear():
             torch.testing.assert_close(_linear(x, layer, kernel).float(), layer(x).float(), rtol=2e-2, atol=2e-2)
 
 
+def test_both_int8_kernels_compute_the_same_layer():
+    from workers.quantize import quantize_linear_int8
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40, bias=True).to(torch.bfloat16)
+    quantize_linear_int8(layer)
+    for rows in (1, 5, 300):
+        x = torch.randn(1, rows, 48, dtype=torch.bfloat16)
+        a, b = (_linear(x, layer, int8_kernel=k).float() for k in ("int8pack", "dequant"))
+        assert a.shape == (1, rows, 40)
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-2)
+
+
 def test_kernel_choice_takes_the_fastest_per_bucket():
     timings = {1: {"linear": 3.0, "weight_major": 2.0, "linear_pair": 1.0}, 2: {"linear": 1.0, "weight_major": 2.0}}
     assert fastest(timings) == {1: "linear_pair", 2: "linear"}
@@ -146,3 +159,26 @@ def test_unsupported_architecture_is_named():
         assert "gpt2" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_kernel_choice_is_measured_once_per_machine_and_shapes(target_model, tmp_path, monkeypatch):
+    """Every process of a deployment reads back the first measurement (bf16 results must not depend on
+    one start-up's timing noise); a pipeline stage without the output head shares the layers' choice."""
+    import workers.kernels as kernels
+
+    monkeypatch.setenv("SPECORCH_CACHE", str(tmp_path))
+    picks = iter(["linear", "weight_major", "linear_pair", "linear"])
+
+    def fake_measure(weights, head, *a, with_attention=True, **kw):
+        kind = next(picks)
+        return KernelChoice(linear={b: kind for b in ROW_BUCKETS} if weights else {},
+                            head={b: kind for b in ROW_BUCKETS} if head is not None else {}, measured=True)
+    monkeypatch.setattr(kernels, "measure", fake_measure)
+    bf16 = copy.deepcopy(target_model).to(torch.bfloat16)
+    first, again = ModelRunner(bf16).kernels, ModelRunner(bf16).kernels
+    assert first.linear == again.linear and first.head == again.head
+    assert (first.linear[1], first.head[1]) == ("linear", "weight_major")
+    stage = ModelRunner(bf16, layer_range=(0, 1)).kernels            # no head: the same layer choice
+    assert stage.linear == first.linear and not stage.head
+    monkeypatch.setenv("SPECORCH_KERNELS", "remeasure")
+    assert ModelRunner(bf16).kernels.linear[1] == "linear_pair"

@@ -10,12 +10,22 @@ the fastest per row-count bucket.
 
 float32 always uses `linear` and native attention, so float32 numerics stay HF's
 exactly (the lossless tests compare against HF's own forward); GPUs keep the defaults.
+
+A choice is measured once per machine and shape set and kept in `<cache root>/kernels.json`
+(under a file lock): every process of a deployment (pipeline stages, drafter actors, the next
+run) then computes with the same kernels, so bf16 results do not change with the timing noise
+of one start-up. `SPECORCH_KERNELS=remeasure` measures again; `default` measures nothing and
+uses fixed defaults.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
+import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +36,11 @@ import torch.nn.functional as F
 LINEAR_KERNELS = ("linear", "weight_major", "linear_pair")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)          # above the last: `linear` (a GEMM, oneDNN's home ground)
 QUERY_BUCKETS = (1, 4, 16)                      # new tokens per sequence in one attention call
+# int8 weight-only layers (workers/quantize.py): int8pack (torch._weight_int8pack_mm, a GEMV per row: its
+# time grows with the rows) or dequant (widen the weight, then one bf16 GEMM: a fixed cost, then cheap
+# rows). Measured here on one thread: 0.11 vs 1.26 ms at 1 row, 15.5 vs 7.2 ms at 300 (a prefill).
+INT8_KERNELS = ("int8pack", "dequant")
+INT8_BUCKETS = (1, 8, 32, 64, 128, 256)         # above the last: the last one's choice
 MEASURE_ENV = "SPECORCH_KERNELS"                # "default": skip measuring, use the fixed defaults
 
 
@@ -49,12 +64,19 @@ class KernelChoice:
     linear: dict[int, str] = field(default_factory=dict)          # row bucket -> LINEAR_KERNELS member
     head: dict[int, str] = field(default_factory=dict)            # the same for the output head
     attention_fp32: dict[int, bool] = field(default_factory=dict)  # query bucket -> compute in float32
+    int8: dict[int, str] = field(default_factory=dict)            # row bucket -> INT8_KERNELS member
     timings: dict[str, dict] = field(default_factory=dict)
     measured: bool = False
 
     def linear_kernel(self, rows: int, head: bool = False) -> str:
         b = bucket(rows, ROW_BUCKETS)
         return (self.head if head else self.linear).get(b, "linear") if b is not None else "linear"
+
+    def int8_kernel(self, rows: int) -> str:
+        if not self.int8:
+            return "int8pack"
+        b = bucket(rows, INT8_BUCKETS)
+        return self.int8.get(b if b is not None else INT8_BUCKETS[-1], "int8pack")
 
     def upcast_attention(self, queries: int) -> bool:
         b = bucket(queries, QUERY_BUCKETS)
@@ -66,7 +88,9 @@ class KernelChoice:
         lin = ", ".join(f"{b}: {k}" for b, k in sorted(self.linear.items()))
         head = ", ".join(f"{b}: {k}" for b, k in sorted(self.head.items()))
         att = ", ".join(f"{b}: {'float32' if up else 'native'}" for b, up in sorted(self.attention_fp32.items()))
-        return f"layer linears by rows [{lin}]; output head by rows [{head}]; attention by queries [{att}]"
+        int8 = ", ".join(f"{b}: {k}" for b, k in sorted(self.int8.items()))
+        return (f"layer linears by rows [{lin}]; output head by rows [{head}]; attention by queries [{att}]"
+                + (f"; int8 layers by rows [{int8}]" if int8 else ""))
 
 
 def _best_seconds(fn, reps: int) -> float:
@@ -86,6 +110,24 @@ def matmul(x2d: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor
     if kernel == "linear_pair" and x2d.shape[0] == 1:
         return F.linear(x2d.expand(2, -1).contiguous(), weight)[:1]
     return F.linear(x2d, weight)
+
+
+def int8_matmul(x2d: torch.Tensor, w8: torch.Tensor, scales: torch.Tensor, kernel: str) -> torch.Tensor:
+    """x2d [rows, in] @ (w8 [out, in] int8 x scales [out])^T -> [rows, out] with one of INT8_KERNELS."""
+    if kernel == "dequant":
+        return F.linear(x2d, w8.to(x2d.dtype) * scales[:, None])
+    return torch._weight_int8pack_mm(x2d.contiguous(), w8, scales)
+
+
+def time_int8(layers: list, dtype, device, reps: int = 2) -> dict[int, dict[str, float]]:
+    """Seconds per row bucket and int8 kernel, summed over int8 layers (weight_int8, weight_scales)."""
+    timings = {}
+    for rows in INT8_BUCKETS if layers else ():
+        xs = [torch.randn(rows, m.weight_int8.shape[1], dtype=dtype, device=device) for m in layers]
+        timings[rows] = {k: sum(_best_seconds(lambda x=x, m=m, k=k: int8_matmul(x, m.weight_int8, m.weight_scales, k),
+                                              reps) for x, m in zip(xs, layers))
+                         for k in INT8_KERNELS}
+    return timings
 
 
 def _time_kernels(weights: list[torch.Tensor], dtype, device, reps: int) -> dict[int, dict[str, float]]:
@@ -109,7 +151,8 @@ def attention(q, k, v, mask, scale: float, gqa: bool, upcast: bool) -> torch.Ten
 
 
 def measure(weights: list[torch.Tensor], head: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int,
-            dtype: torch.dtype, device: torch.device, reps: int = 3, context: int = 256) -> KernelChoice:
+            dtype: torch.dtype, device: torch.device, reps: int = 3, context: int = 256,
+            with_attention: bool = True) -> KernelChoice:
     """Time every candidate on these weights (one layer's) and the output head, and on attention
     shapes; pick the fastest per bucket.
 
@@ -120,7 +163,7 @@ def measure(weights: list[torch.Tensor], head: torch.Tensor | None, heads: int, 
     head_t = _time_kernels([head] if head is not None else [], dtype, device, 2)
     att: dict[int, dict[str, float]] = {}
     kv = torch.randn(1, kv_heads, context, head_dim, dtype=dtype, device=device)
-    for t in QUERY_BUCKETS:
+    for t in QUERY_BUCKETS if with_attention else ():
         q = torch.randn(1, heads, t, head_dim, dtype=dtype, device=device)
         mask = torch.ones(1, 1, t, context, dtype=torch.bool, device=device).tril(context - t)
         att[t] = {kind: _best_seconds(lambda up=kind == "float32": attention(q, kv, kv, mask, head_dim ** -0.5,
@@ -131,8 +174,47 @@ def measure(weights: list[torch.Tensor], head: torch.Tensor | None, heads: int, 
                         timings={"linear": lin, "head": head_t, "attention": att}, measured=True)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _stored(key: str, measure_now, path) -> KernelChoice:
+    """The choice stored under key, else measure_now() stored there (one process measures at a time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            table = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            table = {}
+        if key in table and os.environ.get(MEASURE_ENV) != "remeasure":
+            d = table[key]
+            return KernelChoice(linear={int(b): k for b, k in d["linear"].items()},
+                                head={int(b): k for b, k in d["head"].items()},
+                                attention_fp32={int(b): v for b, v in d["attention_fp32"].items()},
+                                int8={int(b): k for b, k in d.get("int8", {}).items()},
+                                timings={kind: {int(b): per for b, per in by.items()}
+                                         for kind, by in d.get("timings", {}).items()}, measured=True)
+        choice = measure_now()
+        table[key] = asdict(choice)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+        return choice
+
+
 def choose_for(runner) -> KernelChoice:
-    """A runner's choice: measured for reduced precision on the CPU, fixed defaults otherwise."""
+    """A runner's choice: measured for reduced precision on the CPU (once per machine and shapes, then
+    read back), fixed defaults otherwise."""
+    from workers.model_store import cache_root
+
     dtype, device = runner.dtype, runner.device
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return KernelChoice()
@@ -146,5 +228,29 @@ def choose_for(runner) -> KernelChoice:
     head = runner.lm_head.weight if runner.last_stage else None
     if head is not None and (getattr(runner.lm_head, "weight_int8", None) is not None or head.dtype != dtype):
         head = None
-    with torch.inference_mode():
-        return measure(weights, head, runner.num_heads, runner.num_kv_heads, runner.head_dim, dtype, device)
+    machine = [_cpu_name(), torch.__version__, torch.get_num_threads(), str(dtype)]
+    dims = (runner.num_heads, runner.num_kv_heads, runner.head_dim)
+    path = cache_root() / "kernels.json"
+
+    def stored(what, shapes, measure_now):
+        key = hashlib.sha1(json.dumps(machine + [what, shapes, list(dims)]).encode()).hexdigest()
+        with torch.inference_mode():
+            return _stored(key, measure_now, path)
+
+    # Layers and output head apart, so a pipeline stage without the head (or with it) and the whole
+    # model share each choice.
+    layers = stored("layers", [list(w.shape) for w in weights],
+                    lambda: measure(weights, None, *dims, dtype, device))
+    int8_layers = [m for m in (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.down_proj)
+                   if getattr(m, "weight_int8", None) is not None]
+    if int8_layers:
+        timed = stored("int8", [list(m.weight_int8.shape) for m in int8_layers],
+                       lambda: KernelChoice(timings={"int8": time_int8(int8_layers, dtype, device)}, measured=True))
+        int8_t = timed.timings["int8"]
+        layers = KernelChoice(linear=layers.linear, attention_fp32=layers.attention_fp32, int8=fastest(int8_t),
+                              timings={**layers.timings, "int8": int8_t}, measured=True)
+    if head is None:
+        return layers
+    out = stored("head", list(head.shape), lambda: measure([], head, *dims, dtype, device, with_attention=False))
+    return KernelChoice(linear=layers.linear, head=out.head, attention_fp32=layers.attention_fp32, int8=layers.int8,
+                        timings={**layers.timings, "head": out.timings.get("head", {})}, measured=True)

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.kernels import KernelChoice, attention, choose_for, matmul
+from workers.kernels import KernelChoice, attention, choose_for, int8_matmul, matmul
 
 SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral", "qwen3"}
 
 
-def _linear(x: torch.Tensor, layer: torch.nn.Linear, kernel: str = "linear") -> torch.Tensor:
+def _linear(x: torch.Tensor, layer: torch.nn.Linear, kernel: str = "linear", int8_kernel: str = "int8pack"
+            ) -> torch.Tensor:
     """y = x W^T + b with the kernel chosen for this shape (workers/kernels.py LINEAR_KERNELS).
 
     On some CPUs `mv` / `mm(W, x^T)` stream decode-shaped weights at twice the bandwidth of
@@ -38,8 +39,7 @@ def _linear(x: torch.Tensor, layer: torch.nn.Linear, kernel: str = "linear") -> 
     """
     w8 = getattr(layer, "weight_int8", None)
     if w8 is not None:                                           # int8 drafter (workers/quantize.py)
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch._weight_int8pack_mm(flat.contiguous(), w8, layer.weight_scales)
+        y = int8_matmul(x.reshape(-1, x.shape[-1]), w8, layer.weight_scales, int8_kernel)
         if layer.bias is not None:
             y = y + layer.bias
         return y.reshape(*x.shape[:-1], w8.shape[0])
@@ -162,9 +162,10 @@ class ModelRunner:
         self.has_qk_norm = hasattr(attn0, "q_norm")
         self.kernels: KernelChoice = choose_for(self)     # measured here, on this machine's CPU
 
-    def _kernel(self, x: torch.Tensor, head: bool = False) -> str:
-        """The kernel for the linears (or the output head) of input x [..., in]."""
-        return self.kernels.linear_kernel(x.numel() // x.shape[-1], head)
+    def _kernel(self, x: torch.Tensor, head: bool = False) -> tuple[str, str]:
+        """The kernels (dense, int8) for the linears (or the output head) of input x [..., in]."""
+        rows = x.numel() // x.shape[-1]
+        return self.kernels.linear_kernel(rows, head), self.kernels.int8_kernel(rows)
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
@@ -226,7 +227,7 @@ class ModelRunner:
         if logits_rows is not None:
             hidden = hidden[:, logits_rows]
         hidden = self.norm(hidden)
-        return _linear(hidden, lm_head if lm_head is not None else self.lm_head, self._kernel(hidden, head=True)).float()
+        return _linear(hidden, lm_head if lm_head is not None else self.lm_head, *self._kernel(hidden, head=True)).float()
 
     def _step(self, cache: KVCache, batch: int, t: int, depths, tree_mask) -> _Step:
         """Positions, cache slots and the attention mask of T new tokens per row."""
@@ -317,7 +318,7 @@ class ModelRunner:
             members = [i for i, h in enumerate(heads) if h is head]
             idx = torch.cat([picks[i] for i in members])
             x = self.norm(hidden[:, idx])                                   # [1, rows, hidden]
-            logits = _linear(x, head, self._kernel(x, head=True)).float()[0]               # [rows, vocab]
+            logits = _linear(x, head, *self._kernel(x, head=True)).float()[0]               # [rows, vocab]
             start = 0
             for i in members:
                 n = int(picks[i].numel())
@@ -331,9 +332,9 @@ class ModelRunner:
         attn = layer.self_attn
         batch, t = hidden.shape[:2]
         x = layer.input_layernorm(hidden)
-        q = _linear(x, attn.q_proj, kernel).view(batch, t, -1, self.head_dim)
-        k = _linear(x, attn.k_proj, kernel).view(batch, t, -1, self.head_dim)
-        v = _linear(x, attn.v_proj, kernel).view(batch, t, -1, self.head_dim)
+        q = _linear(x, attn.q_proj, *kernel).view(batch, t, -1, self.head_dim)
+        k = _linear(x, attn.k_proj, *kernel).view(batch, t, -1, self.head_dim)
+        v = _linear(x, attn.v_proj, *kernel).view(batch, t, -1, self.head_dim)
         if self.has_qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -347,7 +348,7 @@ class ModelRunner:
     def _o_proj(self, li: int, x: torch.Tensor) -> torch.Tensor:
         """Layer li's attention output projection; x [batch, T, heads * hd]. (Tensor-parallel
         ranks hold a slice of the heads and sum the partial results: workers/tensor_parallel.py.)"""
-        return _linear(x, self.layers[li].self_attn.o_proj, self._kernel(x))
+        return _linear(x, self.layers[li].self_attn.o_proj, *self._kernel(x))
 
     def _attend(self, li: int, q, k, v, ctx: "_Step") -> torch.Tensor:
         """Rotary, KV write into ctx.cache, attention over the cache. q/k/v [batch, heads, T, hd]."""
@@ -373,8 +374,8 @@ class ModelRunner:
         layer, kernel = self.layers[li], self._kernel(hidden)
         x = layer.post_attention_layernorm(hidden)
         mlp = layer.mlp
-        x = mlp.act_fn(_linear(x, mlp.gate_proj, kernel)) * _linear(x, mlp.up_proj, kernel)
-        return _linear(x, mlp.down_proj, kernel)
+        x = mlp.act_fn(_linear(x, mlp.gate_proj, *kernel)) * _linear(x, mlp.up_proj, *kernel)
+        return _linear(x, mlp.down_proj, *kernel)
 
     def _grouped_layers(self, hidden, ctx, groups, mode, exchange=None):
         """EasySpec's layer-parallel approximation (ALGORITHMS.md section 1).
