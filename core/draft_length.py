@@ -21,6 +21,9 @@ class DraftLengthPolicy:
     def next_k(self) -> int:
         raise NotImplementedError
 
+    def observe_free(self, drafted: int, accepted: int) -> None:
+        """Feedback on a free draft (a context lookup): most policies size model drafts only."""
+
     def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """Feedback from one step."""
 

@@ -15,13 +15,14 @@ from workers.loading import eos_ids, load_for_decoding, pick_device
 from workers.runner import ModelRunner
 
 
-def policy_factory(spec, scheduler: GoodputScheduler | None = None):
-    """A new request's draft-length policy; `goodput` policies of one process share `scheduler`."""
+def policy_factory(spec, scheduler: GoodputScheduler | None = None, group: str = ""):
+    """A new request's draft-length policy; `goodput` policies of one process share `scheduler`, and
+    those of one strategy (`group`, its name) pool their acceptance."""
     if isinstance(spec, AdaptiveLength):
         return lambda: AdaptiveDraftLength(k_init=spec.k_init, k_max=spec.k_max)
     if isinstance(spec, GoodputLength):
         shared = scheduler or GoodputScheduler()
-        return lambda: GoodputDraftLength(shared, k_max=spec.k_max)
+        return lambda: GoodputDraftLength(shared, k_max=spec.k_max, group=group)
     return lambda: FixedDraftLength(spec.k)
 
 
@@ -63,7 +64,7 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                     built.drafter_models[key] = dmodel
                     runners[key] = ModelRunner(dmodel, device)
             drafter = s.make_drafter(runners[keys[0]] if keys else None, {k: runners[k] for k in keys})
-            engine = SpeculativeEngine(target, drafter, policy_factory(s.draft_length, built.scheduler),
+            engine = SpeculativeEngine(target, drafter, policy_factory(s.draft_length, built.scheduler, s.name),
                                        eos_token_ids=eos, name=s.name)
         built.engines[s.name] = engine
     return built

@@ -129,13 +129,15 @@ class SpeculativeEngine:
                 t0 = time.perf_counter()
                 k = min(policy.next_k(), remaining - 1)
                 draft = EMPTY_DRAFT
-                if session and remaining > 1:
+                # A policy that prices every verified token (goodput) bounds free drafts too; when it wants
+                # neither kind, the drafter is not asked at all (for a drafter actor: no round trip, and
+                # the request reaches the verifier's batch in time).
+                free = policy.free_draft_limit()
+                if session and remaining > 1 and (k > 0 or free != 0):
                     # k may be 0 (the policy's "decode normally"); a hybrid may still copy from the context.
                     try:
                         draft = _clip(session.propose(k), remaining - 1)
-                        # A policy that prices every verified token (goodput) bounds free drafts too.
-                        free = policy.free_draft_limit() if draft.source == "lookup" else None
-                        if free is not None:
+                        if free is not None and draft.source == "lookup":
                             draft = _clip(draft, free)
                     except Exception as exc:  # a failed drafter costs speed, never the request
                         session = self._drop_drafter(session, stats, exc)
@@ -150,8 +152,10 @@ class SpeculativeEngine:
                 # For tree drafts "drafted" is the depth: the positions that could be accepted.
                 stats.observe_step(draft.depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
                 if draft.source != "lookup":   # free context copies would skew the model's cost and acceptance
-                    policy.observe(draft.depth, len(accepted), t1 - t0, t2 - t1)
+                    policy.observe(draft.depth, len(accepted), t1 - t0 - draft.setup_s, t2 - t1)
                     model_drafted += len(draft)
+                else:
+                    policy.observe_free(draft.depth, len(accepted))
                 if session:
                     try:
                         session.update(new_tokens, len(accepted))

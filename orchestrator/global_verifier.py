@@ -82,9 +82,12 @@ class GlobalVerifier:
         self.device, self.vocab_size = runner.device, runner.vocab_size
         self.lm_head = getattr(runner, "lm_head", None)     # drafters build trimmed heads from it
         self.stats = VerifierStats()
-        # Called with (rows, padded tokens = rows x longest, seconds) after each forward (the goodput
+        # Called with (rows, tokens, seconds) after each forward (the goodput
         # scheduler's cost model).
         self.observers: list = []
+        # Called before gathering a batch; each returns seconds worth waiting for requests still drafting
+        # (the goodput scheduler's plan: GoodputScheduler.draft_wait_s). The longest wait counts.
+        self.wait_hints: list = []
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []        # taken from the queue but kept for the next batch
         self._closing = threading.Lock()
@@ -126,7 +129,8 @@ class GlobalVerifier:
                 return None
             pending = [first]
         expected = min(len(set().union(*self._recent)), self.max_batch)
-        deadline = time.perf_counter() + max(self.gather_s, self.gather_fraction * self._last_forward_s)
+        hint = max((h() for h in self.wait_hints), default=0.0)
+        deadline = time.perf_counter() + max(self.gather_s, self.gather_fraction * self._last_forward_s, hint)
         while True:                                   # everything queued now, or soon
             try:
                 if len(pending) < expected:
@@ -173,7 +177,7 @@ class GlobalVerifier:
                     except Exception as exc:  # noqa: BLE001
                         it.future.set_exception(exc)
         self._last_forward_s = time.perf_counter() - t0
-        tokens = len(batch) * max(int(it.input_ids.shape[1]) for it in batch)   # forward_many pads rows
+        tokens = sum(int(it.input_ids.shape[1]) for it in batch)   # forward_many packs rows, no padding
         for observe in self.observers:
             observe(len(batch), tokens, self._last_forward_s)
         s = self.stats

@@ -5,17 +5,23 @@ load a step is bound by streaming the weights, so extra rows are nearly free; as
 step becomes compute-bound and rejected draft tokens cost real time. The scheduler therefore chooses
 every live request's draft length together, 0 included, to maximise
 
-    goodput(k) = sum_i E_i(k_i) / (T(requests, tokens) + D * max_i k_i)
+    goodput(k) = sum_i E_i(k_i) / (T(requests, tokens) + D(max_i k_i))
 
 - E_i(k): request i's expected tokens from a step drafting k (accepted drafts plus the target's own
   token), from its per-position acceptance learned online;
 - T: one batched target forward as a function of its rows and its tokens, fitted online (least
   squares with decay) on the forwards the verifier really ran, seeded by a start-up profile. Our
-  batched forward pads every row to the longest (workers/runner.py forward_many), so by default
-  tokens = rows x (longest draft + 1) and every request drafts min(L, its k_max) for one chosen L;
-  `padded=False` (for ragged batches) takes tokens = sum_i (k_i + 1) and per-request lengths;
-- D: drafting time per draft step (concurrent requests' draft steps are batched: one draft step
-  serves every request that drafts at that moment).
+  batched forward packs the requests' tokens without padding (workers/runner.py forward_many), so
+  tokens = sum_i (k_i + 1);
+- D(k): seconds to draft k tokens, a fixed part (a drafter actor's round trip and catch-up) plus a
+  part per token (concurrent requests' draft steps are batched: one draft step serves every request
+  that drafts at that moment), fitted online (DraftCostModel).
+
+By default one draft length L serves every drafting request (min(L, its k_max); `uniform`): requests
+that draft the same length reach the verifier together. Per-request lengths (`uniform=False`, exact
+for a linear T) win on paper when acceptance differs, but a request that drafts less arrives earlier
+and the batch splits; in the simulator that cost more than the lengths gained (1.02x plain decoding
+at 2 requests against 1.37x with one length).
 
 k = 0 for all is plain decoding and is kept unless drafting is predicted to beat it by `min_gain`.
 Only draft lengths change, never a verification rule: the output is lossless whatever the scheduler
@@ -33,6 +39,7 @@ from core.draft_length import DraftLengthPolicy
 # Decode-step shapes (requests, tokens each) the start-up profile times (machine_profile.profile_step_cost;
 # the simulator profiles its verifier the same way).
 STEP_COST_SHAPES = ((1, 1), (1, 6), (4, 1), (4, 4), (8, 2), (16, 1), (16, 4))
+MAX_POSITIONS = 64          # draft positions a pooled acceptance estimate tracks (k_max <= 64 in the config)
 
 
 def expected_tokens(accept: list[float], k: int) -> float:
@@ -122,17 +129,17 @@ def _solve(a: list[list[float]], b: list[float], n: int) -> tuple[float, ...] | 
 
 
 def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, draft_token_s: float,
-                         other_rows: int = 0, min_gain: float = 0.0, padded: bool = False
-                         ) -> tuple[list[int], float]:
+                         other_rows: int = 0, min_gain: float = 0.0, uniform: bool = False,
+                         draft_fixed_s: float = 0.0) -> tuple[list[int], float]:
     """The draft length of every request maximising the batch's goodput. accepts[i]: request i's
     per-position acceptance (len >= k_max[i]); step_s(rows, tokens): predicted forward seconds, linear
-    in tokens for a given number of rows (StepCostModel); draft_token_s: seconds of one (batched) draft
-    step; other_rows: requests in the batch that do not draft (plain decoding), one token each;
+    in tokens for a given number of rows (StepCostModel); drafting L tokens takes draft_fixed_s +
+    draft_token_s x L seconds (a round trip to the drafter and its catch-up, then one (batched) draft
+    step per token); other_rows: requests in the batch that do not draft (plain decoding), one token each;
     min_gain: drafting must beat plain decoding's predicted goodput by this fraction (a margin for what
     the model leaves out: requests that draft reach the verifier later, and batches can split).
-    padded: the batched forward pads every row to the longest (workers/runner.py forward_many does, and
-    the roofline models it): a step costs step_s(rows, rows x (L + 1)) for the longest draft L, so
-    every request drafts min(L, its k_max) and only L is chosen.
+    uniform: every request drafts min(L, its k_max) for one chosen L (so they reach the verifier
+    together); otherwise each request gets its own length.
     Returns (draft length per request, predicted goodput in tokens per second).
 
     SmartSpec's greedy (one more draft token to the request whose increment raises goodput most, while
@@ -143,8 +150,8 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
     n = len(accepts)
     rows = n + other_rows
     base = float(rows)                                  # one token per row: the target's own
-    if padded:
-        return _uniform_lengths(accepts, k_max, step_s, draft_token_s, other_rows, min_gain)
+    if uniform:
+        return _uniform_lengths(accepts, k_max, step_s, draft_token_s, other_rows, min_gain, draft_fixed_s)
     increments = []                                     # (E_i(j + 1) - E_i(j), j, i)
     for i, accept in enumerate(accepts):
         survive = 1.0
@@ -157,7 +164,7 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
     plain = base / step0
     best_ks, best = [0] * n, plain
     for longest in range(1, max(k_max, default=0) + 1):
-        ks, out, seconds = [0] * n, base, step0 + draft_token_s * longest
+        ks, out, seconds = [0] * n, base, step0 + draft_fixed_s + draft_token_s * longest
         for delta, j, i in increments:
             if j >= longest:
                 continue
@@ -167,39 +174,76 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
             out += delta
             seconds += per_token
         used = max(ks, default=0)                      # the draft time the plan really pays
-        value = out / (step_s(rows, rows + sum(ks)) + draft_token_s * used)
+        value = out / (step_s(rows, rows + sum(ks)) + (draft_fixed_s + draft_token_s * used if used else 0.0))
         if value > best * (1 + 1e-9) and value > plain * (1 + min_gain):
             best_ks, best = ks, value
     return best_ks, best
 
 
-def _uniform_lengths(accepts, k_max, step_s, draft_token_s, other_rows, min_gain):
-    """choose_draft_lengths for padded batches: one longest draft L for all (see there)."""
+def _uniform_lengths(accepts, k_max, step_s, draft_token_s, other_rows, min_gain, draft_fixed_s=0.0):
+    """choose_draft_lengths with one longest draft L for all (see there); tokens packed."""
     rows = len(accepts) + other_rows
     plain = rows / step_s(rows, rows)
     best_ks, best = [0] * len(accepts), plain
     for longest in range(1, max(k_max, default=0) + 1):
         ks = [min(longest, k) for k in k_max]
         out = other_rows + sum(expected_tokens(a, k) for a, k in zip(accepts, ks))
-        value = out / (step_s(rows, rows * (longest + 1)) + draft_token_s * longest)
+        value = out / (step_s(rows, rows + sum(ks)) + draft_fixed_s + draft_token_s * longest)
         if value > best * (1 + 1e-9) and value > plain * (1 + min_gain):
             best_ks, best = ks, value
     return best_ks, best
 
 
+class DraftCostModel:
+    """Seconds to draft k tokens: fixed + per_token * k, fitted online (least squares with decay).
+
+    A remote drafter's call has a fixed part: the round trip and the catch-up forward over the tokens
+    accepted since its last draft. Dividing it among the tokens (seconds / k) makes short drafts look
+    dear, so a scheduler that has turned drafting down only probes with short drafts and never finds
+    out that longer ones pay. Both parts include waiting for a busy drafter."""
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self._n = self._sk = self._skk = self._ss = self._sks = 0.0
+        self.fixed_s, self.per_token_s = 0.0, 0.0
+
+    def observe(self, k: int, seconds: float) -> None:
+        d = self.decay
+        self._n, self._sk, self._skk = d * self._n + 1, d * self._sk + k, d * self._skk + k * k
+        self._ss, self._sks = d * self._ss + seconds, d * self._sks + k * seconds
+        det = self._n * self._skk - self._sk ** 2
+        if det > 1e-9 * max(self._n * self._skk, 1e-12):
+            per_token = (self._n * self._sks - self._sk * self._ss) / det
+            fixed = (self._ss - per_token * self._sk) / self._n
+            if per_token > 0 and fixed >= 0:
+                self.fixed_s, self.per_token_s = fixed, per_token
+                return
+        # One draft length so far (or a fit with a negative part): all of it per token, the cautious split.
+        self.fixed_s, self.per_token_s = 0.0, self._ss / max(self._sk, 1e-12)
+
+    def seconds(self, k: int) -> float:
+        return self.fixed_s + self.per_token_s * k if k > 0 else 0.0
+
+
 @dataclass
 class AcceptanceEstimate:
-    """Per-position acceptance of one request, exponentially decayed counts with a prior."""
+    """Per-position acceptance, exponentially decayed counts shrunk toward a prior.
+
+    The prior is a fixed rate, or (`parent`) the pooled estimate of every request of the same strategy:
+    a request's first steps say little (one rejection at position 0 would read as 0.39 against a fixed
+    0.6 prior and stop its drafting), while what the strategy's other requests saw says a lot."""
     positions: int
     prior: float = 0.6
     prior_weight: float = 2.0
     decay: float = 0.9
+    parent: "AcceptanceEstimate | None" = None
     accepted: list[float] = field(default_factory=list)
     trials: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        self.accepted = [self.prior * self.prior_weight] * self.positions
-        self.trials = [self.prior_weight] * self.positions
+        seed = 0.0 if self.parent is not None else self.prior_weight
+        self.accepted = [self.prior * seed] * self.positions
+        self.trials = [seed] * self.positions
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Positions < accepted were accepted; position `accepted` (if drafted) was rejected."""
@@ -208,9 +252,16 @@ class AcceptanceEstimate:
                 break
             self.accepted[j] = self.decay * self.accepted[j] + (1.0 if j < accepted else 0.0)
             self.trials[j] = self.decay * self.trials[j] + 1.0
+        if self.parent is not None:
+            self.parent.observe(drafted, accepted)
 
     def rates(self) -> list[float]:
-        return [min(max(a / t, 0.0), 0.99) for a, t in zip(self.accepted, self.trials)]
+        if self.parent is None:
+            raw = [a / t for a, t in zip(self.accepted, self.trials)]
+        else:
+            pooled, w = self.parent.rates(), self.prior_weight
+            raw = [(a + w * p) / (t + w) for a, t, p in zip(self.accepted, self.trials, pooled)]
+        return [min(max(r, 0.0), 0.99) for r in raw]
 
 
 @dataclass
@@ -230,12 +281,11 @@ class GoodputScheduler:
     together. Requests join through `GoodputDraftLength` policies; the verifier reports each batched
     forward through `observe_forward` (orchestrator/global_verifier.py's observers)."""
 
-    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 64, min_gain: float = 0.1,
-                 padded: bool = True):
-        """padded: batched forwards pad rows to the longest (ours do: workers/runner.py forward_many);
-        forwards are then reported as rows x longest tokens (GlobalVerifier.observers)."""
+    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 32, min_gain: float = 0.1,
+                 uniform: bool = True):
+        """uniform: one draft length for all drafting requests (module doc)."""
         self.cost = cost or StepCostModel()
-        self.padded = padded
+        self.uniform = uniform
         self.probe_every = probe_every
         self.min_gain = min_gain
         self.stats = SchedulerStats()
@@ -245,19 +295,31 @@ class GoodputScheduler:
         self._plan: dict[int, int] = {}
         self._free_plan: dict[int, int] = {}
         self._dirty = True
-        # Seconds per draft step, decayed mean of the requests' (draft seconds / tokens drafted). It includes
-        # waiting for a busy drafter: a request that drafts reaches the verifier that much later, and its
-        # batch may split (tried: the fastest recent step, or the median, drafted where that lost to
-        # plain decoding in the simulator; docs/scheduler.md).
-        self._draft_token_s = 0.0
+        # Seconds to draft, fixed + per token, fitted on the requests' draft calls. It includes waiting for
+        # a busy drafter: a request that drafts reaches the verifier that much later, and its batch may
+        # split (tried: the fastest recent step, or the median, drafted where that lost to plain decoding
+        # in the simulator; docs/scheduler.md).
+        self.draft_cost = DraftCostModel()
         self._other_rows = 0.0              # decayed mean of rows that did not come from our requests
+        # Pooled acceptance per strategy (model drafts, free drafts): the prior of its new requests.
+        self._pooled: dict[str, tuple[AcceptanceEstimate, AcceptanceEstimate]] = {}
         self.forward_source = False         # True once a verifier reports forwards
+        self._since_probe = 0               # forwards (or, without a verifier, steps) since the last probe
+        self._plan_draft_s = 0.0            # drafting seconds of the current plan (its longest draft)
 
     @property
     def draft_token_s(self) -> float:
-        return self._draft_token_s
+        return self.draft_cost.per_token_s
 
     # ------------------------------------------------------------ requests
+    def pooled(self, group: str) -> tuple[AcceptanceEstimate, AcceptanceEstimate]:
+        """The pooled (model, free) acceptance of a strategy's requests, made on first use."""
+        with self._lock:
+            if group not in self._pooled:
+                self._pooled[group] = (AcceptanceEstimate(MAX_POSITIONS, decay=0.98),
+                                       AcceptanceEstimate(MAX_POSITIONS, decay=0.98))
+            return self._pooled[group]
+
     def join(self, policy: "GoodputDraftLength") -> int:
         with self._lock:
             rid = next(self._ids)
@@ -285,11 +347,15 @@ class GoodputScheduler:
         policies = [self._requests[i] for i in ids]
         accepts = [p.acceptance.rates() for p in policies]
         ks, goodput = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict,
-                                           self.draft_token_s, round(self._other_rows), self.min_gain,
-                                           self.padded)
+                                           self.draft_cost.per_token_s, round(self._other_rows), self.min_gain,
+                                           self.uniform, self.draft_cost.fixed_s)
         self._plan = dict(zip(ids, ks))
-        free_ks, _ = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict, 0.0,
-                                          round(self._other_rows), self.min_gain, self.padded)
+        self._plan_draft_s = self.draft_cost.seconds(max(ks, default=0))
+        # Free drafts (context lookup): no drafter time, their own acceptance and length bound, and per
+        # request (a copy takes no time, so no request arrives later for it).
+        free_ks, _ = choose_draft_lengths([p.free_acceptance.rates() for p in policies],
+                                          [p.free_k_max for p in policies], self.cost.predict, 0.0,
+                                          round(self._other_rows), self.min_gain, uniform=False)
         self._free_plan = dict(zip(ids, free_ks))
         self._dirty = False
         s = self.stats
@@ -297,9 +363,31 @@ class GoodputScheduler:
         s.last_draft_lengths = ks
         s.mean_draft_length = sum(ks) / len(ks) if ks else 0.0
         rows = len(ks) + round(self._other_rows)
-        s.predicted_step_s = self.cost.predict(rows, rows * (max(ks, default=0) + 1) if self.padded
-                                               else sum(k + 1 for k in ks) + round(self._other_rows))
+        s.predicted_step_s = self.cost.predict(rows, rows + sum(ks))
         s.predicted_goodput = goodput
+
+    def draft_wait_s(self) -> float:
+        """How long the verifier should wait for this plan's drafting requests (GlobalVerifier.wait_hints):
+        the plan assumed every request's step costs the draft plus the forward, so a batch that starts
+        without the requests still drafting splits in two, each half streaming the weights alone."""
+        with self._lock:
+            return self._plan_draft_s
+
+    def take_probe(self) -> bool:
+        """Whether a request at k = 0 may probe now: one probe per `probe_every` forwards of the whole
+        server, not per request (sixteen requests probing on their own made a slow drafter's queue
+        and split the batch every other step)."""
+        with self._lock:
+            if self._since_probe < self.probe_every:
+                return False
+            self._since_probe = 0
+            return True
+
+    def mark_dirty(self) -> None:
+        """A request's estimates changed: replan at the next decision (with a verifier, once per forward
+        anyway: replanning per request step made every step of sixteen requests pay sixteen plans)."""
+        if not self.forward_source:
+            self._dirty = True
 
     # ------------------------------------------------------------ measurements
     def observe_forward(self, rows: int, tokens: int, seconds: float) -> None:
@@ -309,6 +397,7 @@ class GoodputScheduler:
             if tokens > rows * 32:            # a prefill batch: not a decode step's shape
                 return
             self.cost.observe(rows, tokens, seconds)
+            self._since_probe += 1
             self._other_rows = 0.9 * self._other_rows + 0.1 * max(rows - len(self._requests), 0)
             self.stats.forwards += 1
             self.stats.measured_step_s = seconds
@@ -317,10 +406,10 @@ class GoodputScheduler:
     def observe_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         with self._lock:
             if drafted > 0:
-                per_token = draft_s / drafted
-                self._draft_token_s = 0.9 * self._draft_token_s + 0.1 * per_token if self._draft_token_s else per_token
+                self.draft_cost.observe(drafted, draft_s)
             if not self.forward_source:       # no verifier reports forwards: learn from this request alone
                 self.cost.observe(1, drafted + 1, verify_s)
+                self._since_probe += 1
                 self._dirty = True
             # With a verifier, the plan is remade once per forward (observe_forward), not per request step:
             # the allocation costs O(requests x k_max^2) and every request of a batch steps once per forward.
@@ -328,32 +417,40 @@ class GoodputScheduler:
 
 class GoodputDraftLength(DraftLengthPolicy):
     """One request's view of the shared scheduler (draft_length.policy: goodput). It bounds context-
-    lookup drafts too (free_draft_limit): their drafting is free, their verification is not."""
+    lookup drafts too (free_draft_limit): their drafting is free, their verification is not; their
+    acceptance is learned apart from the model's (copies from the context are right more often, or
+    less, than the model)."""
 
-    def __init__(self, scheduler: GoodputScheduler, k_max: int = 10):
-        self.scheduler, self.k_max = scheduler, k_max
-        self.acceptance = AcceptanceEstimate(k_max)
-        self._since_draft = 0
+    def __init__(self, scheduler: GoodputScheduler, k_max: int = 10, free_k_max: int = 16, group: str = ""):
+        """group: the strategy's name; its requests pool their acceptance (AcceptanceEstimate)."""
+        self.scheduler, self.k_max, self.free_k_max = scheduler, k_max, free_k_max
+        pooled, pooled_free = scheduler.pooled(group)
+        self.acceptance = AcceptanceEstimate(k_max, parent=pooled)
+        self.free_acceptance = AcceptanceEstimate(free_k_max, parent=pooled_free)
+        self._probes = 0
         self.rid = scheduler.join(self)
 
     def next_k(self) -> int:
         k = self.scheduler.draft_length(self.rid)
-        if k == 0:
-            # With k = 0 nothing is measured again: probe with one token now and then.
-            self._since_draft += 1
-            if self._since_draft >= self.scheduler.probe_every:
-                self._since_draft = 0
-                return 1
-        else:
-            self._since_draft = 0
+        if k == 0 and self.scheduler.take_probe():
+            # With k = 0 nothing is measured again: probe now and then, alternately 1 and up to 4 tokens
+            # (two lengths separate the drafter's fixed cost from its cost per token).
+            self._probes += 1
+            return 1 if self._probes % 2 else min(4, self.k_max)
         return k
 
     def free_draft_limit(self) -> int:
         return self.scheduler.draft_length(self.rid, free=True)
 
     def observe(self, drafted, accepted, draft_s, verify_s):
-        self.acceptance.observe(drafted, accepted)
+        with self.scheduler._lock:           # the pooled estimate is shared with the other requests
+            self.acceptance.observe(drafted, accepted)
         self.scheduler.observe_step(drafted, accepted, draft_s, verify_s)
+
+    def observe_free(self, drafted: int, accepted: int) -> None:
+        with self.scheduler._lock:
+            self.free_acceptance.observe(drafted, accepted)
+        self.scheduler.mark_dirty()
 
     def close(self) -> None:
         self.scheduler.leave(self.rid)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -36,7 +37,7 @@ from orchestrator.strategies import RayContext
 from placement.plan import Plan, PlacementError, check_strategies, rank_name
 from placement.ray_groups import create_placement_group, shard_strategy
 from workers.actors import LostRequestState, TargetShard
-from workers.drafters import Draft, Drafter, DraftSession
+from workers.drafters import EMPTY_DRAFT, Draft, Drafter, DraftSession
 from workers.loading import DTYPES, eos_ids, pick_device
 from workers.runner import ModelRunner
 
@@ -192,21 +193,36 @@ class RemoteDrafter(Drafter):
 
 
 class _RemoteSession(DraftSession):
+    """A request's session in a drafter actor, opened by its first draft: a request that never drafts (the
+    goodput scheduler's k = 0 under load) costs the actor no prefill and the request no wait for it."""
+
     def __init__(self, worker, strategy: str, prompt_ids, params, timeout: float | None):
         super().__init__([])
         self.worker, self.sid, self.timeout = worker, uuid.uuid4().hex, timeout
-        get(worker.start.remote(self.sid, strategy, list(prompt_ids), params), timeout, "drafter start")
+        self._start = (strategy, list(prompt_ids), params)       # sent with the first propose
         self.updates: list[tuple[list[int], int]] = []
 
     def propose(self, k: int) -> Draft:
+        if k == 0:        # "decode normally": nothing to ask (a hybrid's lookup runs beside the engine)
+            return EMPTY_DRAFT
+        setup_s = 0.0
+        if self._start is not None:
+            start, self._start = self._start, None
+            t0 = time.perf_counter()
+            # The actor serves calls concurrently (threads): the session must exist before the propose.
+            get(self.worker.start.remote(self.sid, *start), self.timeout, "drafter start")
+            setup_s = time.perf_counter() - t0
         updates, self.updates = self.updates, []
-        return get(self.worker.propose.remote(self.sid, k, updates), self.timeout, "draft")
+        draft = get(self.worker.propose.remote(self.sid, k, updates), self.timeout, "draft")
+        draft.setup_s = setup_s         # a draft length policy prices drafting, not opening the session
+        return draft
 
     def update(self, new_tokens, num_accepted):
         self.updates.append((list(new_tokens), num_accepted))       # sent with the next propose
 
     def close(self):
-        self.worker.close.remote(self.sid)
+        if self._start is None:
+            self.worker.close.remote(self.sid)
 
 
 # ------------------------------------------------------------------ cluster
@@ -363,7 +379,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         # in a drafter actor, in ranks of its own (EasySpec, workers > 1) or beside the engine (prompt lookup)
         engine = st.make_engine(config, target, eos)
         if engine is None:
-            engine = SpeculativeEngine(target, st.ray_drafter(ctx), policy_factory(st.draft_length, built.scheduler),
+            engine = SpeculativeEngine(target, st.ray_drafter(ctx), policy_factory(st.draft_length, built.scheduler, st.name),
                                        eos_token_ids=eos, name=st.name)
         built.engines[st.name] = engine
     return built, RayRuntime(plan, pg, actors, None)

@@ -137,6 +137,7 @@ class BatchServer:
         self.batches: dict[str, list[int]] = {}     # kind -> batch sizes
         self.busy_s = 0.0
         self.observers: list = []                   # called (rows, tokens, seconds) per verify batch
+        self.wait_hints: list = []                  # as GlobalVerifier.wait_hints: seconds worth waiting
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)
@@ -151,7 +152,8 @@ class BatchServer:
         if self.waiting and not waited and len(same) < expected:
             return                                    # still gathering
         # Wait briefly for requests that are between steps when fewer are queued than recently ran.
-        wait = max(self.batch_wait_s, self.gather_fraction * self.last_duration)
+        wait = max(self.batch_wait_s, self.gather_fraction * self.last_duration,
+                   max((h() for h in self.wait_hints), default=0.0) if kind == "verify" else 0.0)
         if not waited and not self.waiting and wait > 0 and len(same) < expected:
             self.waiting = True
             self._wait_version += 1
@@ -167,7 +169,7 @@ class BatchServer:
         self.last_duration = duration
         if kind == "verify":
             for observe in self.observers:
-                observe(len(batch), len(batch) * max(j.row.new for j in batch), duration)   # padded, as the roofline
+                observe(len(batch), sum(j.row.new for j in batch), duration)   # packed, as forward_many
         self.busy = True
         self.busy_s += duration
         if self.bus is not None:
@@ -278,6 +280,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         scheduler = GoodputScheduler(StepCostModel.fitted(
             (b, b * t, rep.verify_step([Row(t, 128)] * b)) for b, t in STEP_COST_SHAPES))
         verifier.observers.append(scheduler.observe_forward)
+        verifier.wait_hints.append(scheduler.draft_wait_s)
     policies: dict[int, GoodputDraftLength] = {}
     done: list[Request] = []
     emissions: list[tuple[float, int]] = []     # (time, tokens emitted)

@@ -106,17 +106,20 @@ def time_unit(floor: float = 0.005, cap: float = 0.015) -> float:
     return min(cap, max(floor, max(late)))
 
 
-@pytest.mark.parametrize("gather_fraction,merged", [(0.0, False), (0.5, True)])
-def test_requests_whose_host_work_outlasts_the_fixed_wait_are_re_merged(target_model, gather_fraction, merged):
+@pytest.mark.parametrize("gather_fraction,hint_units,merged", [(0.0, 0, False), (0.5, 0, True), (0.0, 9, True)])
+def test_requests_whose_host_work_outlasts_the_fixed_wait_are_re_merged(target_model, gather_fraction, hint_units,
+                                                                        merged):
     """Four requests whose work between steps (3u, staggered by 0.8u) outlasts the fixed 5 ms wait: with
-    a wait of a fraction of the forward (12u: 6u) they are verified together again; with the fixed wait
-    alone they split and stay in smaller batches. u is 5 ms on an idle machine and grows with how late
-    it wakes sleeping threads now (time_unit), so the merged case's margin (3.6u past the last arrival)
-    stays above the scheduling noise and the split case's host work above the 5 ms wait."""
+    a wait of a fraction of the forward (12u: 6u), or a wait hint as the goodput scheduler gives for its
+    drafting requests (9u), they are verified together again; with the fixed wait alone they split and
+    stay in smaller batches. u is 5 ms on an idle machine and grows with how late it wakes sleeping
+    threads now (time_unit), so the merged case's margin (3.6u past the last arrival) stays above the
+    scheduling noise and the split case's host work above the 5 ms wait."""
     u = time_unit()
     runner = FixedForward(target_model)
     runner.forward_s = 12 * u
     verifier = GlobalVerifier(runner, max_batch=8, gather_s=0.005, gather_fraction=gather_fraction)
+    verifier.wait_hints.append(lambda: hint_units * u)
     try:
         def run(i):
             cache = verifier.new_cache(1, capacity=64)

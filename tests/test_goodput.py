@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from orchestrator.goodput import (AcceptanceEstimate, GoodputDraftLength, GoodputScheduler, StepCostModel,
-                                  choose_draft_lengths, expected_tokens)
+from orchestrator.goodput import (AcceptanceEstimate, DraftCostModel, GoodputDraftLength, GoodputScheduler,
+                                  StepCostModel, choose_draft_lengths, expected_tokens)
 
 
 def weight_bound(rows, tokens):          # streaming the weights dominates: extra tokens nearly free
@@ -82,6 +82,22 @@ def test_acceptance_estimate_learns_per_position():
     assert rates[0] > 0.95 and rates[1] < 0.05 and rates[2] == pytest.approx(0.5)
 
 
+def test_a_new_request_starts_from_its_strategys_pooled_acceptance():
+    """One rejection at a new request's first position must not stop its drafting when the strategy's
+    other requests were accepted 90% of the time (a fixed prior read it as 0.39 and stopped)."""
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.13, 0.005, 0.0)))
+    veteran = GoodputDraftLength(scheduler, k_max=8, group="sd")
+    for _ in range(40):
+        veteran.observe(8, 7, 0.1, 0.15)
+    veteran.close()
+    newcomer, stranger = GoodputDraftLength(scheduler, k_max=8, group="sd"), GoodputDraftLength(
+        scheduler, k_max=8, group="other")
+    for p in (newcomer, stranger):
+        p.observe(2, 0, 0.05, 0.15)
+    assert newcomer.acceptance.rates()[0] > 0.6 > stranger.acceptance.rates()[0]
+    assert newcomer.next_k() >= 3
+
+
 def test_scheduler_shortens_drafts_as_the_batch_grows():
     """A machine that turns compute-bound with load (150 ms + 12 ms per token, as profiled): one request
     drafts long, sixteen together draft little."""
@@ -100,14 +116,90 @@ def test_scheduler_shortens_drafts_as_the_batch_grows():
     assert one.next_k() == alone                  # the others left: back to the single-request choice
 
 
-def test_zero_length_requests_probe_now_and_then():
-    scheduler = GoodputScheduler(probe_every=4)
-    for rows, tokens in ((1, 1), (1, 4), (4, 4), (4, 16)):
-        scheduler.observe_forward(rows, tokens, 0.01 + 0.05 * tokens)
-    policy = GoodputDraftLength(scheduler, k_max=8)
-    policy.acceptance = AcceptanceEstimate(8, prior=0.05)
-    ks = [policy.next_k() for _ in range(8)]
-    assert ks.count(0) == 6 and ks.count(1) == 2
+def test_zero_length_requests_probe_now_and_then_one_at_a_time():
+    """At k = 0 nothing is measured again, so the server probes: one request every `probe_every`
+    verifier forwards (not every request on its own), alternately 1 and 4 tokens."""
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.01, 0.05, 0.0)), probe_every=4)
+    a, b = GoodputDraftLength(scheduler, k_max=8), GoodputDraftLength(scheduler, k_max=8)
+    for p in (a, b):
+        p.acceptance = AcceptanceEstimate(8, prior=0.05)
+    ks_a, ks_b = [], []
+    for _ in range(9):
+        ks_a.append(a.next_k())
+        ks_b.append(b.next_k())
+        scheduler.observe_forward(2, 2, 0.11)
+    assert ks_a == [0, 0, 0, 0, 1, 0, 0, 0, 4] and ks_b == [0] * 9
+
+
+def test_draft_cost_separates_the_fixed_part_from_the_per_token_part():
+    """A drafter call of 60 ms + 20 ms per token: per-token averages would price a 1-token draft at
+    80 ms a token and keep a scheduler from ever trying longer drafts."""
+    cost = DraftCostModel()
+    cost.observe(1, 0.080)
+    assert cost.fixed_s == 0.0 and cost.per_token_s == pytest.approx(0.080)   # one length: all per token
+    for k in (4, 1, 4, 2):
+        cost.observe(k, 0.060 + 0.020 * k)
+    assert cost.fixed_s == pytest.approx(0.060, rel=1e-6) and cost.per_token_s == pytest.approx(0.020, rel=1e-6)
+    assert cost.seconds(0) == 0.0 and cost.seconds(5) == pytest.approx(0.160)
+
+
+def test_a_fixed_draft_cost_favours_fewer_longer_drafts():
+    """With a fixed cost per drafter call a draft must be long enough to pay for the call."""
+    step = lambda rows, tokens: 0.15 + 0.001 * tokens     # noqa: E731 - weight-bound
+    short, _ = choose_draft_lengths([[0.8] * 10], [10], step, draft_token_s=0.02)
+    assert short[0] > 0
+    none, _ = choose_draft_lengths([[0.5] * 10], [10], step, draft_token_s=0.02, draft_fixed_s=0.5)
+    assert none == [0]                                     # 0.5 s a call: plain decoding wins
+    value = lambda k, fixed: expected_tokens([0.8] * 10, k) / (step(1, k + 1) + fixed + 0.02 * k)  # noqa: E731
+    ks, best = choose_draft_lengths([[0.8] * 10], [10], step, draft_token_s=0.02, draft_fixed_s=0.1)
+    assert best == pytest.approx(max(value(k, 0.1) for k in range(1, 11)))
+    assert ks[0] >= short[0]
+
+
+def test_free_drafts_are_bounded_by_their_own_acceptance():
+    """Context-lookup copies have their own acceptance: a request whose copies are always right gets
+    long free drafts, one whose copies are always wrong none, whatever its model drafts do."""
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.15, 0.002, 0.0)))
+    good, bad = GoodputDraftLength(scheduler, k_max=8), GoodputDraftLength(scheduler, k_max=8)
+    for _ in range(30):
+        good.observe_free(16, 16)
+        bad.observe_free(16, 0)
+    assert good.free_draft_limit() == 16 and bad.free_draft_limit() == 0
+
+
+def test_engine_skips_the_drafter_when_the_policy_wants_no_draft_of_any_kind(target_model, draft_model, prompts):
+    """k = 0 and no free drafts: the session is not asked (a drafter actor's round trip saved)."""
+    from core.draft_length import DraftLengthPolicy
+    from orchestrator.engine import SpeculativeEngine
+    from workers.drafters import DraftModelDrafter
+    from workers.runner import ModelRunner
+
+    class Nothing(DraftLengthPolicy):
+        def __init__(self, free):
+            self.free = free
+
+        def next_k(self):
+            return 0
+
+        def free_draft_limit(self):
+            return self.free
+
+    calls = []
+    drafter = DraftModelDrafter(ModelRunner(draft_model))
+    start = drafter.start
+
+    def counting_start(*a, **kw):
+        session = start(*a, **kw)
+        propose = session.propose
+        session.propose = lambda k: calls.append(k) or propose(k)
+        return session
+    drafter.start = counting_start
+    target = ModelRunner(target_model)
+    plain = SpeculativeEngine(target).generate(prompts[0], 10).tokens
+    assert SpeculativeEngine(target, drafter, lambda: Nothing(0)).generate(prompts[0], 10).tokens == plain
+    assert calls == []
+    SpeculativeEngine(target, drafter, lambda: Nothing(None)).generate(prompts[0], 10)
+    assert calls == [0] * 8         # no bound on free drafts: asked at every step but the last (1 token left)
 
 
 # ------------------------------------------------------------------ lossless through the engine
@@ -121,8 +213,9 @@ def test_goodput_requests_equal_plain_decoding_alone_and_batched(target_model, d
     target = ModelRunner(target_model)
     plain = SpeculativeEngine(target)
     expected = [plain.generate(p, 30).tokens for p in prompts]
-    # A weight-bound target's profile: drafting pays (tiny models' own costs would say it does not).
-    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.05, 1e-4, 0.0), prior_weight=1e6, decay=1.0))
+    # A weight-bound target's profile (1 s a step, whatever its tokens): drafting pays, even when a loaded
+    # machine slows the tiny drafter (its own costs would say it does not).
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(1.0, 1e-4, 0.0), prior_weight=1e6, decay=1.0))
     engine = SpeculativeEngine(target, DraftModelDrafter(ModelRunner(draft_model)),
                                lambda: GoodputDraftLength(scheduler, k_max=6), name="goodput")
     results = [engine.generate(p, 30) for p in prompts]

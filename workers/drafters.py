@@ -22,6 +22,7 @@ class Draft:
     probs: torch.Tensor | None = None  # [k, vocab] q each token was sampled from; None = deterministic
     parents: list[int] | None = None   # tree drafts: parent node of each token (-1 = root); None = chain
     source: str = ""                   # which drafter of a hybrid made it ("lookup" drafts skip the length policy)
+    setup_s: float = 0.0               # seconds of the propose spent opening the session (one-time, not drafting)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -90,6 +90,7 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
                                            gather_fraction=self.cfg.verify_gather_factor)
             self.engines = {name: e.with_target(self.verifier) for name, e in built.engines.items()}
             self.verifier.observers.append(built.scheduler.observe_forward)
+            self.verifier.wait_hints.append(built.scheduler.draft_wait_s)
             self.verifier.observers.append(lambda *_: monitoring.record_scheduler(built.scheduler.stats))
         if self.cfg.profile_step_cost and any(getattr(getattr(s, "draft_length", None), "policy", "") == "goodput"
                                               for s in built.config.strategies if s.name in built.engines):
