@@ -3,19 +3,27 @@
 1. Batch-1 overhead: tokens/s of a strategy in-process (`build_engines`, no Ray, no gRPC)
    vs the same strategy served by `launch.py`'s path (Ray actors + gRPC + the global
    verifier), prompt by prompt, alternating the two.
-2. Throughput at several client concurrencies through gRPC: total generated tokens / wall time.
+2. Throughput at several client concurrencies through gRPC, closed loop (c clients, each sends its
+   next request when its last one ends): total generated tokens / wall time, and each request's
+   latency as its client saw it (p50, p99).
 
-    .venv/bin/python scripts/serving_bench.py --strategies plain sd-0.5b-int8-hybrid \
-        --max-new-tokens 64 --concurrency 1 4 16 --out bench_out/serving.json
+    .venv/bin/python scripts/serving_bench.py --strategies plain sd-0.5b-int8-goodput \
+        --max-new-tokens 64 --concurrency 1 2 4 8 16 32 --skip 4 --out bench_out/serving.json
+
+Prompts: HumanEval and Spec-Bench dev prompts interleaved; `--skip N` leaves out the first N of
+each file (round-robin over its categories), so a bench of those N calibrates the simulator on
+prompts this run does not use (`launch.py simulate ... --measured` compares per row).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,14 +67,30 @@ def as_request(p: Prompt):
     return [{"role": "user", "content": p.text}] if p.chat else p.text
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) with linear interpolation between order statistics."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
 def measure_wave(client: Client, verifier, name: str, requests: list, concurrency: int, max_new_tokens: int) -> dict:
     """Send `requests` through gRPC with `concurrency` in flight (a closed loop: a client sends its
-    next request when one finishes); throughput = all generated tokens / wall time of the whole set."""
+    next request when one finishes); throughput = all generated tokens / wall time of the whole set;
+    latency = each request's wall time as its client saw it."""
     before = (verifier.stats.batches, verifier.stats.rows, verifier.stats.busy_s) if verifier else (0, 0, 0.0)
+
+    def one(prompt):
+        t = time.perf_counter()
+        r = client.generate(prompt, strategy=name, max_new_tokens=max_new_tokens)
+        return r, time.perf_counter() - t
+
     t0 = time.perf_counter()
-    results = client.generate_batch(requests, progress=False, concurrency=concurrency, strategy=name,
-                                    max_new_tokens=max_new_tokens)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        done = list(pool.map(one, requests))
     wall = time.perf_counter() - t0
+    results, latencies = [r for r, _ in done], [s for _, s in done]
     tokens = sum(len(r.token_ids) for r in results)
     batches = verifier.stats.batches - before[0] if verifier else 0
     mean_batch = (verifier.stats.rows - before[1]) / max(1, batches) if verifier else 1.0
@@ -81,10 +105,21 @@ def measure_wave(client: Client, verifier, name: str, requests: list, concurrenc
     steps = sum(r["steps"] for r in per_request)
     return {"strategy": name, "concurrency": concurrency, "requests": len(requests), "tokens": tokens,
             "wall_s": wall, "tokens_per_s": tokens / wall, "mean_verify_batch": mean_batch,
+            "latency_p50_s": percentile(latencies, 0.5), "latency_p99_s": percentile(latencies, 0.99),
+            "latency_mean_s": statistics.fmean(latencies),
             "verifier_batches": batches, "verifier_forward_s": forward_s,
             # after the prefill's token: tokens per verification step
             "tokens_per_step": sum(r["generated_tokens"] - 1 for r in per_request) / steps if steps else None,
             "requests_stats": per_request, "token_ids": [list(r.token_ids) for r in results]}
+
+
+def prompt_pool(files: list[str], skip: int, needed: int) -> list[Prompt]:
+    """Prompts from every file, interleaved file by file, after the first `skip` of each."""
+    per_file = [load_prompts(f, skip + needed)[skip:] for f in files]
+    pool = [p for group in zip(*per_file) for p in group]
+    if len(pool) < needed:
+        raise SystemExit(f"only {len(pool)} prompts in {files} after skipping {skip} per file; {needed} needed")
+    return pool[:needed]
 
 
 def main() -> None:
@@ -92,8 +127,13 @@ def main() -> None:
     ap.add_argument("--cluster", default="cluster_configs/local.yaml")
     ap.add_argument("--strategies", nargs="+", default=["plain", "sd-0.5b-int8-hybrid"])
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16])
-    ap.add_argument("--data", default="../shared/data/humaneval_dev.jsonl", help="prompts for the throughput runs")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--data", nargs="+", default=["../shared/data/humaneval_dev.jsonl",
+                                                  "../shared/data/spec_bench_dev.jsonl"],
+                    help="prompt files for the throughput runs (interleaved)")
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first N prompts of each file (calibration's)")
+    ap.add_argument("--min-requests", type=int, default=8,
+                    help="requests per level: max(concurrency, this), so p99 has more than one sample")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -124,17 +164,20 @@ def main() -> None:
                     print(f"| {name} | {ia:.2f} | {rb:.2f} | {rb / ia:.3f} |", flush=True)
             del local
 
-        pool = load_prompts(args.data, max(args.concurrency))
-        print("\n| strategy | concurrency | requests | tokens | wall s | tokens/s | mean verify batch |\n"
-              "|---|---:|---:|---:|---:|---:|---:|")
+        pool = prompt_pool(args.data, args.skip, max(max(args.concurrency), args.min_requests))
+        out["prompts"] = [p.id for p in pool]
+        print("\n| strategy | concurrency | requests | tokens | wall s | tokens/s | latency p50 s | p99 s "
+              "| mean verify batch |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         with Client(address, timeout=3600) as client:
-            for name in args.strategies:
-                for c in args.concurrency:
-                    row = measure_wave(client, box["service"].verifier, name, [as_request(p) for p in pool[:c]],
+            for c in args.concurrency:                 # strategies side by side at each level: same drift
+                for name in args.strategies:
+                    n = max(c, args.min_requests)
+                    row = measure_wave(client, box["service"].verifier, name, [as_request(p) for p in pool[:n]],
                                        c, args.max_new_tokens)
                     out["throughput"].append(row)
                     print(f"| {name} | {c} | {row['requests']} | {row['tokens']} | {row['wall_s']:.1f} | "
-                          f"{row['tokens_per_s']:.2f} | {row['mean_verify_batch']:.2f} |", flush=True)
+                          f"{row['tokens_per_s']:.2f} | {row['latency_p50_s']:.2f} | {row['latency_p99_s']:.2f} "
+                          f"| {row['mean_verify_batch']:.2f} |", flush=True)
     finally:
         stop_serving(loop, box, runtime)
     if args.out:
