@@ -20,7 +20,7 @@ import torch
 
 VERIFY_TOKENS = (1, 2, 4, 6, 8, 12, 16)
 PREFILL_TOKENS = (32, 128)
-BATCHES = (1, 2, 4, 8, 16)
+BATCHES = (1, 2, 4, 8, 16, 32)
 # B requests of T tokens each in one forward_many: what batched verification of drafts (T <= 12) and
 # batched prefills (T = 128) cost. Neither curve above predicts it (measured here: 4 rows x 8 tokens
 # cost more than 32 tokens of one request or 4 one-token rows).
@@ -153,6 +153,30 @@ def draft_token_s(drafter, vocab: int, k: int = 8, rounds: int = 5) -> float:
     return best
 
 
+def target_hop_s(vocab: int, dtype: str, rows=(1, 4, 16, 32), reps: int = 7) -> dict:
+    """Seconds a served step adds to the target's forward: a Ray call to the target's actor and its
+    logits [rows, vocab] back in the model dtype (orchestrator/ray_runtime.py PipelineTarget), timed
+    with an actor that computes nothing. The simulator adds it to every verification of a served run."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="specorch-profile")
+    try:
+        @ray.remote
+        class Echo:
+            def logits(self, inputs, n: int):
+                return torch.zeros(n, vocab, dtype=getattr(torch, dtype))
+
+        echo = Echo.remote()
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        ray.get(echo.logits.remote(ids, 1))
+        return {n: _best_time(lambda n=n: ray.get(echo.logits.remote([ids] * n, n)), reps) for n in rows}
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def profile_machine(cfg, log=print) -> dict:
     from orchestrator.build import make_drafter
     from orchestrator.strategies.draft_model import DraftModelStrategy
@@ -176,6 +200,9 @@ def profile_machine(cfg, log=print) -> dict:
     vocab = model.config.vocab_size
     out["target"] = {"source": t.source, "dtype": t.dtype, **target_steps(ModelRunner(model, device), vocab, log=log)}
     del model
+    out["target_hop_s"] = target_hop_s(vocab, t.dtype)
+    log("served target step adds (Ray round trip, logits back): "
+        + ", ".join(f"{n} rows {s * 1e3:.1f} ms" for n, s in out["target_hop_s"].items()))
     out["drafters"], out["draft_token_s"] = {}, {}
     for key, spec in cfg.models.drafters.items():
         users = [s for s in cfg.strategies if isinstance(s, (DraftModelStrategy, EasySpecStrategy)) and s.drafter == key]

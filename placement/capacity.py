@@ -367,7 +367,14 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
     own_verify_s: per strategy, verify seconds per step measured with its own thread split while its
     drafter ran beside it (DuoDecoding's `target_threads`): that strategy's verify curve is scaled to
     it and no contention factor is added on the shared node (it is already in the measurement)."""
-    verify = MeasuredStep(profile["target"])
+    measured = MeasuredStep(profile["target"])
+    # A served run's target is a Ray actor: each forward adds the round trip and the logits' way back
+    # (profile "target_hop_s"; older profiles lack it and predict in-process forwards).
+    hop = Curve({int(k): v for k, v in profile.get("target_hop_s", {}).items()}) if (
+        profile.get("target_hop_s") and not in_process) else None
+
+    def verify(rows, measured=measured, hop=hop):
+        return measured(rows) + (hop(len(rows)) if hop else 0.0)
     grow = Curve({int(k): v for k, v in profile["target"]["batch"].items()})   # batched drafts grow like this
     out = {}
     for m in models:
@@ -394,7 +401,7 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
                 draft_step=(lambda rows, s=tok_s: s * grow(len(rows)) / grow(1)) if tok_s else None,
                 # Not profiled: the drafter's prompt prefill, taken to grow with tokens like the target's
                 # forward (one drafter forward x target(prompt tokens) / target(1 token)).
-                draft_prefill_step=(lambda rows, s=tok_s: s * verify(rows) / verify([Row(1, 0)])) if tok_s else None,
+                draft_prefill_step=(lambda rows, s=tok_s: s * measured(rows) / measured([Row(1, 0)])) if tok_s else None,
                 drafter_servers=replicas, drafter_max_batch=drafter_batch,
                 transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
                 host_s=host_s, shared_bus=shared, verify_shared_slowdown=slow_t, draft_shared_slowdown=slow_d,
