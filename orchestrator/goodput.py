@@ -202,7 +202,7 @@ class DraftCostModel:
     dear, so a scheduler that has turned drafting down only probes with short drafts and never finds
     out that longer ones pay. Both parts include waiting for a busy drafter."""
 
-    def __init__(self, decay: float = 0.95):
+    def __init__(self, decay: float = 0.9):
         self.decay = decay
         self._n = self._sk = self._skk = self._ss = self._sks = 0.0
         self.fixed_s, self.per_token_s = 0.0, 0.0
@@ -281,7 +281,7 @@ class GoodputScheduler:
     together. Requests join through `GoodputDraftLength` policies; the verifier reports each batched
     forward through `observe_forward` (orchestrator/global_verifier.py's observers)."""
 
-    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 32, min_gain: float = 0.1,
+    def __init__(self, cost: StepCostModel | None = None, probe_every: int = 16, min_gain: float = 0.1,
                  uniform: bool = True):
         """uniform: one draft length for all drafting requests (module doc)."""
         self.cost = cost or StepCostModel()
