@@ -128,6 +128,9 @@ def test_float32_keeps_hf_kernels_and_reduced_precision_is_measured(target_model
     assert set(runner.kernels.linear) == set(ROW_BUCKETS) and set(runner.kernels.head) == set(ROW_BUCKETS)
     for rows, per in runner.kernels.timings["linear"].items():
         assert runner.kernels.linear[rows] == min(per, key=per.get)
+    # attention: one precision for every query count (verification computes it as decoding does)
+    assert len(set(runner.kernels.attention_fp32.values())) == 1 and set(runner.kernels.attention_fp32) == set(
+        QUERY_BUCKETS)
 
 
 @pytest.mark.parametrize("kernel", LINEAR_KERNELS)

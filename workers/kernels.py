@@ -41,6 +41,7 @@ QUERY_BUCKETS = (1, 4, 16)                      # new tokens per sequence in one
 # rows). Measured here on one thread: 0.11 vs 1.26 ms at 1 row, 15.5 vs 7.2 ms at 300 (a prefill).
 INT8_KERNELS = ("int8pack", "dequant")
 INT8_BUCKETS = (1, 8, 32, 64, 128, 256)         # above the last: the last one's choice
+TABLE_VERSION = 2                               # part of a stored choice's key: a new rule measures again
 MEASURE_ENV = "SPECORCH_KERNELS"                # "default": skip measuring, use the fixed defaults
 
 
@@ -170,7 +171,10 @@ def measure(weights: list[torch.Tensor], head: torch.Tensor | None, heads: int, 
                                                                                heads != kv_heads, up), reps * 3)
                   for kind in ("native", "float32")}
     return KernelChoice(linear=fastest(lin), head=fastest(head_t),
-                        attention_fp32={t: k == "float32" for t, k in fastest(att).items()},
+                        # One precision for every query count, the one-query (decode) winner's: a
+                        # verification forward then computes attention as plain decoding does, so bf16
+                        # outputs of speculation and of plain decoding part only where matmuls round apart.
+                        attention_fp32={t: fastest(att)[1] == "float32" for t in att} if att else {},
                         timings={"linear": lin, "head": head_t, "attention": att}, measured=True)
 
 
@@ -228,7 +232,7 @@ def choose_for(runner) -> KernelChoice:
     head = runner.lm_head.weight if runner.last_stage else None
     if head is not None and (getattr(runner.lm_head, "weight_int8", None) is not None or head.dtype != dtype):
         head = None
-    machine = [_cpu_name(), torch.__version__, torch.get_num_threads(), str(dtype)]
+    machine = [TABLE_VERSION, _cpu_name(), torch.__version__, torch.get_num_threads(), str(dtype)]
     dims = (runner.num_heads, runner.num_kv_heads, runner.head_dim)
     path = cache_root() / "kernels.json"
 
