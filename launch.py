@@ -87,26 +87,14 @@ def _encode(tokenizer, prompt) -> list[int]:
     return tokenizer(prompt).input_ids
 
 
-def logit_gap(built, prompt_ids: list[int], a: int, b: int) -> float:
-    """The target's logit of token a minus that of token b after `prompt_ids` (one forward, no drafter)."""
-    target = built.target
-    cache = target.new_cache(1, capacity=len(prompt_ids) + 8)
-    try:
-        logits = target.prefill(cache, 0, prompt_ids)
-    finally:
-        if hasattr(cache, "release"):
-            cache.release()
-    return float(logits[a].float() - logits[b].float())
-
-
-NEAR_TIE_LOGITS = 0.5     # two tokens whose target logits are closer than this count as a bf16 near-tie
 
 
 def run_demo(address: str, engines: list[str], max_new_tokens: int, token: str | None = None,
              tls_root_cert: str | None = None, gap=None, tokenizer=None) -> tuple[str, bool]:
     """Submit each sample prompt through the gRPC client once per strategy (plain first), print plain
     decoding's outputs, and return the final table and whether every output equals plain decoding
-    or differs from it at a bf16 near-tie (checked with `gap`: see logit_gap)."""
+    or differs from it at a bf16 near-tie (checked with `gap`: see orchestrator/bench.py logit_gap)."""
+    from orchestrator.bench import NEAR_TIE_LOGITS
     from orchestrator.edge.client import Client
 
     prompts = [[{"role": "user", "content": text}] if chat else text for _, chat, text in SAMPLE_PROMPTS]
@@ -212,11 +200,13 @@ def cmd_serve(args, demo: bool) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if demo:
+            from orchestrator.bench import logit_gap
+
             tls = cfg.server.tls.cert_file if cfg.server.tls else None    # a self-signed certificate is its own root
             max_new = args.max_new_tokens or cfg.main_job.max_new_tokens
             task = loop.run_in_executor(None, run_demo, f"{host}:{bound}", list(built.engines), max_new,
                                         load_auth_token(cfg.server), tls,
-                                        lambda ids, a, b: logit_gap(built, ids, a, b), built.tokenizer)
+                                        lambda ids, a, b: logit_gap(built.target, ids, a, b), built.tokenizer)
             task.add_done_callback(lambda _f: stop.set())
         await stop.wait()
         await server.stop(grace=5)

@@ -96,6 +96,20 @@ def _methods(built: Built, max_new_tokens: int) -> dict:
     return methods
 
 
+NEAR_TIE_LOGITS = 0.5     # two tokens whose target logits are closer than this count as a bf16 near-tie
+
+
+def logit_gap(target, prompt_ids: list[int], a: int, b: int) -> float:
+    """The target's logit of token a minus that of token b after `prompt_ids` (one forward, no drafter)."""
+    cache = target.new_cache(1, capacity=len(prompt_ids) + 8)
+    try:
+        logits = target.prefill(cache, 0, prompt_ids)
+    finally:
+        if hasattr(cache, "release"):
+            cache.release()
+    return float(logits[a].float() - logits[b].float())
+
+
 def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=print) -> dict:
     methods = _methods(built, max_new_tokens)
     encoded = [(p, encode(built.tokenizer, p)) for p in prompts]
@@ -114,6 +128,11 @@ def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=prin
                    "seconds": seconds, "tokens_per_s": len(tokens) / seconds if seconds > 0 else 0.0,
                    "equals_plain": tokens == reference,
                    "first_divergence": _first_divergence(tokens, reference)}
+            p_div = rec["first_divergence"]
+            if p_div is not None and p_div < min(len(tokens), len(reference)):
+                # bf16 outputs may part at a near-tie (ALGORITHMS.md): the target's own logits there say which.
+                rec["divergence_logit_gap"] = logit_gap(built.target, ids + reference[:p_div], reference[p_div],
+                                                        tokens[p_div])
             if stats is not None:
                 rec.update(steps=stats.steps, step_tokens=stats.step_tokens, drafted=stats.drafted_tokens,
                            accepted=stats.accepted_tokens, draft_s=stats.draft_s, verify_s=stats.verify_s,
@@ -167,6 +186,7 @@ def summarise(records: dict[str, list[dict]]) -> dict:
                 "acceptance_rate": (sum(r["accepted"] for r in rs) / max(1, sum(r["drafted"] for r in rs)))
                 if steps else None,
                 "outputs_equal_plain": sum(r["equals_plain"] for r in rs),
+                "bf16_near_ties": sum(abs(r.get("divergence_logit_gap", 1e9)) <= NEAR_TIE_LOGITS for r in rs),
                 "cost_speedup": _cost_speedup(rs),
                 "mean_ttft_s": _mean(rs, "ttft_s"),
                 "drafter_idle_fraction": _mean(rs, "drafter_idle_fraction"),
@@ -200,7 +220,9 @@ def markdown(table: list[dict]) -> str:
         lines.append(f"| {r['scope']} | {r['method']} | {r['prompts']} | {r['tokens_per_s']:.2f} | "
                      f"{fmt(r['speedup_vs_plain'], '.2f')}x | {fmt(r['speedup_vs_hf_plain'], '.2f')}x | "
                      f"{fmt(r['mean_accepted_tokens'], '.2f')} | {fmt(r['acceptance_rate'], '.2f')} | "
-                     f"{r['outputs_equal_plain']}/{r['prompts']} | {fmt(r.get('cost_speedup'), '.2f')} | "
+                     f"{r['outputs_equal_plain']}/{r['prompts']}"
+                     + (f" + {r['bf16_near_ties']} near-tie" if r.get("bf16_near_ties") else "")
+                     + f" | {fmt(r.get('cost_speedup'), '.2f')} | "
                      f"{fmt(r.get('mean_ttft_s'), '.3f')} | {fmt(r.get('drafter_idle_fraction'), '.2f')} | "
                      f"{fmt(r.get('target_idle_fraction'), '.2f')} | {fmt(r.get('mean_draft_budget'), '.1f')} |")
     return "\n".join(lines)
