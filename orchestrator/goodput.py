@@ -306,6 +306,8 @@ class GoodputScheduler:
         self.forward_source = False         # True once a verifier reports forwards
         self._since_probe = 0               # forwards (or, without a verifier, steps) since the last probe
         self._plan_draft_s = 0.0            # drafting seconds of the current plan (its longest draft)
+        self._probe_s = 0.0                 # drafting seconds of the probe in flight (0: none)
+        self._prober: int | None = None     # the request whose probe is in flight
 
     @property
     def draft_token_s(self) -> float:
@@ -329,6 +331,8 @@ class GoodputScheduler:
 
     def leave(self, rid: int) -> None:
         with self._lock:
+            if rid == self._prober:
+                self._probe_s, self._prober = 0.0, None
             self._requests.pop(rid, None)
             self._plan.pop(rid, None)
             self._free_plan.pop(rid, None)
@@ -371,16 +375,19 @@ class GoodputScheduler:
         the plan assumed every request's step costs the draft plus the forward, so a batch that starts
         without the requests still drafting splits in two, each half streaming the weights alone."""
         with self._lock:
-            return self._plan_draft_s
+            return max(self._plan_draft_s, self._probe_s)
 
-    def take_probe(self) -> bool:
-        """Whether a request at k = 0 may probe now: one probe per `probe_every` forwards of the whole
-        server, not per request (sixteen requests probing on their own made a slow drafter's queue
-        and split the batch every other step)."""
+    def take_probe(self, rid: int, k: int) -> bool:
+        """Whether a request at k = 0 may probe now with k tokens: one probe per `probe_every` forwards
+        of the whole server, not per request (sixteen requests probing on their own made a slow
+        drafter's queue and split the batch every other step). Until the probe's step is observed the
+        verifier waits for it (draft_wait_s): a batch that left the prober behind would cost a forward
+        of its own."""
         with self._lock:
             if self._since_probe < self.probe_every:
                 return False
             self._since_probe = 0
+            self._probe_s, self._prober = self.draft_cost.seconds(k), rid
             return True
 
     def mark_dirty(self) -> None:
@@ -403,8 +410,11 @@ class GoodputScheduler:
             self.stats.measured_step_s = seconds
             self._dirty = True
 
-    def observe_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def observe_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float,
+                     rid: int | None = None) -> None:
         with self._lock:
+            if rid is not None and rid == self._prober:     # the probe has been verified
+                self._probe_s, self._prober = 0.0, None
             if drafted > 0:
                 self.draft_cost.observe(drafted, draft_s)
             if not self.forward_source:       # no verifier reports forwards: learn from this request alone
@@ -432,11 +442,12 @@ class GoodputDraftLength(DraftLengthPolicy):
 
     def next_k(self) -> int:
         k = self.scheduler.draft_length(self.rid)
-        if k == 0 and self.scheduler.take_probe():
-            # With k = 0 nothing is measured again: probe now and then, alternately 1 and up to 4 tokens
-            # (two lengths separate the drafter's fixed cost from its cost per token).
+        # With k = 0 nothing is measured again: probe now and then, alternately 1 and up to 4 tokens (two
+        # lengths separate the drafter's fixed cost from its cost per token).
+        probe = 1 if self._probes % 2 == 0 else min(4, self.k_max)
+        if k == 0 and self.scheduler.take_probe(self.rid, probe):
             self._probes += 1
-            return 1 if self._probes % 2 else min(4, self.k_max)
+            return probe
         return k
 
     def free_draft_limit(self) -> int:
@@ -445,7 +456,7 @@ class GoodputDraftLength(DraftLengthPolicy):
     def observe(self, drafted, accepted, draft_s, verify_s):
         with self.scheduler._lock:           # the pooled estimate is shared with the other requests
             self.acceptance.observe(drafted, accepted)
-        self.scheduler.observe_step(drafted, accepted, draft_s, verify_s)
+        self.scheduler.observe_step(drafted, accepted, draft_s, verify_s, self.rid)
 
     def observe_free(self, drafted: int, accepted: int) -> None:
         with self.scheduler._lock:

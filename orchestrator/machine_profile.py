@@ -153,28 +153,47 @@ def draft_token_s(drafter, vocab: int, k: int = 8, rounds: int = 5) -> float:
     return best
 
 
-def target_hop_s(vocab: int, dtype: str, rows=(1, 4, 16, 32), reps: int = 7) -> dict:
-    """Seconds a served step adds to the target's forward: a Ray call to the target's actor and its
-    logits [rows, vocab] back in the model dtype (orchestrator/ray_runtime.py PipelineTarget), timed
-    with an actor that computes nothing. The simulator adds it to every verification of a served run."""
+def served_overhead_s(cfg, in_process_batch: dict, rows=(1, 4, 16, 32), reps: int = 3, log=print) -> dict:
+    """Seconds a served step adds to the target's batched forward, per batch size: the same one-token
+    forward_many through the served path (the target in its Ray actor, orchestrator/ray_runtime.py
+    PipelineTarget: the call, the actor's bookkeeping, the logits back in the model dtype) minus the
+    in-process time measured above. The simulator adds it to every verification of a served run."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="specorch-profile")
-    try:
-        @ray.remote
-        class Echo:
-            def logits(self, inputs, n: int):
-                return torch.zeros(n, vocab, dtype=getattr(torch, dtype))
+    from orchestrator.ray_runtime import place, start_ray
+    from placement.plan import plan_placement
 
-        echo = Echo.remote()
-        ids = torch.zeros(1, 1, dtype=torch.long)
-        ray.get(echo.logits.remote(ids, 1))
-        return {n: _best_time(lambda n=n: ray.get(echo.logits.remote([ids] * n, n)), reps) for n in rows}
+    started = not ray.is_initialized()
+    start_ray(cfg)
+    built, runtime = place(cfg, plan_placement(cfg), only=[], name="profile")
+    out = {}
+    try:
+        target, vocab = built.target, built.target.vocab_size
+        g = torch.Generator().manual_seed(3)
+        caches = []
+        for _ in range(max(rows)):
+            c = target.new_cache(1, 128)
+            target.prefill(c, 0, torch.randint(0, vocab, (64,), generator=g).tolist())
+            caches.append(c)
+        ids = torch.randint(0, vocab, (1, 1), generator=g)
+        for b in rows:
+            def step(b=b):
+                target.forward_many([(c, ids, None, None, None) for c in caches[:b]])
+                for c in caches[:b]:
+                    c.crop(0, 64)            # the shards roll back with the next call's edits
+            step()
+            served = _best_time(step, reps)
+            base = in_process_batch.get(b)
+            out[b] = max(0.0, served - base) if base is not None else served
+            log(f"  served forward_many of {b} one-token requests: {served * 1e3:.1f} ms "
+                f"(+{out[b] * 1e3:.1f} ms over in-process)")
+        for c in caches:
+            c.release()
     finally:
+        runtime.shutdown()
         if started:
             ray.shutdown()
+    return out
 
 
 def profile_machine(cfg, log=print) -> dict:
@@ -200,9 +219,6 @@ def profile_machine(cfg, log=print) -> dict:
     vocab = model.config.vocab_size
     out["target"] = {"source": t.source, "dtype": t.dtype, **target_steps(ModelRunner(model, device), vocab, log=log)}
     del model
-    out["target_hop_s"] = target_hop_s(vocab, t.dtype)
-    log("served target step adds (Ray round trip, logits back): "
-        + ", ".join(f"{n} rows {s * 1e3:.1f} ms" for n, s in out["target_hop_s"].items()))
     out["drafters"], out["draft_token_s"] = {}, {}
     for key, spec in cfg.models.drafters.items():
         users = [s for s in cfg.strategies if isinstance(s, (DraftModelStrategy, EasySpecStrategy)) and s.drafter == key]
@@ -224,6 +240,8 @@ def profile_machine(cfg, log=print) -> dict:
             out["draft_token_s"][s.name] = draft_token_s(make_drafter(s, runner), vocab)
             log(f"  strategy {s.name}: {out['draft_token_s'][s.name] * 1e3:.1f} ms per drafted token")
         del dmodel, runner
+    # Last: the served path loads the target again, in its actor (the models above are freed).
+    out["served_overhead_s"] = served_overhead_s(cfg, {int(k): v for k, v in out["target"]["batch"].items()}, log=log)
     out["loadavg_after"] = os.getloadavg()
     return out
 

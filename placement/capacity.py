@@ -368,10 +368,11 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
     drafter ran beside it (DuoDecoding's `target_threads`): that strategy's verify curve is scaled to
     it and no contention factor is added on the shared node (it is already in the measurement)."""
     measured = MeasuredStep(profile["target"])
-    # A served run's target is a Ray actor: each forward adds the round trip and the logits' way back
-    # (profile "target_hop_s"; older profiles lack it and predict in-process forwards).
-    hop = Curve({int(k): v for k, v in profile.get("target_hop_s", {}).items()}) if (
-        profile.get("target_hop_s") and not in_process) else None
+    # A served run's target is a Ray actor: each forward adds the call, the actor's bookkeeping and the
+    # logits' way back (profile "served_overhead_s", by batch size; older profiles lack it and predict
+    # in-process forwards).
+    hop = Curve({int(k): v for k, v in profile.get("served_overhead_s", {}).items()}) if (
+        profile.get("served_overhead_s") and not in_process) else None
 
     def verify(rows, measured=measured, hop=hop):
         return measured(rows) + (hop(len(rows)) if hop else 0.0)

@@ -237,13 +237,13 @@ def test_drafter_on_a_separate_node_has_no_contention_and_is_faster_under_load()
         simulate(shared, one, p_len, o_len, seed=1).throughput, rel=1e-9)
 
 
-def test_served_forwards_pay_the_profiled_ray_hop_and_in_process_ones_do_not():
+def test_served_forwards_pay_the_profiled_serving_overhead_and_in_process_ones_do_not():
     from placement.capacity import local_replicas
 
     cfg, profile, models = _local_models_and_profile()
     rows = [Row(1, 100)] * 4
     bare = local_replicas(cfg, profile, models[:1], 0.0, {})[("plain", "local")].verify_step(rows)
-    profile["target_hop_s"] = {"1": 0.02, "16": 0.05}          # as launch.py profile writes it (JSON keys)
+    profile["served_overhead_s"] = {"1": 0.02, "16": 0.05}     # as launch.py profile writes it (JSON keys)
     served = local_replicas(cfg, profile, models[:1], 0.0, {})[("plain", "local")].verify_step(rows)
     in_process = local_replicas(cfg, profile, models[:1], 0.0, {}, in_process=True)[("plain", "local")].verify_step(rows)
     assert served == pytest.approx(bare + 0.02 + 0.03 * 3 / 15) and in_process == bare

@@ -123,12 +123,20 @@ def test_zero_length_requests_probe_now_and_then_one_at_a_time():
     a, b = GoodputDraftLength(scheduler, k_max=8), GoodputDraftLength(scheduler, k_max=8)
     for p in (a, b):
         p.acceptance = AcceptanceEstimate(8, prior=0.05)
+    scheduler.draft_cost.observe(2, 0.05)              # a drafter known to take 25 ms a token
     ks_a, ks_b = [], []
     for _ in range(9):
         ks_a.append(a.next_k())
         ks_b.append(b.next_k())
         scheduler.observe_forward(2, 2, 0.11)
     assert ks_a == [0, 0, 0, 0, 1, 0, 0, 0, 4] and ks_b == [0] * 9
+    # The verifier waits for a probe in flight (its batch would otherwise leave it behind) until the
+    # prober's step is observed; the other request's steps do not end the wait.
+    assert scheduler.draft_wait_s() > 0
+    b.observe(0, 0, 0.0, 0.1)
+    assert scheduler.draft_wait_s() > 0
+    a.observe(4, 1, 0.1, 0.1)
+    assert scheduler.draft_wait_s() == 0
 
 
 def test_draft_cost_separates_the_fixed_part_from_the_per_token_part():
