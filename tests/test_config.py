@@ -81,3 +81,15 @@ def test_strategies_missing_an_optional_extra_are_skipped_unless_asked_for(monke
     assert "skipping strategy 'duo-0.5b-llama'" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"duo-0.5b-llama.*\[llama\]"):
         runnable_strategies(cfg, ["duo-0.5b-llama"])
+
+
+def test_strategy_registry_kinds_match_and_fields_are_described():
+    """KINDS maps each kind to the model whose `kind` literal it is; every field of a strategy model has a
+    description (the YAML's documentation)."""
+    from typing import get_args
+
+    from orchestrator.strategies import KINDS
+
+    for kind, model in KINDS.items():
+        assert get_args(model.model_fields["kind"].annotation) == (kind,)
+        assert [n for n, f in model.model_fields.items() if not f.description and n != "kind"] == [], kind

@@ -27,7 +27,8 @@ class DraftModelStrategy(StrategyConfig):
         "> 0: the drafter scores only the draft_vocab lowest token ids plus the prompt's tokens "
         "(a cheaper output head; output unchanged, acceptance may drop). 0 = full vocabulary"))
     lookup_first: LookupFirst | None = Field(None, description="Prompt lookup before the model (a hybrid)")
-    draft_length: DraftLength = Field(default_factory=FixedLength, description="Tokens drafted per step: fixed, adaptive or goodput (draft_length.policy)")
+    draft_length: DraftLength = Field(default_factory=FixedLength, description=(
+        "Tokens drafted per step: fixed, adaptive or goodput (draft_length.policy)"))
 
     def model_refs(self):
         return [("drafter", self.drafter)]

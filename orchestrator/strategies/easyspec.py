@@ -20,12 +20,13 @@ class EasySpecStrategy(StrategyConfig):
         "What each group member contributes from the group's input: its attention (attn_only) or attention "
         "+ MLP(h + attention) (direct_mlp); docs/easyspec.md"))
     calibration: Literal["never", "prefill_only", "every_round", "every_mismatch"] = Field(
-        "every_mismatch", description="When the drafter recomputes, exactly and in layer order, the KV of accepted tokens "
-        "(workers/easyspec.py: Calibration)")
+        "every_mismatch", description=("When the drafter recomputes, exactly and in layer order, the KV of "
+                                       "accepted tokens (workers/easyspec.py: Calibration)"))
     groups: list[list[int]] | None = Field(None, description="Explicit layer groups (default: the paper's)")
     workers: int = Field(1, ge=1, le=16, description="1 = group members computed one after another in one "
                          "process; N > 1 = N Ray actors with the full draft weights, joined by torch.distributed")
-    draft_length: DraftLength = Field(default_factory=FixedLength, description="Tokens drafted per step: fixed, adaptive or goodput (draft_length.policy)")
+    draft_length: DraftLength = Field(default_factory=FixedLength, description=(
+        "Tokens drafted per step: fixed, adaptive or goodput (draft_length.policy)"))
 
     @model_validator(mode="after")
     def _workers_cover_groups(self):
