@@ -68,8 +68,3 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                                        eos_token_ids=eos, name=s.name)
         built.engines[s.name] = engine
     return built
-
-
-def make_drafter(s, runner: ModelRunner | None, runners: dict[str, ModelRunner] | None = None):
-    """The drafter strategy config `s` describes (its kind's hook; orchestrator/strategies/)."""
-    return s.make_drafter(runner, runners)

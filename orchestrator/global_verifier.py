@@ -72,7 +72,7 @@ class GlobalVerifier:
         Counting the last *two* batches is what re-merges a batch that split in halves: once the
         host work of a few requests outlasts the wait, the halves would otherwise alternate for
         good, each forward streaming the weights for half the requests. The same batching serves
-        a drafter actor's draft model (workers/actors.py), under another name."""
+        a drafter actor's draft model (orchestrator/drafter_worker.py), under another name."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.runner, self.max_batch, self.gather_s = runner, max_batch, gather_s

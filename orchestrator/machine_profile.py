@@ -197,9 +197,6 @@ def served_overhead_s(cfg, in_process_batch: dict, rows=(1, 4, 16, 32), reps: in
 
 
 def profile_machine(cfg, log=print) -> dict:
-    from orchestrator.build import make_drafter
-    from orchestrator.strategies.draft_model import DraftModelStrategy
-    from orchestrator.strategies.easyspec import EasySpecStrategy
     from workers.loading import load_for_decoding, pick_device
     from workers.runner import ModelRunner
 
@@ -221,7 +218,9 @@ def profile_machine(cfg, log=print) -> dict:
     del model
     out["drafters"], out["draft_token_s"] = {}, {}
     for key, spec in cfg.models.drafters.items():
-        users = [s for s in cfg.strategies if isinstance(s, (DraftModelStrategy, EasySpecStrategy)) and s.drafter == key]
+        # Strategies that draft token by token with this one model (the simulator's per-token draft cost).
+        users = [s for s in cfg.strategies if s.drafter_models() == [key]
+                 and s.capacity_family() in ("draft_model", "hybrid", "easyspec")]
         if not users:
             continue
         dmodel, _ = load_for_decoding(spec.source, spec.dtype, device, spec.quantize, with_tokenizer=False)
@@ -237,7 +236,7 @@ def profile_machine(cfg, log=print) -> dict:
         out["drafters"][key] = {"source": spec.source, "quantize": spec.quantize, "step_s": _best_time(step, 5)}
         log(f"drafter {key}: forward T=1 {out['drafters'][key]['step_s'] * 1e3:.1f} ms")
         for s in users:
-            out["draft_token_s"][s.name] = draft_token_s(make_drafter(s, runner), vocab)
+            out["draft_token_s"][s.name] = draft_token_s(s.make_drafter(runner), vocab)
             log(f"  strategy {s.name}: {out['draft_token_s'][s.name] * 1e3:.1f} ms per drafted token")
         del dmodel, runner
     # Last: the served path loads the target again, in its actor (the models above are freed).

@@ -267,7 +267,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         if rep.drafter_shared:
             drafters = [verifier]
         else:
-            # A drafter actor batching concurrent drafts gathers like the verifier (workers/actors.py).
+            # A drafter actor batching concurrent drafts gathers like the verifier (orchestrator/drafter_worker.py).
             drafters = [BatchServer(sim, rep.draft_step, rep.drafter_max_batch,
                                     rep.batch_wait_s if rep.drafter_max_batch > 1 else 0.0, f"drafter-{i}", bus,
                                     rep.draft_shared_slowdown,

@@ -133,9 +133,8 @@ def test_checker_catches_a_violation_and_a_circle():
     assert layer_violations({"core.x": set()}, {"core.x": {"ray"}}) == ["core.x (core) imports ray"]
 
 
-# Modules that may still test for a strategy kind: the kinds' own modules, and the one left to the
-# owner of the capacity work (orchestrator/machine_profile.py picks the drafters it profiles).
-KIND_TESTS_ALLOWED = ("orchestrator.strategies", "orchestrator.machine_profile")
+# Modules that may test for a strategy kind: the kinds' own modules.
+KIND_TESTS_ALLOWED = ("orchestrator.strategies",)
 
 
 def kind_tests(path: Path) -> list[int]:
