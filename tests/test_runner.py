@@ -185,3 +185,11 @@ def test_kernel_choice_is_measured_once_per_machine_and_shapes(target_model, tmp
     assert stage.linear == first.linear and not stage.head
     monkeypatch.setenv("SPECORCH_KERNELS", "remeasure")
     assert ModelRunner(bf16).kernels.linear[1] == "linear_pair"
+
+
+def test_an_unwritable_kernel_cache_still_measures(target_model, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPECORCH_CACHE", str(blocker / "cache"))       # under a file: cannot be made
+    runner = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16))
+    assert runner.kernels.measured and runner.kernels.linear

@@ -190,9 +190,14 @@ def _cpu_name() -> str:
 
 
 def _stored(key: str, measure_now, path) -> KernelChoice:
-    """The choice stored under key, else measure_now() stored there (one process measures at a time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    """The choice stored under key, else measure_now() stored there (one process measures at a time).
+    Where the cache cannot be written, each process measures for itself."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except OSError:
+        return measure_now()
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             table = json.loads(path.read_text()) if path.exists() else {}
@@ -209,8 +214,11 @@ def _stored(key: str, measure_now, path) -> KernelChoice:
         choice = measure_now()
         table[key] = asdict(choice)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(table, indent=1))
+            tmp.replace(path)
+        except OSError:          # a full or read-only disk: the choice still serves this process
+            pass
         return choice
 
 
