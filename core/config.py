@@ -60,7 +60,25 @@ class NgramRange(Strict):
         return self
 
 
-DraftLength = Annotated[Union[FixedLength, AdaptiveLength, GoodputLength], Field(discriminator="policy")]
+class HeuristicLength(Strict):
+    """Hugging Face's assisted-generation schedule: +2 after a draft accepted whole, -1 otherwise."""
+    policy: Literal["heuristic"]
+    k_init: int = Field(5, ge=1, le=64, description="Draft length before anything is verified")
+    k_max: int = Field(64, ge=1, le=64, description="Upper bound on the draft length")
+
+
+class ThompsonLength(Strict):
+    """EESD's rule: per draft position, a rate drawn from a Beta posterior of the acceptance; draft on
+    while the draw beats `threshold`."""
+    policy: Literal["thompson"]
+    k_max: int = Field(16, ge=1, le=64, description="Upper bound on the draft length")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Draw needed to draft one more token")
+    prior_accepted: float = Field(1.0, gt=0.0, description="Beta prior: pseudo-count of accepted tokens")
+    prior_rejected: float = Field(1.0, gt=0.0, description="Beta prior: pseudo-count of rejections")
+
+
+DraftLength = Annotated[Union[FixedLength, AdaptiveLength, GoodputLength, HeuristicLength, ThompsonLength],
+                        Field(discriminator="policy")]
 
 
 class ModelsConfig(Strict):

@@ -83,3 +83,50 @@ class AdaptiveDraftLength(DraftLengthPolicy):
 
     def next_k(self) -> int:
         return self.k
+
+
+class HeuristicDraftLength(DraftLengthPolicy):
+    """Hugging Face's assisted-generation schedule ("heuristic"): two more tokens after a step whose
+    draft was accepted whole, one fewer otherwise (never below k_min). The common baseline."""
+
+    def __init__(self, k_init: int = 5, k_max: int = 64, k_min: int = 1):
+        self.k, self.k_max, self.k_min = k_init, k_max, k_min
+
+    def next_k(self) -> int:
+        return self.k
+
+    def observe(self, drafted, accepted, draft_s, verify_s):
+        if drafted == 0:
+            return
+        self.k = min(self.k_max, self.k + 2) if accepted >= drafted else max(self.k_min, self.k - 1)
+
+
+class ThompsonDraftLength(DraftLengthPolicy):
+    """EESD's stopping rule: a Beta(a, b) posterior of the per-token acceptance; for each next draft
+    position a rate is drawn from it, and drafting goes on while the draw beats `threshold`.
+
+    Drawing before drafting is the same as drawing after each drafted token: the posterior does not
+    change within a step (it learns from verification). The draws come from this policy's own
+    generator; draft lengths never change the output (every draft is verified), only its speed."""
+
+    def __init__(self, k_max: int = 16, threshold: float = 0.5, prior: tuple[float, float] = (1.0, 1.0),
+                 decay: float = 1.0, seed: int | None = None):
+        import random
+
+        self.k_max, self.threshold, self.decay = k_max, threshold, decay
+        self.a, self.b = prior
+        self._rng = random.Random(seed)
+
+    def next_k(self) -> int:
+        k = 0
+        while k < self.k_max and self._rng.betavariate(self.a, self.b) > self.threshold:
+            k += 1
+        return k
+
+    def observe(self, drafted, accepted, draft_s, verify_s):
+        if drafted == 0:
+            return
+        rejected = 1 if accepted < drafted else 0          # positions after the first rejection are unseen
+        self.a = self.decay * self.a + accepted
+        self.b = self.decay * self.b + rejected
+

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.config import AdaptiveLength, GoodputLength
-from core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from core.config import AdaptiveLength, GoodputLength, HeuristicLength, ThompsonLength
+from core.draft_length import AdaptiveDraftLength, FixedDraftLength, HeuristicDraftLength, ThompsonDraftLength
 from orchestrator.config import EngineConfig
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.goodput import GoodputDraftLength, GoodputScheduler
@@ -23,6 +23,11 @@ def policy_factory(spec, scheduler: GoodputScheduler | None = None, group: str =
     if isinstance(spec, GoodputLength):
         shared = scheduler or GoodputScheduler()
         return lambda: GoodputDraftLength(shared, k_max=spec.k_max, group=group)
+    if isinstance(spec, HeuristicLength):
+        return lambda: HeuristicDraftLength(k_init=spec.k_init, k_max=spec.k_max)
+    if isinstance(spec, ThompsonLength):
+        return lambda: ThompsonDraftLength(k_max=spec.k_max, threshold=spec.threshold,
+                                           prior=(spec.prior_accepted, spec.prior_rejected))
     return lambda: FixedDraftLength(spec.k)
 
 

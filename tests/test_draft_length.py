@@ -22,3 +22,84 @@ def test_adaptive_grows_with_good_cheap_drafts_and_stops_with_bad_costly_ones():
         bad.observe(k, 0, draft_s=0.05 * k, verify_s=0.1)
     assert 0 in ks[5:]                 # turns drafting off ...
     assert 1 in ks[-20:]               # ... but keeps probing now and then
+
+
+def test_hf_heuristic_adds_two_after_a_whole_acceptance_and_drops_one_otherwise():
+    from core.draft_length import HeuristicDraftLength
+
+    p = HeuristicDraftLength(k_init=5, k_max=9)
+    ks = []
+    for accepted_whole in (True, True, True, False, False, False, False, False, False):
+        k = p.next_k()
+        ks.append(k)
+        p.observe(k, k if accepted_whole else 0, 0.01, 0.1)
+    assert ks == [5, 7, 9, 9, 8, 7, 6, 5, 4]            # capped at k_max, -1 per partial acceptance
+    for _ in range(10):
+        p.observe(p.next_k(), 0, 0.01, 0.1)
+    assert p.next_k() == 1                             # never below k_min
+    p.observe(0, 0, 0.0, 0.1)                          # a step that drafted nothing teaches nothing
+    assert p.next_k() == 1
+
+
+def test_thompson_drafts_long_after_acceptances_and_short_after_rejections():
+    """EESD: the Beta posterior of acceptance decides token by token; a drafter always accepted drafts
+    near k_max, one always rejected near 0 (and, with draws, still now and then: it keeps learning)."""
+    import statistics
+
+    from core.draft_length import ThompsonDraftLength
+
+    good, bad = ThompsonDraftLength(k_max=10, seed=1), ThompsonDraftLength(k_max=10, seed=2)
+    for _ in range(50):
+        good.observe(good.next_k() or 1, 10, 0.01, 0.1)      # everything drafted was accepted
+        k = bad.next_k()
+        bad.observe(k or 1, 0, 0.01, 0.1)                    # the first position is always rejected
+    assert good.a > 50 and bad.b > 40
+    assert statistics.mean(good.next_k() for _ in range(200)) > 8
+    assert statistics.mean(bad.next_k() for _ in range(200)) < 0.2
+    # The same posterior and seed give the same lengths: the policy's draws are its own stream.
+    a, b = ThompsonDraftLength(seed=7), ThompsonDraftLength(seed=7)
+    assert [a.next_k() for _ in range(20)] == [b.next_k() for _ in range(20)]
+
+
+def test_the_new_policies_load_from_yaml_and_build(tmp_path):
+    from orchestrator.build import policy_factory
+    from orchestrator.config import load_config
+    from core.draft_length import HeuristicDraftLength, ThompsonDraftLength
+
+    src = (tmp_path / "c.yaml")
+    src.write_text("""
+name: t
+models: {target: {source: smollm2-135m, dtype: float32}, drafters: {d: {source: smollm2-135m, dtype: float32}}}
+strategies:
+  - {name: sd-hf, kind: draft_model, drafter: d, draft_length: {policy: heuristic, k_init: 3}}
+  - {name: sd-ts, kind: draft_model, drafter: d, draft_length: {policy: thompson, threshold: 0.6}}
+""")
+    cfg = load_config(src)
+    hf, ts = (policy_factory(s.draft_length)() for s in cfg.strategies)
+    assert isinstance(hf, HeuristicDraftLength) and hf.next_k() == 3
+    assert isinstance(ts, ThompsonDraftLength) and ts.threshold == 0.6
+    assert cfg.strategies[0].capacity_gamma() == 3 and 1 <= cfg.strategies[1].capacity_gamma() <= 16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(src.read_text().replace("threshold: 0.6", "threshold: 1.5"))
+    try:
+        load_config(bad)
+    except Exception as e:       # ConfigError naming the file and the key
+        assert "threshold" in str(e) and "bad.yaml" in str(e)
+    else:
+        raise AssertionError("a threshold of 1.5 must be refused")
+
+
+def test_heuristic_and_thompson_lengths_keep_greedy_output_equal_to_plain(target_model, draft_model, prompts):
+    from core.draft_length import HeuristicDraftLength, ThompsonDraftLength
+    from orchestrator.engine import SpeculativeEngine
+    from tests.drafting import assert_drafted
+    from workers.drafters import DraftModelDrafter
+    from workers.runner import ModelRunner
+
+    target = ModelRunner(target_model)
+    expected = [SpeculativeEngine(target).generate(p, 24).tokens for p in prompts]
+    drafter = DraftModelDrafter(ModelRunner(draft_model))
+    for make in (lambda: HeuristicDraftLength(k_init=3), lambda: ThompsonDraftLength(k_max=6, seed=0)):
+        results = [SpeculativeEngine(target, drafter, make).generate(p, 24) for p in prompts]
+        assert [r.tokens for r in results] == expected
+        assert_drafted(results)

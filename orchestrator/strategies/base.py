@@ -106,8 +106,13 @@ class StrategyConfig(Strict):
         dl = self.draft_length
         if dl.policy == "fixed":
             return dl.k
-        if dl.policy == "adaptive":
+        if dl.policy in ("adaptive", "heuristic"):
             return dl.k_init
+        if dl.policy == "thompson":       # the expected run of prior draws above the threshold, at least 1
+            import random
+            rng = random.Random(0)
+            p = sum(rng.betavariate(dl.prior_accepted, dl.prior_rejected) > dl.threshold for _ in range(2000)) / 2000
+            return max(1, min(dl.k_max, round(p / (1 - p)) if p < 1 else dl.k_max))
         return dl.k_max   # goodput: its longest draft; the simulation runs the scheduler (placement/simulate.py)
 
     def review_chunk(self) -> float:
