@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orchestrator.engine import tree_attention
-from workers.kernels import LINEAR_KERNELS, QUERY_BUCKETS, ROW_BUCKETS, KernelChoice, bucket, fastest
+from workers.kernels import LINEAR_KERNELS, ROW_BUCKETS, KernelChoice, bucket, fastest
 from workers.runner import ModelRunner, _linear
 
 
@@ -118,6 +118,13 @@ def test_kernel_choice_takes_the_fastest_per_bucket():
     assert choice.linear_kernel(1, head=True) == "weight_major"
     assert choice.linear_kernel(10_000) == "linear"        # past the last bucket: a GEMM
     assert bucket(3, (1, 2, 4)) == 4 and bucket(5, (1, 2, 4)) is None
+    derived = KernelChoice.from_timings({"linear": timings, "attention": {1: {"native": 0.2, "float32": 0.1}},
+                                         "int8": {1: {"int8pack": 1.0, "dequant": 2.0},
+                                                  256: {"int8pack": 9.0, "dequant": 3.0}}})
+    assert derived.linear == {1: "linear_pair", 2: "linear"} and derived.attention_fp32
+    assert derived.int8_kernel(1) == "int8pack" and derived.int8_kernel(200) == "dequant"
+    assert derived.int8_kernel(10_000) == "dequant"        # past the last bucket: the last one's choice
+    assert not KernelChoice.from_timings({"attention": {1: {"native": 0.1, "float32": 0.2}}}).attention_fp32
 
 
 def test_float32_keeps_hf_kernels_and_reduced_precision_is_measured(target_model):
@@ -128,9 +135,8 @@ def test_float32_keeps_hf_kernels_and_reduced_precision_is_measured(target_model
     assert set(runner.kernels.linear) == set(ROW_BUCKETS) and set(runner.kernels.head) == set(ROW_BUCKETS)
     for rows, per in runner.kernels.timings["linear"].items():
         assert runner.kernels.linear[rows] == min(per, key=per.get)
-    # attention: one precision for every query count (verification computes it as decoding does)
-    assert len(set(runner.kernels.attention_fp32.values())) == 1 and set(runner.kernels.attention_fp32) == set(
-        QUERY_BUCKETS)
+    att = runner.kernels.timings["attention"][1]
+    assert runner.kernels.attention_fp32 == (att["float32"] < att["native"])
 
 
 @pytest.mark.parametrize("kernel", LINEAR_KERNELS)
@@ -140,7 +146,7 @@ def test_bf16_forward_many_with_each_kernel_is_close_to_float32(target_model, pr
     ref_runner = ModelRunner(target_model)
     runner = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16))
     runner.kernels = KernelChoice(linear={b: kernel for b in ROW_BUCKETS}, head={b: kernel for b in ROW_BUCKETS},
-                                  attention_fp32={b: upcast for b in QUERY_BUCKETS}, measured=True)
+                                  attention_fp32=upcast, measured=True)
     reqs, refs = [], []
     for p in prompts[:3]:
         c, rc = runner.new_cache(1, 64), ref_runner.new_cache(1, 64)
@@ -172,11 +178,10 @@ def test_kernel_choice_is_measured_once_per_machine_and_shapes(target_model, tmp
     monkeypatch.setenv("SPECORCH_CACHE", str(tmp_path))
     picks = iter(["linear", "weight_major", "linear_pair", "linear"])
 
-    def fake_measure(weights, head, *a, with_attention=True, **kw):
+    def fake_timing(buckets, operands, candidates, run, *a, **kw):     # each call: another kernel "wins"
         kind = next(picks)
-        return KernelChoice(linear={b: kind for b in ROW_BUCKETS} if weights else {},
-                            head={b: kind for b in ROW_BUCKETS} if head is not None else {}, measured=True)
-    monkeypatch.setattr(kernels, "measure", fake_measure)
+        return {b: {k: 0.0 if k == kind else 1.0 for k in LINEAR_KERNELS} for b in ROW_BUCKETS}
+    monkeypatch.setattr(kernels, "time_candidates", fake_timing)
     bf16 = copy.deepcopy(target_model).to(torch.bfloat16)
     first, again = ModelRunner(bf16).kernels, ModelRunner(bf16).kernels
     assert first.linear == again.linear and first.head == again.head

@@ -11,10 +11,10 @@ the fastest per row-count bucket.
 float32 always uses `linear` and native attention, so float32 numerics stay HF's
 exactly (the lossless tests compare against HF's own forward); GPUs keep the defaults.
 
-A choice is measured once per machine and shape set and kept in `<cache root>/kernels.json`
-(under a file lock): every process of a deployment (pipeline stages, drafter actors, the next
-run) then computes with the same kernels, so bf16 results do not change with the timing noise
-of one start-up. `SPECORCH_KERNELS=remeasure` measures again; `default` measures nothing and
+The timings are taken once per machine and shape set and kept in `<cache root>/kernels.json`
+(under a file lock); the choice is derived from them. Every process of a deployment (pipeline
+stages, drafter actors, the next run) then computes with the same kernels, so bf16 results do
+not change with the timing noise of one start-up. `SPECORCH_KERNELS=remeasure` measures again; `default` measures nothing and
 uses fixed defaults.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +35,15 @@ import torch.nn.functional as F
 # on the EPYC, its two-row GEMM at 34 GB/s).
 LINEAR_KERNELS = ("linear", "weight_major", "linear_pair")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)          # above the last: `linear` (a GEMM, oneDNN's home ground)
-QUERY_BUCKETS = (1, 4, 16)                      # new tokens per sequence in one attention call
 # int8 weight-only layers (workers/quantize.py): int8pack (torch._weight_int8pack_mm, a GEMV per row: its
 # time grows with the rows) or dequant (widen the weight, then one bf16 GEMM: a fixed cost, then cheap
 # rows). Measured here on one thread: 0.11 vs 1.26 ms at 1 row, 15.5 vs 7.2 ms at 300 (a prefill).
 INT8_KERNELS = ("int8pack", "dequant")
 INT8_BUCKETS = (1, 8, 32, 64, 128, 256)         # above the last: the last one's choice
-TABLE_VERSION = 2                               # part of a stored choice's key: a new rule measures again
+TABLE_VERSION = 3                               # part of a stored entry's key: a new rule measures again
 MEASURE_ENV = "SPECORCH_KERNELS"                # "default": skip measuring, use the fixed defaults
+
+Timings = dict  # bucket -> {kernel: seconds}
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int | None:
@@ -53,55 +54,49 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return None
 
 
-def fastest(timings: dict[int, dict[str, float]]) -> dict[int, str]:
+def fastest(timings: Timings) -> dict[int, str]:
     """Per bucket, the candidate with the least seconds."""
     return {b: min(per, key=per.get) for b, per in timings.items()}
 
 
 @dataclass
 class KernelChoice:
-    """What a runner uses per shape; `timings` keeps what the choice was made from."""
+    """What a runner uses per shape (derived from `timings`, kept to show what it was made from)."""
 
     linear: dict[int, str] = field(default_factory=dict)          # row bucket -> LINEAR_KERNELS member
     head: dict[int, str] = field(default_factory=dict)            # the same for the output head
-    attention_fp32: dict[int, bool] = field(default_factory=dict)  # query bucket -> compute in float32
     int8: dict[int, str] = field(default_factory=dict)            # row bucket -> INT8_KERNELS member
-    timings: dict[str, dict] = field(default_factory=dict)
+    # Attention in float32 for every query count, decided on one query (decoding): a verification
+    # forward then computes attention as plain decoding does, so bf16 outputs of speculation and of
+    # plain decoding part only where matmuls round apart.
+    attention_fp32: bool = False
+    timings: dict[str, Timings] = field(default_factory=dict)
     measured: bool = False
+
+    @classmethod
+    def from_timings(cls, timings: dict[str, Timings]) -> "KernelChoice":
+        att = timings.get("attention", {}).get(1)
+        return cls(linear=fastest(timings.get("linear", {})), head=fastest(timings.get("head", {})),
+                   int8=fastest(timings.get("int8", {})),
+                   attention_fp32=bool(att) and att["float32"] < att["native"], timings=timings, measured=True)
 
     def linear_kernel(self, rows: int, head: bool = False) -> str:
         b = bucket(rows, ROW_BUCKETS)
         return (self.head if head else self.linear).get(b, "linear") if b is not None else "linear"
 
     def int8_kernel(self, rows: int) -> str:
-        if not self.int8:
-            return "int8pack"
         b = bucket(rows, INT8_BUCKETS)
         return self.int8.get(b if b is not None else INT8_BUCKETS[-1], "int8pack")
-
-    def upcast_attention(self, queries: int) -> bool:
-        b = bucket(queries, QUERY_BUCKETS)
-        return b is not None and self.attention_fp32.get(b, False)
 
     def describe(self) -> str:
         if not self.measured:
             return "fixed defaults (linear, native attention)"
         lin = ", ".join(f"{b}: {k}" for b, k in sorted(self.linear.items()))
         head = ", ".join(f"{b}: {k}" for b, k in sorted(self.head.items()))
-        att = ", ".join(f"{b}: {'float32' if up else 'native'}" for b, up in sorted(self.attention_fp32.items()))
         int8 = ", ".join(f"{b}: {k}" for b, k in sorted(self.int8.items()))
-        return (f"layer linears by rows [{lin}]; output head by rows [{head}]; attention by queries [{att}]"
+        return (f"layer linears by rows [{lin}]; output head by rows [{head}]; attention in "
+                f"{'float32' if self.attention_fp32 else 'the model dtype'}"
                 + (f"; int8 layers by rows [{int8}]" if int8 else ""))
-
-
-def _best_seconds(fn, reps: int) -> float:
-    fn()                                         # warm-up: first calls pay allocation and dispatch
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def matmul(x2d: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -120,28 +115,6 @@ def int8_matmul(x2d: torch.Tensor, w8: torch.Tensor, scales: torch.Tensor, kerne
     return torch._weight_int8pack_mm(x2d.contiguous(), w8, scales)
 
 
-def time_int8(layers: list, dtype, device, reps: int = 2) -> dict[int, dict[str, float]]:
-    """Seconds per row bucket and int8 kernel, summed over int8 layers (weight_int8, weight_scales)."""
-    timings = {}
-    for rows in INT8_BUCKETS if layers else ():
-        xs = [torch.randn(rows, m.weight_int8.shape[1], dtype=dtype, device=device) for m in layers]
-        timings[rows] = {k: sum(_best_seconds(lambda x=x, m=m, k=k: int8_matmul(x, m.weight_int8, m.weight_scales, k),
-                                              reps) for x, m in zip(xs, layers))
-                         for k in INT8_KERNELS}
-    return timings
-
-
-def _time_kernels(weights: list[torch.Tensor], dtype, device, reps: int) -> dict[int, dict[str, float]]:
-    """Seconds per row bucket and kernel, summed over the weights."""
-    timings = {}
-    for rows in ROW_BUCKETS if weights else ():
-        xs = [torch.randn(rows, w.shape[1], dtype=dtype, device=device) for w in weights]
-        kernels = LINEAR_KERNELS if rows == 1 else LINEAR_KERNELS[:2]
-        timings[rows] = {k: sum(_best_seconds(lambda x=x, w=w, k=k: matmul(x, w, k), reps) for x, w in zip(xs, weights))
-                         for k in kernels}
-    return timings
-
-
 def attention(q, k, v, mask, scale: float, gqa: bool, upcast: bool) -> torch.Tensor:
     """sdpa over q [b, heads, T, hd] and k/v [b, kv_heads, S, hd]; upcast: in float32, result cast back."""
     if not upcast:
@@ -151,31 +124,37 @@ def attention(q, k, v, mask, scale: float, gqa: bool, upcast: bool) -> torch.Ten
     return out.to(q.dtype)
 
 
-def measure(weights: list[torch.Tensor], head: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int,
-            dtype: torch.dtype, device: torch.device, reps: int = 3, context: int = 256,
-            with_attention: bool = True) -> KernelChoice:
-    """Time every candidate on these weights (one layer's) and the output head, and on attention
-    shapes; pick the fastest per bucket.
+# ------------------------------------------------------------------ timing
+def _best_seconds(fn, reps: int) -> float:
+    fn()                                         # warm-up: first calls pay allocation and dispatch
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
-    weights: [out, in] matrices in `dtype` on `device` (none for int8 layers, whose kernel is fixed).
-    Seconds are summed over the weights: the choice is the fastest for the layer as a whole.
-    """
-    lin = _time_kernels(weights, dtype, device, reps)
-    head_t = _time_kernels([head] if head is not None else [], dtype, device, 2)
-    att: dict[int, dict[str, float]] = {}
+
+def time_candidates(buckets, operands, candidates, run, dtype, device, reps: int = 3) -> Timings:
+    """Seconds per bucket and candidate, summed over operands (a layer's weights): per bucket b,
+    run(x, operand, kernel) on an input x [b, operand's input width]. candidates(b) lists the kernels."""
+    timings = {}
+    for rows in buckets if operands else ():
+        xs = [torch.randn(rows, width, dtype=dtype, device=device) for width, _ in operands]
+        timings[rows] = {k: sum(_best_seconds(lambda x=x, op=op, k=k: run(x, op, k), reps)
+                                for x, (_, op) in zip(xs, operands))
+                         for k in candidates(rows)}
+    return timings
+
+
+def time_attention(heads: int, kv_heads: int, head_dim: int, dtype, device, context: int = 256,
+                   reps: int = 9) -> Timings:
+    """Seconds of one query's attention over `context` cached tokens, native and in float32."""
+    q = torch.randn(1, heads, 1, head_dim, dtype=dtype, device=device)
     kv = torch.randn(1, kv_heads, context, head_dim, dtype=dtype, device=device)
-    for t in QUERY_BUCKETS if with_attention else ():
-        q = torch.randn(1, heads, t, head_dim, dtype=dtype, device=device)
-        mask = torch.ones(1, 1, t, context, dtype=torch.bool, device=device).tril(context - t)
-        att[t] = {kind: _best_seconds(lambda up=kind == "float32": attention(q, kv, kv, mask, head_dim ** -0.5,
-                                                                               heads != kv_heads, up), reps * 3)
-                  for kind in ("native", "float32")}
-    return KernelChoice(linear=fastest(lin), head=fastest(head_t),
-                        # One precision for every query count, the one-query (decode) winner's: a
-                        # verification forward then computes attention as plain decoding does, so bf16
-                        # outputs of speculation and of plain decoding part only where matmuls round apart.
-                        attention_fp32={t: fastest(att)[1] == "float32" for t in att} if att else {},
-                        timings={"linear": lin, "head": head_t, "attention": att}, measured=True)
+    return {1: {kind: _best_seconds(lambda up=kind == "float32": attention(q, kv, kv, None, head_dim ** -0.5,
+                                                                            heads != kv_heads, up), reps)
+                for kind in ("native", "float32")}}
 
 
 def _cpu_name() -> str:
@@ -189,14 +168,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _stored(key: str, measure_now, path) -> KernelChoice:
-    """The choice stored under key, else measure_now() stored there (one process measures at a time).
+def _stored(key: str, time_now, path) -> Timings:
+    """The timings stored under key, else time_now() stored there (one process measures at a time).
     Where the cache cannot be written, each process measures for itself."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_suffix(".lock"), "w")
     except OSError:
-        return measure_now()
+        return time_now()
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -204,27 +183,21 @@ def _stored(key: str, measure_now, path) -> KernelChoice:
         except (OSError, ValueError):
             table = {}
         if key in table and os.environ.get(MEASURE_ENV) != "remeasure":
-            d = table[key]
-            return KernelChoice(linear={int(b): k for b, k in d["linear"].items()},
-                                head={int(b): k for b, k in d["head"].items()},
-                                attention_fp32={int(b): v for b, v in d["attention_fp32"].items()},
-                                int8={int(b): k for b, k in d.get("int8", {}).items()},
-                                timings={kind: {int(b): per for b, per in by.items()}
-                                         for kind, by in d.get("timings", {}).items()}, measured=True)
-        choice = measure_now()
-        table[key] = asdict(choice)
+            return {int(b): per for b, per in table[key].items()}       # JSON keys are strings
+        timings = time_now()
+        table[key] = timings
         tmp = path.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps(table, indent=1))
             tmp.replace(path)
-        except OSError:          # a full or read-only disk: the choice still serves this process
+        except OSError:          # a full or read-only disk: the timings still serve this process
             pass
-        return choice
+        return timings
 
 
 def choose_for(runner) -> KernelChoice:
-    """A runner's choice: measured for reduced precision on the CPU (once per machine and shapes, then
-    read back), fixed defaults otherwise."""
+    """A runner's choice: from timings on this CPU for reduced precision (taken once per machine and
+    shapes, then read back), fixed defaults otherwise."""
     from workers.model_store import cache_root
 
     dtype, device = runner.dtype, runner.device
@@ -234,35 +207,34 @@ def choose_for(runner) -> KernelChoice:
         return KernelChoice(linear={b: "weight_major" for b in ROW_BUCKETS},
                             head={b: "weight_major" for b in ROW_BUCKETS})
     layer = runner.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    weights = [m.weight for m in (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.down_proj)
-               if getattr(m, "weight_int8", None) is None and m.weight.dtype == dtype]
-    head = runner.lm_head.weight if runner.last_stage else None
-    if head is not None and (getattr(runner.lm_head, "weight_int8", None) is not None or head.dtype != dtype):
-        head = None
+    linears = (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj)
+    dense = [(m.weight.shape[1], m.weight) for m in linears if getattr(m, "weight_int8", None) is None]
+    int8 = [(m.weight_int8.shape[1], m) for m in linears if getattr(m, "weight_int8", None) is not None]
+    head = runner.lm_head if runner.last_stage and getattr(runner.lm_head, "weight_int8", None) is None else None
     machine = [TABLE_VERSION, _cpu_name(), torch.__version__, torch.get_num_threads(), str(dtype)]
-    dims = (runner.num_heads, runner.num_kv_heads, runner.head_dim)
     path = cache_root() / "kernels.json"
 
-    def stored(what, shapes, measure_now):
-        key = hashlib.sha1(json.dumps(machine + [what, shapes, list(dims)]).encode()).hexdigest()
+    def stored(part: str, shapes, time_now) -> Timings:
+        key = hashlib.sha1(json.dumps(machine + [part, shapes]).encode()).hexdigest()
         with torch.inference_mode():
-            return _stored(key, measure_now, path)
+            return _stored(key, time_now, path)
 
-    # Layers and output head apart, so a pipeline stage without the head (or with it) and the whole
-    # model share each choice.
-    layers = stored("layers", [list(w.shape) for w in weights],
-                    lambda: measure(weights, None, *dims, dtype, device))
-    int8_layers = [m for m in (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.down_proj)
-                   if getattr(m, "weight_int8", None) is not None]
-    if int8_layers:
-        timed = stored("int8", [list(m.weight_int8.shape) for m in int8_layers],
-                       lambda: KernelChoice(timings={"int8": time_int8(int8_layers, dtype, device)}, measured=True))
-        int8_t = timed.timings["int8"]
-        layers = KernelChoice(linear=layers.linear, attention_fp32=layers.attention_fp32, int8=fastest(int8_t),
-                              timings={**layers.timings, "int8": int8_t}, measured=True)
-    if head is None:
-        return layers
-    out = stored("head", list(head.shape), lambda: measure([], head, *dims, dtype, device, with_attention=False))
-    return KernelChoice(linear=layers.linear, head=out.head, attention_fp32=layers.attention_fp32, int8=layers.int8,
-                        timings={**layers.timings, "head": out.timings.get("head", {})}, measured=True)
+    dense_kernels = lambda rows: LINEAR_KERNELS if rows == 1 else LINEAR_KERNELS[:2]  # noqa: E731 (pair: 1 row)
+    run_dense = lambda x, w, k: matmul(x, w, k)                                        # noqa: E731
+    # Each part apart, so a pipeline stage with or without the output head shares the whole model's choice.
+    timings = {
+        "linear": stored("linear", [list(w.shape) for _, w in dense], lambda: time_candidates(
+            ROW_BUCKETS, dense, dense_kernels, run_dense, dtype, device)),
+        "attention": stored("attention", [runner.num_heads, runner.num_kv_heads, runner.head_dim],
+                            lambda: time_attention(runner.num_heads, runner.num_kv_heads, runner.head_dim,
+                                                   dtype, device)),
+    }
+    if int8:
+        timings["int8"] = stored("int8", [list(m.weight_int8.shape) for _, m in int8], lambda: time_candidates(
+            INT8_BUCKETS, int8, lambda rows: INT8_KERNELS,
+            lambda x, m, k: int8_matmul(x, m.weight_int8, m.weight_scales, k), dtype, device, reps=2))
+    if head is not None:
+        w = head.weight
+        timings["head"] = stored("head", list(w.shape), lambda: time_candidates(
+            ROW_BUCKETS, [(w.shape[1], w)], dense_kernels, run_dense, dtype, device, reps=2))
+    return KernelChoice.from_timings(timings)

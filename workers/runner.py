@@ -368,7 +368,7 @@ class ModelRunner:
             kc[ctx.batch_idx, :, ctx.slots] = k.transpose(1, 2)
             vc[ctx.batch_idx, :, ctx.slots] = v.transpose(1, 2)
         return attention(q, kc[:, :, :ctx.end], vc[:, :, :ctx.end], ctx.mask, attn.scaling,
-                         self.num_kv_heads != self.num_heads, self.kernels.upcast_attention(t))  # [batch, heads, T, hd]
+                         self.num_kv_heads != self.num_heads, self.kernels.attention_fp32)  # [batch, heads, T, hd]
 
     def _mlp(self, li: int, hidden: torch.Tensor) -> torch.Tensor:
         layer, kernel = self.layers[li], self._kernel(hidden)
