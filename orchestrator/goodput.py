@@ -309,10 +309,6 @@ class GoodputScheduler:
         self._probe_s = 0.0                 # drafting seconds of the probe in flight (0: none)
         self._prober: int | None = None     # the request whose probe is in flight
 
-    @property
-    def draft_token_s(self) -> float:
-        return self.draft_cost.per_token_s
-
     # ------------------------------------------------------------ requests
     def pooled(self, group: str) -> tuple[AcceptanceEstimate, AcceptanceEstimate]:
         """The pooled (model, free) acceptance of a strategy's requests, made on first use."""
