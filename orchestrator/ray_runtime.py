@@ -387,15 +387,12 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
 
 def _tokenizer_and_meta(source: str, dtype: str):
     """The target's tokenizer and config without loading its weights into this process."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
-    from workers.model_store import resolve_model_path
+    from workers.model_store import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(source, DTYPES[dtype])
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
-        tokenizer = None      # tiny test models have no tokenizer; token-id requests still work
+    tokenizer = load_tokenizer(path)
     try:
         gen = GenerationConfig.from_pretrained(path, local_files_only=True)
     except OSError:

@@ -339,15 +339,22 @@ def load_model(spec: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
     For GGUF-backed specs the cache is per dtype, so asking for float32 converts a float32 copy
     from the GGUF (exact de-quantised values) instead of up-casting the bf16 one.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec, dtype, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    # A directory saved without a tokenizer (tiny test models) serves token-id requests only.
-    has_tokenizer = Path(path).is_dir() and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
-    tokenizer = (AutoTokenizer.from_pretrained(path, local_files_only=True)
-                 if with_tokenizer and (has_tokenizer or not Path(path).is_dir()) else None)
-    return model.eval().to(device), tokenizer
+    return model.eval().to(device), load_tokenizer(path) if with_tokenizer else None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: Path | str):
+    """The tokenizer saved with a resolved model, or None for a directory saved without one (tiny test
+    models serve token-id requests only). Asked anyway, transformers builds a default tokenizer of one
+    token whose end-of-sequence id is 0, and decoding would stop at token 0."""
+    from transformers import AutoTokenizer
+
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
