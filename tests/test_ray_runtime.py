@@ -43,6 +43,9 @@ def config_file(root, stages: int, transport: str = "auto", tp: int = 1):
             {"name": "sd-k3", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "fixed", "k": 3}},
             {"name": "pld-tree", "kind": "prompt_lookup", "max_ngram": 2, "num_candidates": 3,
              "draft_length": {"policy": "fixed", "k": 4}},
+            # A hybrid: its lookup runs beside the engine, its model drafts in the drafter actor.
+            {"name": "sd-hybrid", "kind": "draft_model", "drafter": "d",
+             "lookup_first": {"max_ngram": 2, "min_ngram": 2, "k": 5}, "draft_length": {"policy": "fixed", "k": 3}},
         ],
         "runtime": {"device": "cpu", "threads": 1},
         "node_pools": [{"name": "local", "count": 1, "cpus": 4, "memory_gb": 8}],
@@ -96,6 +99,32 @@ def test_pipeline_split_target_equals_one_process_target(models, ray_local):
             runtime.shutdown()
         names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
         assert not names & set(runtime.actors), "actors left behind after shutdown"
+
+
+def test_hybrid_copies_beside_the_engine_and_drafts_in_the_actor(models, ray_local):
+    """Through Ray a hybrid's context lookup runs in the engine's process and its model drafts in the
+    drafter actor (a session opened at the first model draft); the output is plain decoding's."""
+    root, target_model = models
+    local = SpeculativeEngine(ModelRunner(target_model), eos_token_ids=(95,))
+    prompts = PROMPTS + [[40, 41, 42, 43, 44, 45, 46, 47]]      # no repeated 2-gram: the model drafts
+    expected = [local.generate(p, MAX_NEW).tokens for p in prompts]
+    cfg = config_file(root, 1)
+    built, runtime = place(cfg, plan_placement(cfg), name="test-hybrid")
+    try:
+        from orchestrator.ray_runtime import RemoteDrafter
+        from workers.drafters import PromptLookupDrafter
+
+        drafter = built.engines["sd-hybrid"].drafter
+        assert isinstance(drafter.lookup, PromptLookupDrafter) and isinstance(drafter.model, RemoteDrafter)
+        runs = [built.engines["sd-hybrid"].generate(p, MAX_NEW) for p in prompts]
+        assert [r.tokens for r in runs] == expected
+        assert_drafted(runs, accepted=True)
+        assert ray.get(runtime.actors["drafter-cpu-0"].draft_batches.remote())["batches"] > 0, \
+            "the drafter actor never drafted"
+        lengths = {k for r in runs for k in r.stats.draft_lengths}
+        assert lengths & {4, 5}, f"no lookup draft (up to 5 tokens; the model drafts 3): {lengths}"
+    finally:
+        runtime.shutdown()
 
 
 def test_global_verifier_over_pipeline_actors(models, ray_local):
