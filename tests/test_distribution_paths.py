@@ -307,6 +307,9 @@ ray = pytest.importorskip("ray")
 RAY_STRATEGIES = [
     {"name": "sd", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "cascade1", "kind": "cascade", "drafters": ["d"], "k_matrix": [[2, 1], [0, 2]]},
+    # a hybrid: lookup beside the engine, the model in the drafter actor
+    {"name": "hybrid", "kind": "draft_model", "drafter": "d", "lookup_first": {"max_ngram": 2, "min_ngram": 2, "k": 3},
+     "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "easyspec-2workers", "kind": "easyspec", "drafter": "d", "groups": [[0, 1]], "workers": 2,
      "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "duo-actor-multi", "process": "actor", "multi_sequence": True, "top_alternatives": 2, **DUO},
