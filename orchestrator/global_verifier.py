@@ -163,23 +163,26 @@ class GlobalVerifier:
     def _run(self, batch: list[_Item]) -> None:
         t0 = time.perf_counter()
         monitoring.record_verify_batch(len(batch), self._queue.qsize() + len(self._held))
+        outs = None
         with self._busy.busy():
             try:
                 outs = self.runner.forward_many([it.as_request() for it in batch])
-                for it, out in zip(batch, outs):
-                    it.future.set_result(out)
             except Exception:  # noqa: BLE001 - isolate the failing request, the others go on
                 for it in batch:
-                    if it.future.done():
-                        continue
                     try:
                         it.future.set_result(self.runner.forward_many([it.as_request()])[0])
                     except Exception as exc:  # noqa: BLE001
                         it.future.set_exception(exc)
         self._last_forward_s = time.perf_counter() - t0
         tokens = sum(int(it.input_ids.shape[1]) for it in batch)   # forward_many packs rows, no padding
-        for observe in self.observers:
-            observe(len(batch), tokens, self._last_forward_s)
+        # Observers first, then the answers: the requests' next steps then plan with this forward known.
+        try:
+            for observe in self.observers:
+                observe(len(batch), tokens, self._last_forward_s)
+        finally:
+            if outs is not None:
+                for it, out in zip(batch, outs):
+                    it.future.set_result(out)
         s = self.stats
         s.batches += 1
         s.rows += len(batch)

@@ -34,6 +34,7 @@ import threading
 from dataclasses import dataclass, field
 
 from core.draft_length import DraftLengthPolicy
+from orchestrator.goodput_guard import ModeGuard
 
 
 # Decode-step shapes (requests, tokens each) the start-up profile times (machine_profile.profile_step_cost;
@@ -274,6 +275,8 @@ class SchedulerStats:
     measured_step_s: float = 0.0
     predicted_goodput: float = 0.0
     forwards: int = 0
+    speculation_held_back: bool = False     # the model's plan drafts; the guard measured drafting losing
+    measured_goodput: float = 0.0           # tokens/s the guard measured for the mode now running
 
 
 class GoodputScheduler:
@@ -282,11 +285,18 @@ class GoodputScheduler:
     forward through `observe_forward` (orchestrator/global_verifier.py's observers)."""
 
     def __init__(self, cost: StepCostModel | None = None, probe_every: int = 16, min_gain: float = 0.1,
-                 uniform: bool = True):
-        """uniform: one draft length for all drafting requests (module doc)."""
+                 uniform: bool = True, guard: ModeGuard | None = None, max_probe_every: int = 256):
+        """uniform: one draft length for all drafting requests (module doc). guard: the measured check on
+        the model's plans (orchestrator/goodput_guard.py), used once a verifier reports forwards; None =
+        a default ModeGuard on the wall clock. Probes back off from probe_every to max_probe_every
+        forwards while they do not turn the plan to drafting."""
         self.cost = cost or StepCostModel()
         self.uniform = uniform
         self.probe_every = probe_every
+        self.max_probe_every = max(max_probe_every, probe_every)
+        self._probe_interval = probe_every
+        self.guard = guard or ModeGuard()
+        self._held_back = False             # the model's plan drafts but the guard measured it losing
         self.min_gain = min_gain
         self.stats = SchedulerStats()
         self._lock = threading.Lock()
@@ -349,6 +359,16 @@ class GoodputScheduler:
         ks, goodput = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict,
                                            self.draft_cost.per_token_s, round(self._other_rows), self.min_gain,
                                            self.uniform, self.draft_cost.fixed_s)
+        wants = any(ks)
+        if wants:
+            self._probe_interval = self.probe_every     # drafting pays again: probes at the base rate
+        # With a verifier the model's plan runs only where drafting has been measured to win at this load.
+        self._held_back = (self.forward_source
+                           and not self.guard.allow_speculation(len(ids) + self._other_rows, wants) and wants)
+        if self._held_back:
+            ks = [0] * len(ks)
+        self.stats.speculation_held_back = self._held_back
+        self.stats.measured_goodput = self.guard.measured_rate(len(ids) + self._other_rows)
         self._plan = dict(zip(ids, ks))
         self._plan_draft_s = self.draft_cost.seconds(max(ks, default=0))
         # Free drafts (context lookup): no drafter time, their own acceptance and length bound, and per
@@ -380,9 +400,12 @@ class GoodputScheduler:
         verifier waits for it (draft_wait_s): a batch that left the prober behind would cost a forward
         of its own."""
         with self._lock:
-            if self._since_probe < self.probe_every:
+            # No probe while the guard holds a drafting plan back (acceptance is not what is in doubt), and
+            # each probe that did not turn the plan to drafting doubles the wait for the next.
+            if self._held_back or self._since_probe < self._probe_interval:
                 return False
             self._since_probe = 0
+            self._probe_interval = min(2 * self._probe_interval, self.max_probe_every)
             self._probe_s, self._prober = self.draft_cost.seconds(k), rid
             return True
 
@@ -402,6 +425,7 @@ class GoodputScheduler:
             self.cost.observe(rows, tokens, seconds)
             self._since_probe += 1
             self._other_rows = 0.9 * self._other_rows + 0.1 * max(rows - len(self._requests), 0)
+            self.guard.on_forward(len(self._requests) + self._other_rows)
             self.stats.forwards += 1
             self.stats.measured_step_s = seconds
             self._dirty = True
@@ -409,6 +433,7 @@ class GoodputScheduler:
     def observe_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float,
                      rid: int | None = None) -> None:
         with self._lock:
+            self.guard.add_tokens(accepted + 1)
             if rid is not None and rid == self._prober:     # the probe has been verified
                 self._probe_s, self._prober = 0.0, None
             if drafted > 0:
@@ -457,6 +482,7 @@ class GoodputDraftLength(DraftLengthPolicy):
     def observe_free(self, drafted: int, accepted: int) -> None:
         with self.scheduler._lock:
             self.free_acceptance.observe(drafted, accepted)
+            self.scheduler.guard.add_tokens(accepted + 1)
         self.scheduler.mark_dirty()
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from orchestrator.goodput import STEP_COST_SHAPES, GoodputDraftLength, GoodputScheduler, StepCostModel
+from orchestrator.goodput_guard import ModeGuard
 from placement.roofline import Row
 from placement.speculative_model import RequestTrace, StrategyModel, sample_emitted
 
@@ -278,7 +279,8 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     if s.goodput:
         # As the server profiles its target at start-up (server.profile_step_cost), so does the simulation.
         scheduler = GoodputScheduler(StepCostModel.fitted(
-            (b, b * t, rep.verify_step([Row(t, 128)] * b)) for b, t in STEP_COST_SHAPES))
+            (b, b * t, rep.verify_step([Row(t, 128)] * b)) for b, t in STEP_COST_SHAPES),
+            guard=ModeGuard(clock=lambda: sim.now))     # its measurements on simulated time
         verifier.observers.append(scheduler.observe_forward)
         verifier.wait_hints.append(scheduler.draft_wait_s)
     policies: dict[int, GoodputDraftLength] = {}

@@ -117,19 +117,20 @@ def test_scheduler_shortens_drafts_as_the_batch_grows():
 
 
 def test_zero_length_requests_probe_now_and_then_one_at_a_time():
-    """At k = 0 nothing is measured again, so the server probes: one request every `probe_every`
-    verifier forwards (not every request on its own), alternately 1 and 4 tokens."""
+    """At k = 0 nothing is measured again, so the server probes: one request at a time (not every
+    request on its own), alternately 1 and 4 tokens, first after `probe_every` verifier forwards, then
+    at doubling intervals while the probes do not turn the plan to drafting."""
     scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.01, 0.05, 0.0)), probe_every=4)
     a, b = GoodputDraftLength(scheduler, k_max=8), GoodputDraftLength(scheduler, k_max=8)
     for p in (a, b):
         p.acceptance = AcceptanceEstimate(8, prior=0.05)
     scheduler.draft_cost.observe(2, 0.05)              # a drafter known to take 25 ms a token
     ks_a, ks_b = [], []
-    for _ in range(9):
+    for _ in range(17):
         ks_a.append(a.next_k())
         ks_b.append(b.next_k())
         scheduler.observe_forward(2, 2, 0.11)
-    assert ks_a == [0, 0, 0, 0, 1, 0, 0, 0, 4] and ks_b == [0] * 9
+    assert ks_a == [0] * 4 + [1] + [0] * 7 + [4] + [0] * 4 and ks_b == [0] * 17
     # The verifier waits for a probe in flight (its batch would otherwise leave it behind) until the
     # prober's step is observed; the other request's steps do not end the wait.
     assert scheduler.draft_wait_s() > 0

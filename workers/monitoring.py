@@ -74,6 +74,10 @@ class _Metrics:
                                          "Seconds of the verifier's last decode forward")
         self.sched_goodput = Gauge("specorch_scheduler_predicted_goodput",
                                    "Expected tokens per second of the scheduler's last plan")
+        self.sched_measured_goodput = Gauge("specorch_scheduler_measured_goodput",
+                                            "Emitted tokens per second measured in the mode now running")
+        self.sched_held_back = Gauge("specorch_scheduler_speculation_held_back",
+                                     "1 while drafting is held back because it measured slower at this load")
         self.busy = Counter("specorch_worker_busy_seconds", "Seconds a worker spent computing (idle = wall - busy)",
                             tag_keys=("worker", "role"))
 
@@ -145,6 +149,8 @@ def record_scheduler(stats) -> None:
         m.sched_predicted_step.set(stats.predicted_step_s)
         m.sched_measured_step.set(stats.measured_step_s)
         m.sched_goodput.set(stats.predicted_goodput)
+        m.sched_measured_goodput.set(stats.measured_goodput)
+        m.sched_held_back.set(1.0 if stats.speculation_held_back else 0.0)
 
 
 class BusyTimer:

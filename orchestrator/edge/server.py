@@ -300,7 +300,8 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             decisions=sched.decisions, last_draft_lengths=sched.last_draft_lengths,
             mean_draft_length=sched.mean_draft_length, predicted_step_s=sched.predicted_step_s,
             measured_step_s=sched.measured_step_s, predicted_goodput=sched.predicted_goodput,
-            forwards=sched.forwards))
+            forwards=sched.forwards, speculation_held_back=sched.speculation_held_back,
+            measured_goodput=sched.measured_goodput))
         return out
 
 

@@ -1,0 +1,156 @@
+"""Measured goodput of speculating against not speculating, per load level: the check on the model.
+
+The goodput scheduler (orchestrator/goodput.py) plans from a model: a fitted step cost, a fitted draft
+cost and learned acceptance. What the model leaves out decides whether speculation wins under load:
+a drafter sharing the target's cores slows the target's forwards, requests that draft reach the
+verifier later and batches split, Python work per step grows with the draft. Served on this machine
+(2 cores, drafter and target on the same CPU), the model's plans made 0.87x plain decoding at four
+requests. No model of those effects travels between machines; a measurement does.
+
+So the scheduler runs its model's plan only where it has *measured* that speculating beats decoding
+plainly at the current load. Per load bucket (live requests: 1, 2, 3-5, 6-11, 12-23, ...) it keeps the
+emitted tokens per second of each mode, measured over windows of forwards (the first forwards after a
+switch are left out: sessions catch up, batches re-form). The better mode runs; the other is measured
+again now and then, at intervals that double each time it loses again (so a losing mode costs a
+vanishing share of the time) and reset when it wins. Before a bucket has a plain baseline, it
+decodes plainly for one window: the baseline is what "never slower than plain" is measured against.
+
+Pure Python over floats; the clock is injected (the simulator runs it on simulated time).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+PLAIN, SPEC = "plain", "spec"
+
+
+def load_bucket(rows: float) -> int:
+    """Live requests -> bucket: 1 -> 1, 2 -> 2, 3-5 -> 3, 6-11 -> 4, 12-23 -> 5, ... (doubling, so a
+    closed loop whose requests come and go between 3 and 4 stays in one bucket)."""
+    rows = max(1, round(rows))
+    return rows if rows <= 2 else int(math.log2(rows / 3)) + 3
+
+
+@dataclass
+class _Bucket:
+    explore_every: int
+    rates: dict[str, float] = field(default_factory=dict)   # mode -> tokens/s (EMA over windows)
+    since_other: int = 0          # forwards run in the winning mode since the other was last measured
+    exploring: bool = False       # the losing mode is being measured now
+
+    def winner(self) -> str | None:
+        if PLAIN not in self.rates:
+            return None
+        if SPEC not in self.rates:
+            return SPEC
+        return SPEC if self.rates[SPEC] >= self.rates[PLAIN] else PLAIN
+
+
+@dataclass
+class _Window:
+    bucket_rows: float            # sum of live requests over the counted forwards
+    mode: str
+    start: float
+    forwards: int = 0             # counted forwards
+    skip: int = 0                 # forwards still to leave out
+    tokens: int = 0
+
+
+@dataclass
+class GuardStats:
+    """Exported with the scheduler's stats: the measured rates per bucket and the mode in force."""
+    mode: str = PLAIN
+    windows: int = 0
+    rates: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+class ModeGuard:
+    """Chooses, per forward, whether the scheduler's plan may speculate (see module doc)."""
+
+    def __init__(self, window: int = 8, warmup: int = 2, explore_every: int = 48,
+                 max_explore_every: int = 1536, smoothing: float = 0.5,
+                 clock: Callable[[], float] = time.perf_counter):
+        """window: forwards per measurement; warmup: forwards left out after a switch; explore_every:
+        forwards in the winning mode before the losing one is measured again (doubling to
+        max_explore_every while it keeps losing); smoothing: weight of a new window in the rate."""
+        if window < 1 or warmup < 0 or explore_every < 1:
+            raise ValueError("window and explore_every must be >= 1, warmup >= 0")
+        self.window, self.warmup, self.smoothing = window, warmup, smoothing
+        self.explore_every, self.max_explore_every = explore_every, max_explore_every
+        self.clock = clock
+        self.stats = GuardStats()
+        self._buckets: dict[int, _Bucket] = {}
+        self._win: _Window | None = None
+        self._mode = PLAIN            # the mode the current forward's plan was made in
+
+    def _bucket(self, bucket: int) -> _Bucket:
+        if bucket not in self._buckets:
+            self._buckets[bucket] = _Bucket(self.explore_every)
+        return self._buckets[bucket]
+
+    def allow_speculation(self, rows: float, model_wants: bool) -> bool:
+        """Whether the next forward's plan may draft. model_wants: the model's plan drafts."""
+        b = self._bucket(load_bucket(rows))
+        winner = b.winner()
+        if not model_wants:
+            mode = PLAIN
+        elif winner is None:                  # no plain baseline at this load yet: measure it first
+            mode = PLAIN
+        elif b.exploring:
+            mode = PLAIN if winner == SPEC else SPEC
+        else:
+            mode = winner
+        self._mode = mode
+        self.stats.mode = mode
+        return mode == SPEC
+
+    def measured_rate(self, rows: float) -> float:
+        """Tokens/s last measured at this load in the mode now running (0 before any)."""
+        return self._bucket(load_bucket(rows)).rates.get(self._mode, 0.0)
+
+    def add_tokens(self, n: int) -> None:
+        """Tokens a request step emitted (reported after the forward that verified them)."""
+        if self._win is not None:
+            self._win.tokens += n
+
+    def on_forward(self, rows: float) -> None:
+        """A decode forward of `rows` live requests finished, planned in the mode last chosen."""
+        now, mode, w = self.clock(), self._mode, self._win
+        if w is None or w.mode != mode:
+            # This forward (planned in the old mode or before any) starts the window and is the first
+            # of those left out.
+            self._win = _Window(0.0, mode, now, skip=max(self.warmup - 1, 0))
+            return
+        if w.skip > 0:                       # settling after a switch: restart the clock and the count
+            w.skip -= 1
+            w.start, w.tokens = now, 0
+            return
+        w.forwards += 1
+        w.bucket_rows += rows
+        b = self._bucket(load_bucket(w.bucket_rows / w.forwards))
+        if mode == b.winner() and not b.exploring:
+            b.since_other += 1
+            if b.since_other >= b.explore_every and b.winner() is not None:
+                b.exploring = True
+        if w.forwards < self.window:
+            return
+        seconds = now - w.start
+        if seconds > 0:
+            self._record(b, mode, w.tokens / seconds)
+        self._win = _Window(0.0, mode, now)
+
+    def _record(self, b: _Bucket, mode: str, rate: float) -> None:
+        before = b.winner()
+        old = b.rates.get(mode)
+        b.rates[mode] = rate if old is None else (1 - self.smoothing) * old + self.smoothing * rate
+        self.stats.windows += 1
+        self.stats.rates = {k: dict(v.rates) for k, v in self._buckets.items()}
+        if b.exploring and mode != before:
+            # The losing mode was measured again: if it still loses, wait twice as long next time.
+            b.exploring, b.since_other = False, 0
+            after = b.winner()
+            b.explore_every = (min(2 * b.explore_every, self.max_explore_every) if after == before
+                               else self.explore_every)

@@ -1,0 +1,115 @@
+"""The measured check on the goodput scheduler's plans (orchestrator/goodput_guard.py): drafting runs
+only where it has been measured to beat plain decoding at the current load, the losing mode is
+measured again at doubling intervals, and without a verifier nothing changes."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.goodput import AcceptanceEstimate, GoodputDraftLength, GoodputScheduler, StepCostModel
+from orchestrator.goodput_guard import PLAIN, SPEC, ModeGuard, load_bucket
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def run_server(requests: int, forwards: int, plain_step_s: float, spec_step_s: float, accepted_of_k,
+               guard_kwargs=None):
+    """A verifier loop on a fake clock: each forward every request asks its draft length, the forward
+    takes plain_step_s (nobody drafts) or spec_step_s (someone does), then each request reports its
+    step. The model is told drafting is nearly free (weight-bound step, no draft cost), so it always
+    wants to draft: what the guard measures is all that can stop it. Returns the draft lengths per
+    forward and the scheduler."""
+    clock = FakeClock()
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.1, 1e-4, 0.0), prior_weight=1e6, decay=1.0),
+                                 guard=ModeGuard(clock=clock, **(guard_kwargs or {})), probe_every=10 ** 6)
+    policies = [GoodputDraftLength(scheduler, k_max=4) for _ in range(requests)]
+    for p in policies:
+        p.acceptance = AcceptanceEstimate(4, prior=0.8)
+    scheduler.observe_forward(requests, requests * 100, 1.0)     # the prompts' prefill
+    history = []
+    for _ in range(forwards):
+        ks = [p.next_k() for p in policies]
+        history.append(ks)
+        clock.now += spec_step_s if any(ks) else plain_step_s
+        scheduler.observe_forward(requests, requests + sum(ks), 0.1)
+        for p, k in zip(policies, ks):
+            p.observe(k, accepted_of_k(k), 0.0, 0.1)
+    return history, scheduler
+
+
+def test_drafting_that_measures_slower_is_held_back_and_retried_at_doubling_intervals():
+    """Plain: 4 tokens per 0.1 s = 40 tok/s. Drafting: 4 x 2 tokens per 0.3 s = 26.7 tok/s (the
+    contention the model does not see). The model wants to draft throughout."""
+    history, scheduler = run_server(4, 1200, 0.1, 0.3, lambda k: 1 if k else 0)
+    drafting = [any(ks) for ks in history]
+    assert not any(drafting[:10])                       # the plain baseline is measured first
+    assert all(drafting[10:20])                         # then drafting, once
+    assert sum(drafting) / len(drafting) < 0.12         # then mostly plain: 40 vs 26.7 tok/s
+    assert scheduler.stats.speculation_held_back
+    assert scheduler.stats.measured_goodput == pytest.approx(40.0, rel=0.01)
+    # Each retry of drafting lasts one window (2 + 8 forwards); the gaps between retries double.
+    starts = [i for i in range(1, len(drafting)) if drafting[i] and not drafting[i - 1]]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) >= 3 and all(later > earlier for earlier, later in zip(gaps, gaps[1:]))
+    rates = scheduler.guard.stats.rates[load_bucket(4)]
+    assert rates[PLAIN] == pytest.approx(40.0, rel=0.01) and rates[SPEC] == pytest.approx(26.67, rel=0.01)
+
+
+def test_drafting_that_measures_faster_runs():
+    """Drafting: 4 x 3 tokens per 0.15 s = 80 tok/s against 40: it runs nearly all the time, the plain
+    baseline re-measured now and then."""
+    history, scheduler = run_server(4, 600, 0.1, 0.15, lambda k: 2 if k else 0)
+    drafting = [any(ks) for ks in history]
+    assert sum(drafting) / len(drafting) > 0.85
+    assert not scheduler.stats.speculation_held_back
+    assert scheduler.stats.measured_goodput == pytest.approx(80.0, rel=0.01)
+
+
+def test_a_guard_that_ignores_measurements_would_lose():
+    """The check above can fail: with a guard that always allows the model's plan, drafting runs all the
+    time at 26.7 tok/s against plain decoding's 40."""
+    class Credulous(ModeGuard):
+        def allow_speculation(self, rows, model_wants):
+            return model_wants
+    clock = FakeClock()
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.1, 1e-4, 0.0), prior_weight=1e6, decay=1.0),
+                                 guard=Credulous(clock=clock), probe_every=10 ** 6)
+    policy = GoodputDraftLength(scheduler, k_max=4)
+    policy.acceptance = AcceptanceEstimate(4, prior=0.8)
+    drafted = 0
+    for _ in range(100):
+        k = policy.next_k()
+        drafted += k > 0
+        scheduler.observe_forward(1, 1 + k, 0.1)
+        policy.observe(k, 1 if k else 0, 0.0, 0.1)
+    assert drafted == 100
+
+
+def test_loads_are_measured_apart():
+    """Drafting wins alone and loses at eight requests: each bucket keeps its own verdict."""
+    assert [load_bucket(r) for r in (1, 2, 3, 4, 5, 6, 11, 12, 23, 24)] == [1, 2, 3, 3, 3, 4, 4, 5, 5, 6]
+    clock = FakeClock()
+    guard = ModeGuard(clock=clock, window=4, warmup=1)
+    for rows, mode_rates in ((1, {PLAIN: 10.0, SPEC: 20.0}), (8, {PLAIN: 40.0, SPEC: 30.0})):
+        for mode in (PLAIN, SPEC):
+            guard._mode = mode
+            guard._win = None
+            for _ in range(6):
+                guard.add_tokens(int(mode_rates[mode]))
+                clock.now += 1.0
+                guard.on_forward(rows)
+    assert guard.allow_speculation(1, True) and not guard.allow_speculation(8, True)
+    assert not guard.allow_speculation(1, False)       # the model's "no" always stands
+
+
+def test_without_a_verifier_the_guard_stays_out():
+    """A single in-process request reports no forwards: the model's plan runs as before."""
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.1, 1e-4, 0.0), prior_weight=1e6, decay=1.0))
+    policy = GoodputDraftLength(scheduler, k_max=4)
+    policy.acceptance = AcceptanceEstimate(4, prior=0.8)
+    assert policy.next_k() > 0
