@@ -421,6 +421,7 @@ class GoodputScheduler:
         with self._lock:
             self.forward_source = True
             if tokens > rows * 32:            # a prefill batch: not a decode step's shape
+                self.guard.exclude(seconds)   # and a cost of new requests, whatever the mode
                 return
             self.cost.observe(rows, tokens, seconds)
             self._since_probe += 1

@@ -116,6 +116,12 @@ class ModeGuard:
         if self._win is not None:
             self._win.tokens += n
 
+    def exclude(self, seconds: float) -> None:
+        """Leave seconds out of the window being measured (a new request's prefill: both modes pay it, and
+        which window it falls in is chance)."""
+        if self._win is not None:
+            self._win.start += seconds
+
     def on_forward(self, rows: float) -> None:
         """A decode forward of `rows` live requests finished, planned in the mode last chosen."""
         now, mode, w = self.clock(), self._mode, self._win

@@ -113,3 +113,18 @@ def test_without_a_verifier_the_guard_stays_out():
     policy = GoodputDraftLength(scheduler, k_max=4)
     policy.acceptance = AcceptanceEstimate(4, prior=0.8)
     assert policy.next_k() > 0
+
+
+def test_prefill_time_is_left_out_of_the_measurement():
+    """A new request's prompt is prefilled whatever the mode: a window it falls in must not read slower."""
+    clock = FakeClock()
+    guard = ModeGuard(clock=clock, window=4, warmup=1)
+    guard._mode = PLAIN
+    for i in range(6):
+        guard.add_tokens(1)
+        clock.now += 0.1
+        if i == 3:
+            clock.now += 2.0                 # a 2 s prefill between two decode forwards
+            guard.exclude(2.0)
+        guard.on_forward(1)
+    assert guard.stats.rates[1][PLAIN] == pytest.approx(10.0)
