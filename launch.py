@@ -10,6 +10,8 @@
       --limit 20 --max-new-tokens 128 --out result.json
   python launch.py mag-table --cluster cluster_configs/local.yaml --data ../shared/data/humaneval_dev.jsonl \
       --limit 40 --out mag_tables/qwen2.5-coder-1.5b.pt               # MaG table for cascade strategies
+  python launch.py build-corpus --prompts cluster_configs/corpora/warmup_prompts.jsonl \
+      --model qwen2.5-coder-1.5b --out corpora/qwen2.5-coder.pt       # corpus for hierarchy strategies
   python launch.py simulate --cluster cluster_configs/8xA100.yaml \
       --workload cluster_configs/workloads/spec-bench-mix.yaml     # capacity plan (docs/capacity.md)
   python launch.py profile --cluster cluster_configs/local.yaml    # measure this machine for simulate --profile
@@ -282,6 +284,25 @@ def cmd_mag_table(args) -> int:
     return 0
 
 
+def cmd_build_corpus(args) -> int:
+    from orchestrator.hierarchy_corpus import corpus_from_texts, corpus_texts
+    from workers.hierarchy import save_corpus
+    from workers.model_store import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(args.model))
+    if tokenizer is None:
+        print(f"error: --model {args.model!r} has no tokenizer", file=sys.stderr)
+        return 2
+    texts = corpus_texts(args.prompts, args.limit)
+    corpus = corpus_from_texts(texts, tokenizer, range(args.min_ngram, args.max_ngram + 1),
+                               args.continuation_tokens, args.per_key, args.min_count,
+                               meta={"model": args.model, "prompts": args.prompts})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_corpus(corpus, args.out)
+    print(f"wrote {args.out}: {len(corpus)} n-gram keys from {corpus.meta['tokens']} tokens of {len(texts)} texts")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,6 +325,18 @@ def main(argv=None) -> int:
     mag.add_argument("--max-new-tokens", type=int, default=256)
     mag.add_argument("--out", required=True, help="table path (.pt), e.g. mag_tables/qwen2.5-coder-1.5b.pt")
     mag.set_defaults(func=cmd_mag_table)
+    corpus = sub.add_parser("build-corpus", help="Hierarchy Drafting's static corpus from a prompt set (docs/hierarchy.md)")
+    corpus.add_argument("--prompts", action="append", required=True,
+                        help="jsonl file (repeatable): prompt/text/turns, optional output/completion fields")
+    corpus.add_argument("--model", required=True, help="model whose tokenizer to use (the target's: an embedded name or a directory)")
+    corpus.add_argument("--out", required=True, help="corpus path (.pt), named by the strategy's corpus field")
+    corpus.add_argument("--limit", type=int, default=None, help="rows per prompt file")
+    corpus.add_argument("--max-ngram", type=int, default=3, help="longest key n-gram")
+    corpus.add_argument("--min-ngram", type=int, default=1, help="shortest key n-gram")
+    corpus.add_argument("--continuation-tokens", type=int, default=8, help="tokens stored per continuation")
+    corpus.add_argument("--per-key", type=int, default=4, help="most frequent continuations kept per key")
+    corpus.add_argument("--min-count", type=int, default=1, help="drop continuations seen fewer times")
+    corpus.set_defaults(func=cmd_build_corpus)
     serve = sub.add_parser("serve", help="serve the gRPC front door until SIGINT/SIGTERM")
     _common(serve)
     serve.add_argument("--port", type=int, default=None, help="override server.port (0 = any free port)")
