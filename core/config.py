@@ -77,7 +77,26 @@ class ThompsonLength(Strict):
     prior_rejected: float = Field(1.0, gt=0.0, description="Beta prior: pseudo-count of rejections")
 
 
-DraftLength = Annotated[Union[FixedLength, AdaptiveLength, GoodputLength, HeuristicLength, ThompsonLength],
+class AdlLength(Strict):
+    """DiffuSpec's adaptive draft length: k = clip(floor(ema_gen) + delta * [ema_acc >= ema_gen]), with
+    ema_gen the drafter's realised draft length (it must stop early when unsure: min_confidence) and
+    ema_acc the accepted length (core/draft_length.py: AdaptiveDraftLengthADL)."""
+    policy: Literal["adl"]
+    k_init: int = Field(4, ge=1, le=64, description="Draft length before anything is verified")
+    k_min: int = Field(1, ge=1, le=64, description="Lower bound on the draft length")
+    k_max: int = Field(16, ge=1, le=64, description="Upper bound on the draft length")
+    delta: int = Field(1, ge=0, le=16, description="Growth while acceptance keeps up with the drafts")
+    beta: float = Field(0.5, ge=0.0, lt=1.0, description="EMA weight of the past (0 = the last step only)")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if not self.k_min <= self.k_init <= self.k_max:
+            raise ValueError(f"need k_min <= k_init <= k_max, got {self.k_min}, {self.k_init}, {self.k_max}")
+        return self
+
+
+DraftLength = Annotated[Union[FixedLength, AdaptiveLength, GoodputLength, HeuristicLength, ThompsonLength,
+                              AdlLength],
                         Field(discriminator="policy")]
 
 

@@ -130,3 +130,35 @@ class ThompsonDraftLength(DraftLengthPolicy):
         self.a = self.decay * self.a + accepted
         self.b = self.decay * self.b + rejected
 
+
+
+class AdaptiveDraftLengthADL(DraftLengthPolicy):
+    """DiffuSpec's adaptive draft length (ADL): k = clip(floor(ema_gen) + delta * [ema_acc >= ema_gen]).
+
+    ema_gen: exponential moving average of the draft length the drafter *realised* (how many tokens it
+    produced before stopping on its own; DiffuSpec's diffusion drafter ends its block where it ends);
+    ema_acc: the same average of the accepted draft tokens. While acceptance keeps up with what is
+    drafted, k grows by delta; otherwise it follows the drafter's realised length down.
+
+    Read literally with a drafter that always drafts exactly k, ema_gen stays at k and k never falls:
+    the rule needs a drafter that stops early when unsure (draft_model's `min_confidence`), which is
+    how it is configured here. An empty draft (nothing to propose) says nothing and is skipped."""
+
+    def __init__(self, k_init: int = 4, k_min: int = 1, k_max: int = 16, delta: int = 1, beta: float = 0.5):
+        if not 1 <= k_min <= k_init <= k_max:
+            raise ValueError(f"need 1 <= k_min <= k_init <= k_max, got {k_min}, {k_init}, {k_max}")
+        self.k_min, self.k_max, self.delta, self.beta = k_min, k_max, delta, beta
+        self.k = k_init
+        self.ema_gen, self.ema_acc = float(k_init), float(k_init)   # an optimistic start, as a first draft
+
+    def next_k(self) -> int:
+        return self.k
+
+    def observe(self, drafted, accepted, draft_s, verify_s):
+        if drafted == 0:
+            return
+        b = self.beta
+        self.ema_gen = b * self.ema_gen + (1 - b) * drafted
+        self.ema_acc = b * self.ema_acc + (1 - b) * accepted
+        grow = self.delta if self.ema_acc >= self.ema_gen else 0
+        self.k = min(self.k_max, max(self.k_min, int(self.ema_gen) + grow))

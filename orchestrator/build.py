@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.config import AdaptiveLength, GoodputLength, HeuristicLength, ThompsonLength
-from core.draft_length import AdaptiveDraftLength, FixedDraftLength, HeuristicDraftLength, ThompsonDraftLength
+from core.config import AdaptiveLength, AdlLength, GoodputLength, HeuristicLength, ThompsonLength
+from core.draft_length import (AdaptiveDraftLength, AdaptiveDraftLengthADL, FixedDraftLength, HeuristicDraftLength,
+                               ThompsonDraftLength)
 from orchestrator.config import EngineConfig
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.goodput import GoodputDraftLength, GoodputScheduler
@@ -28,6 +29,9 @@ def policy_factory(spec, scheduler: GoodputScheduler | None = None, group: str =
     if isinstance(spec, ThompsonLength):
         return lambda: ThompsonDraftLength(k_max=spec.k_max, threshold=spec.threshold,
                                            prior=(spec.prior_accepted, spec.prior_rejected))
+    if isinstance(spec, AdlLength):
+        return lambda: AdaptiveDraftLengthADL(k_init=spec.k_init, k_min=spec.k_min, k_max=spec.k_max,
+                                              delta=spec.delta, beta=spec.beta)
     return lambda: FixedDraftLength(spec.k)
 
 

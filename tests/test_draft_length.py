@@ -61,6 +61,27 @@ def test_thompson_drafts_long_after_acceptances_and_short_after_rejections():
     assert [a.next_k() for _ in range(20)] == [b.next_k() for _ in range(20)]
 
 
+def test_adl_grows_while_acceptance_keeps_up_and_follows_the_realised_length_down():
+    """DiffuSpec's rule k = clip(floor(ema_gen) + delta [ema_acc >= ema_gen]): whole acceptances grow
+    k by delta; a drafter that stops early (realised length 2) and gets little accepted brings k to 2."""
+    from core.draft_length import AdaptiveDraftLengthADL
+
+    adl = AdaptiveDraftLengthADL(k_init=4, k_max=10, delta=2, beta=0.5)
+    for _ in range(3):
+        adl.observe(adl.next_k(), adl.next_k(), 0.0, 0.0)      # everything accepted
+    assert adl.next_k() >= 8
+    for _ in range(12):
+        adl.observe(2, 0, 0.0, 0.0)                             # the drafter stops at 2; none accepted
+    assert adl.next_k() == 2
+    adl.observe(0, 0, 0.0, 0.0)                                 # nothing to propose: no news
+    assert adl.next_k() == 2
+    # The literal rule's blind spot (module doc): a drafter that always drafts k keeps k.
+    stuck = AdaptiveDraftLengthADL(k_init=4, k_max=10)
+    for _ in range(20):
+        stuck.observe(stuck.next_k(), 1, 0.0, 0.0)
+    assert stuck.next_k() == 4
+
+
 def test_the_new_policies_load_from_yaml_and_build(tmp_path):
     from orchestrator.build import policy_factory
     from orchestrator.config import load_config
@@ -73,9 +94,11 @@ models: {target: {source: smollm2-135m, dtype: float32}, drafters: {d: {source: 
 strategies:
   - {name: sd-hf, kind: draft_model, drafter: d, draft_length: {policy: heuristic, k_init: 3}}
   - {name: sd-ts, kind: draft_model, drafter: d, draft_length: {policy: thompson, threshold: 0.6}}
+  - {name: sd-adl, kind: draft_model, drafter: d, min_confidence: 0.3, draft_length: {policy: adl, k_init: 5, delta: 2}}
 """)
     cfg = load_config(src)
-    hf, ts = (policy_factory(s.draft_length)() for s in cfg.strategies)
+    hf, ts, adl = (policy_factory(s.draft_length)() for s in cfg.strategies)
+    assert adl.next_k() == 5 and adl.delta == 2 and cfg.strategies[2].capacity_gamma() == 5
     assert isinstance(hf, HeuristicDraftLength) and hf.next_k() == 3
     assert isinstance(ts, ThompsonDraftLength) and ts.threshold == 0.6
     assert cfg.strategies[0].capacity_gamma() == 3 and 1 <= cfg.strategies[1].capacity_gamma() <= 16
@@ -90,7 +113,7 @@ strategies:
 
 
 def test_heuristic_and_thompson_lengths_keep_greedy_output_equal_to_plain(target_model, draft_model, prompts):
-    from core.draft_length import HeuristicDraftLength, ThompsonDraftLength
+    from core.draft_length import AdaptiveDraftLengthADL, HeuristicDraftLength, ThompsonDraftLength
     from orchestrator.engine import SpeculativeEngine
     from tests.drafting import assert_drafted
     from workers.drafters import DraftModelDrafter
@@ -99,7 +122,8 @@ def test_heuristic_and_thompson_lengths_keep_greedy_output_equal_to_plain(target
     target = ModelRunner(target_model)
     expected = [SpeculativeEngine(target).generate(p, 24).tokens for p in prompts]
     drafter = DraftModelDrafter(ModelRunner(draft_model))
-    for make in (lambda: HeuristicDraftLength(k_init=3), lambda: ThompsonDraftLength(k_max=6, seed=0)):
+    for make in (lambda: HeuristicDraftLength(k_init=3), lambda: ThompsonDraftLength(k_max=6, seed=0),
+                 lambda: AdaptiveDraftLengthADL(k_init=3, k_max=6)):
         results = [SpeculativeEngine(target, drafter, make).generate(p, 24) for p in prompts]
         assert [r.tokens for r in results] == expected
         assert_drafted(results)

@@ -106,7 +106,7 @@ class StrategyConfig(Strict):
         dl = self.draft_length
         if dl.policy == "fixed":
             return dl.k
-        if dl.policy in ("adaptive", "heuristic"):
+        if dl.policy in ("adaptive", "heuristic", "adl"):
             return dl.k_init
         if dl.policy == "thompson":       # the expected run of prior draws above the threshold, at least 1
             import random

@@ -28,7 +28,7 @@ class DraftModelStrategy(StrategyConfig):
         "(a cheaper output head; output unchanged, acceptance may drop). 0 = full vocabulary"))
     lookup_first: LookupFirst | None = Field(None, description="Prompt lookup before the model (a hybrid)")
     draft_length: DraftLength = Field(default_factory=FixedLength, description=(
-        "Tokens drafted per step: fixed, adaptive, goodput, heuristic or thompson (draft_length.policy)"))
+        "Tokens drafted per step: fixed, adaptive, goodput, heuristic, thompson or adl (draft_length.policy)"))
 
     def model_refs(self):
         return [("drafter", self.drafter)]

@@ -26,7 +26,7 @@ class EasySpecStrategy(StrategyConfig):
     workers: int = Field(1, ge=1, le=16, description="1 = group members computed one after another in one "
                          "process; N > 1 = N Ray actors with the full draft weights, joined by torch.distributed")
     draft_length: DraftLength = Field(default_factory=FixedLength, description=(
-        "Tokens drafted per step: fixed, adaptive, goodput, heuristic or thompson (draft_length.policy)"))
+        "Tokens drafted per step: fixed, adaptive, goodput, heuristic, thompson or adl (draft_length.policy)"))
 
     @model_validator(mode="after")
     def _workers_cover_groups(self):

@@ -17,7 +17,7 @@ class PromptLookupStrategy(StrategyConfig):
     min_ngram: int = Field(1, ge=1, le=16, description="Shortest context n-gram to match")
     num_candidates: int = Field(1, ge=1, le=16, description="Matches merged into a tree draft (1 = a chain)")
     draft_length: DraftLength = Field(default_factory=lambda: FixedLength(k=8), description=(
-        "Tokens drafted per step: fixed, adaptive, goodput, heuristic or thompson (draft_length.policy)"))
+        "Tokens drafted per step: fixed, adaptive, goodput, heuristic, thompson or adl (draft_length.policy)"))
 
     def make_drafter(self, runner=None, runners=None):
         from workers.drafters import PromptLookupDrafter
