@@ -359,23 +359,24 @@ class GoodputScheduler:
         ks, goodput = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict,
                                            self.draft_cost.per_token_s, round(self._other_rows), self.min_gain,
                                            self.uniform, self.draft_cost.fixed_s)
-        wants = any(ks)
-        if wants:
+        if any(ks):
             self._probe_interval = self.probe_every     # drafting pays again: probes at the base rate
-        # With a verifier the model's plan runs only where drafting has been measured to win at this load.
-        self._held_back = (self.forward_source
-                           and not self.guard.allow_speculation(len(ids) + self._other_rows, wants) and wants)
-        if self._held_back:
-            ks = [0] * len(ks)
-        self.stats.speculation_held_back = self._held_back
-        self.stats.measured_goodput = self.guard.measured_rate(len(ids) + self._other_rows)
-        self._plan = dict(zip(ids, ks))
-        self._plan_draft_s = self.draft_cost.seconds(max(ks, default=0))
         # Free drafts (context lookup): no drafter time, their own acceptance and length bound, and per
         # request (a copy takes no time, so no request arrives later for it).
         free_ks, _ = choose_draft_lengths([p.free_acceptance.rates() for p in policies],
                                           [p.free_k_max for p in policies], self.cost.predict, 0.0,
                                           round(self._other_rows), self.min_gain, uniform=False)
+        # With a verifier, the plans run only where drafting of any kind has been measured to beat plain
+        # decoding (no draft at all) at this load.
+        wants = any(ks) or any(free_ks)
+        load = len(ids) + self._other_rows
+        self._held_back = self.forward_source and not self.guard.allow_speculation(load, wants) and wants
+        if self._held_back:
+            ks, free_ks = [0] * len(ks), [0] * len(free_ks)
+        self.stats.speculation_held_back = self._held_back
+        self.stats.measured_goodput = self.guard.measured_rate(load)
+        self._plan = dict(zip(ids, ks))
+        self._plan_draft_s = self.draft_cost.seconds(max(ks, default=0))
         self._free_plan = dict(zip(ids, free_ks))
         self._dirty = False
         s = self.stats

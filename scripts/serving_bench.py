@@ -174,6 +174,11 @@ def main() -> None:
                     n = max(c, args.min_requests)
                     row = measure_wave(client, box["service"].verifier, name, [as_request(p) for p in pool[:n]],
                                        c, args.max_new_tokens)
+                    scheduler = getattr(box["service"].built, "scheduler", None)
+                    if scheduler is not None:    # what the goodput scheduler's measured check held, after the wave
+                        g = scheduler.guard.stats
+                        row["scheduler_guard"] = {"mode": g.mode, "windows": g.windows, "rates": g.rates,
+                                                  "held_back": scheduler.stats.speculation_held_back}
                     out["throughput"].append(row)
                     print(f"| {name} | {c} | {row['requests']} | {row['tokens']} | {row['wall_s']:.1f} | "
                           f"{row['tokens_per_s']:.2f} | {row['latency_p50_s']:.2f} | {row['latency_p99_s']:.2f} "
