@@ -95,6 +95,7 @@ class KVCache:
             raise ValueError(f"crop length {length} outside [0, {self.lengths[row]}]")
         self.lengths[row] = length
 
+    @torch.inference_mode()     # a forward that grew the cache (ensure_capacity) made inference tensors
     def keep(self, row: int, start: int, offsets: torch.Tensor) -> None:
         """Compact an accepted tree path: slots start+offsets[i] move to start+i, then crop.
 
