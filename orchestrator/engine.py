@@ -55,6 +55,11 @@ def _clip(draft: Draft, limit: int) -> Draft:
     return Draft(tokens=draft.tokens[:limit], probs=probs, source=draft.source)
 
 
+def _top_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring token ids of each row, best first, on the host: logits [n, vocab] -> [n, k]."""
+    return logits.topk(min(k, logits.shape[-1]), dim=-1).indices.cpu()
+
+
 def emit(new_tokens: list[int], remaining: int, eos_token_ids) -> tuple[list[int], bool]:
     """A step's tokens as output: at most `remaining`, cut after the first end-of-sequence
     token. Returns (tokens, whether an end-of-sequence token ended them)."""
@@ -116,6 +121,8 @@ class SpeculativeEngine:
                 # The drafter samples from its own stream: never the verifier's (STREAM_ROLES).
                 session = self.drafter.start(prompt_ids, params,
                                              make_generator(params.seed, self.target.device, role="drafter"))
+                if session.target_topk:
+                    session.observe_target(prompt_ids[-1:], _top_ids(logits[None], session.target_topk))
                 session.update([first], 0)
             except Exception as exc:  # noqa: BLE001 - as below: a broken drafter never fails the request
                 session = self._drop_drafter(session, stats, exc)
@@ -142,8 +149,10 @@ class SpeculativeEngine:
                     except Exception as exc:  # a failed drafter costs speed, never the request
                         session = self._drop_drafter(session, stats, exc)
                 t1 = time.perf_counter()
-                accepted, next_token = self._verify(cache, out[-1], draft, params, generator)
+                accepted, next_token, logits = self._verify(cache, out[-1], draft, params, generator)
                 t2 = time.perf_counter()
+                if session and session.target_topk:      # a drafter that learns from the target's top-k
+                    session = self._observe(session, [out[-1]] + draft.tokens, logits, stats)
 
                 new_tokens = accepted + [next_token]
                 emitted, stopped = emit(new_tokens, remaining, self.eos_token_ids)
@@ -177,6 +186,18 @@ class SpeculativeEngine:
         stats.total_s = time.perf_counter() - t_start
         return GenerationResult(tokens=out, stats=stats, finish_reason=finish)
 
+    @classmethod
+    def _observe(cls, session, input_tokens: list[int], logits: torch.Tensor, stats: RequestStats):
+        """Give the session the target's top-k after each verified input (logits [n+1, vocab]): one topk
+        and one host transfer. Its time counts as drafting. Returns the session, None if it failed."""
+        t0 = time.perf_counter()
+        try:
+            session.observe_target(input_tokens, _top_ids(logits, session.target_topk))
+        except Exception as exc:  # noqa: BLE001 - as for update: the drafter is dropped, not the request
+            session = cls._drop_drafter(session, stats, exc)
+        stats.draft_s += time.perf_counter() - t0
+        return session
+
     @staticmethod
     def _drop_drafter(session, stats: RequestStats, exc: Exception):
         stats.events.append(f"drafter failed before step {stats.steps + 1} ({type(exc).__name__}: {exc}); "
@@ -190,7 +211,8 @@ class SpeculativeEngine:
 
     def _verify(self, cache, pending: int, draft: Draft, params: SamplingParams, generator):
         """One target forward over [pending, draft], then roll the cache back to the
-        pending token plus the accepted drafts. Returns (accepted tokens, next token)."""
+        pending token plus the accepted drafts. Returns (accepted tokens, next token,
+        the target's logits [k+1, vocab] at pending and each draft token)."""
         target = self.target
         base = cache.lengths[0]
         ids = torch.tensor([[pending] + draft.tokens], device=target.device)   # [1, k+1]
@@ -202,7 +224,7 @@ class SpeculativeEngine:
                 res = verify_chain(ids[0, 1:], draft.probs, warp_probs(logits, params), generator)
             n = res.num_accepted
             cache.crop(0, base + 1 + n)
-            return draft.tokens[:n], res.next_token
+            return draft.tokens[:n], res.next_token, logits
 
         mask, depths = tree_attention(draft.parents, target.device)
         logits = target.forward(cache, ids, depths=depths[None], tree_mask=mask[None])[0]  # [n+1, vocab]
@@ -215,4 +237,4 @@ class SpeculativeEngine:
         # Keep the root's KV and the accepted path's, contiguously.
         offsets = torch.tensor([0] + [i + 1 for i in path], device=target.device)
         cache.keep(0, base, offsets)
-        return [draft.tokens[i] for i in path], res.next_token
+        return [draft.tokens[i] for i in path], res.next_token, logits

@@ -44,6 +44,10 @@ EMPTY_DRAFT = Draft(tokens=[])
 class DraftSession(ABC):
     """Per-request drafting state. `context` is every committed token, prompt included."""
 
+    #: > 0: after every verification the engine passes the target's top `target_topk` next tokens at
+    #: each verified position to `observe_target` (Token Recycling learns from them); 0 costs nothing
+    target_topk: int = 0
+
     def __init__(self, prompt_ids: list[int]):
         self.context: list[int] = list(prompt_ids)
 
@@ -55,6 +59,11 @@ class DraftSession(ABC):
         """Feedback of one step: tokens committed since the last update, of which the
         first `num_accepted` came from the last draft."""
         self.context.extend(new_tokens)
+
+    def observe_target(self, input_tokens: list[int], topk_ids: torch.Tensor) -> None:
+        """Called before `update` when `target_topk` > 0: the target was fed `input_tokens` ([n]: the
+        pending token, then the draft's tokens in draft order) and ranked `topk_ids` ([n, target_topk]
+        on the host, best first) highest after each of them, rejected tree nodes included."""
 
     def close(self) -> None:
         """Free per-request state."""
