@@ -15,6 +15,7 @@ from orchestrator.strategies.duodecoding import DuoDecodingStrategy
 from orchestrator.strategies.easyspec import EasySpecStrategy
 from orchestrator.strategies.hierarchy import HierarchyStrategy
 from orchestrator.strategies.prompt_lookup import PromptLookupStrategy
+from orchestrator.strategies.token_recycling import TokenRecyclingStrategy
 
 # kind -> config model; one line per kind
 KINDS: dict[str, type[StrategyConfig]] = {
@@ -23,6 +24,7 @@ KINDS: dict[str, type[StrategyConfig]] = {
     "easyspec": EasySpecStrategy,
     "cascade": CascadeStrategy,
     "duodecoding": DuoDecodingStrategy,
+    "token_recycling": TokenRecyclingStrategy,
     "hierarchy": HierarchyStrategy,
 }
 
