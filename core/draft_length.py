@@ -27,6 +27,9 @@ class DraftLengthPolicy:
     def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """Feedback from one step."""
 
+    def observe_setup(self, seconds: float) -> None:
+        """Seconds the step's draft spent opening the drafter's session (once per request; not drafting)."""
+
     def close(self) -> None:
         """The request ended (a shared scheduler forgets it: orchestrator/goodput.py)."""
 

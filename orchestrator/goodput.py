@@ -427,7 +427,13 @@ class GoodputScheduler:
             self.cost.observe(rows, tokens, seconds)
             self._since_probe += 1
             self._other_rows = 0.9 * self._other_rows + 0.1 * max(rows - len(self._requests), 0)
-            self.guard.on_forward(len(self._requests) + self._other_rows)
+            mine = len(self._requests)
+            if mine == 0 or rows > mine or self._other_rows > 0.5:
+                # Other strategies' requests share the verifier: their tokens are not counted here, so
+                # no window is measured while they are in the batches.
+                self.guard.interrupt()
+            else:
+                self.guard.on_forward(mine + self._other_rows, seconds)
             self.stats.forwards += 1
             self.stats.measured_step_s = seconds
             self._dirty = True
@@ -480,6 +486,10 @@ class GoodputDraftLength(DraftLengthPolicy):
         with self.scheduler._lock:           # the pooled estimate is shared with the other requests
             self.acceptance.observe(drafted, accepted)
         self.scheduler.observe_step(drafted, accepted, draft_s, verify_s, self.rid)
+
+    def observe_setup(self, seconds: float) -> None:
+        with self.scheduler._lock:        # a one-time cost of the request, like its prefill
+            self.scheduler.guard.exclude(seconds)
 
     def observe_free(self, drafted: int, accepted: int) -> None:
         with self.scheduler._lock:

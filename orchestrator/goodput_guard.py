@@ -15,6 +15,12 @@ again now and then, at intervals that double each time it loses again (so a losi
 vanishing share of the time) and reset when it wins. Before a bucket has a plain baseline, it
 decodes plainly for one window: the baseline is what "never slower than plain" is measured against.
 
+"Plain" means no draft of any kind (context-lookup copies are held back too). One-time costs of a
+request are left out of the windows: its prompt's prefill (both modes pay it) and its drafter
+session's opening (paid once per request, not per step; it would make the first drafting window of
+a wave of new requests read far slower than drafting is). Windows are measured only while the
+verifier's batches hold no other strategy's requests (their tokens are not reported here).
+
 Pure Python over floats; the clock is injected (the simulator runs it on simulated time).
 """
 from __future__ import annotations
@@ -57,6 +63,7 @@ class _Window:
     forwards: int = 0             # counted forwards
     skip: int = 0                 # forwards still to leave out
     tokens: int = 0
+    busy: float = 0.0             # seconds of the counted forwards themselves: the least the window took
 
 
 @dataclass
@@ -116,14 +123,21 @@ class ModeGuard:
         if self._win is not None:
             self._win.tokens += n
 
+    def interrupt(self) -> None:
+        """Drop the window being measured (a forward it cannot account for); the next one starts anew."""
+        self._win = None
+
     def exclude(self, seconds: float) -> None:
-        """Leave seconds out of the window being measured (a new request's prefill: both modes pay it, and
-        which window it falls in is chance)."""
+        """Leave seconds out of the window being measured: one-time costs of a request (its prefill, which
+        both modes pay and which window it falls in is chance; its drafter session's opening). The
+        window never counts less than its forwards' own seconds (other requests' forwards may have run
+        meanwhile)."""
         if self._win is not None:
             self._win.start += seconds
 
-    def on_forward(self, rows: float) -> None:
-        """A decode forward of `rows` live requests finished, planned in the mode last chosen."""
+    def on_forward(self, rows: float, seconds: float = 0.0) -> None:
+        """A decode forward of `rows` live requests finished (taking `seconds`), planned in the mode last
+        chosen."""
         now, mode, w = self.clock(), self._mode, self._win
         if w is None or w.mode != mode:
             # This forward (planned in the old mode or before any) starts the window and is the first
@@ -136,6 +150,7 @@ class ModeGuard:
             return
         w.forwards += 1
         w.bucket_rows += rows
+        w.busy += seconds
         b = self._bucket(load_bucket(w.bucket_rows / w.forwards))
         if mode == b.winner() and not b.exploring:
             b.since_other += 1
@@ -143,9 +158,9 @@ class ModeGuard:
                 b.exploring = True
         if w.forwards < self.window:
             return
-        seconds = now - w.start
-        if seconds > 0:
-            self._record(b, mode, w.tokens / seconds)
+        elapsed = max(now - w.start, w.busy)
+        if elapsed > 0:
+            self._record(b, mode, w.tokens / elapsed)
         self._win = _Window(0.0, mode, now)
 
     def _record(self, b: _Bucket, mode: str, rate: float) -> None:

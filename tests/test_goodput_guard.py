@@ -128,3 +128,30 @@ def test_prefill_time_is_left_out_of_the_measurement():
             guard.exclude(2.0)
         guard.on_forward(1)
     assert guard.stats.rates[1][PLAIN] == pytest.approx(10.0)
+
+
+def test_other_strategies_traffic_is_not_measured():
+    """Forwards with rows from other strategies' requests (whose tokens are not reported to the
+    scheduler) must not enter a window: they read as zero tokens per second of plain decoding."""
+    clock = FakeClock()
+    scheduler = GoodputScheduler(guard=ModeGuard(clock=clock, window=4, warmup=1))
+    policy = GoodputDraftLength(scheduler, k_max=4)
+    for _ in range(30):
+        clock.now += 0.1
+        scheduler.observe_forward(5, 5, 0.1)       # one of ours, four of a plain strategy's
+    assert scheduler.guard.stats.windows == 0
+    policy.close()
+
+
+def test_a_window_never_counts_less_than_its_forwards_seconds():
+    """Excluded one-time costs (a drafter session's opening) cannot make a window shorter than its own
+    forwards took, which would read as an absurd rate."""
+    clock = FakeClock()
+    guard = ModeGuard(clock=clock, window=4, warmup=1)
+    for i in range(6):
+        guard.add_tokens(1)
+        clock.now += 0.1
+        if i == 2:
+            guard.exclude(5.0)               # meanwhile other requests' forwards ran
+        guard.on_forward(1, 0.1)
+    assert guard.stats.rates[1][PLAIN] == pytest.approx(10.0)
