@@ -34,7 +34,7 @@ class HierarchyStrategy(StrategyConfig, NgramRange):
             "leave one out to switch it off"))
     recent_capacity: int = Field(32768, ge=1, le=10_000_000, description=(
         "Keys (n-grams) the recent-generations table holds, least recently used evicted first "
-        "(~30 MB at most with the default 32768 x 4 x 8 tokens)"))
+        "(< 64 MB with the default 32768 x 4 x 8 tokens, ~10 MB on generated text)"))
     recent_per_key: int = Field(4, ge=1, le=64, description="Latest distinct continuations kept per key")
     continuation_tokens: int = Field(8, ge=1, le=64, description=(
         "Tokens stored per recent continuation (a draft from that level is at most this long)"))
