@@ -47,12 +47,12 @@ class _Bucket:
     since_other: int = 0          # forwards run in the winning mode since the other was last measured
     exploring: bool = False       # the losing mode is being measured now
 
-    def winner(self) -> str | None:
+    def winner(self, margin: float) -> str | None:
         if PLAIN not in self.rates:
             return None
         if SPEC not in self.rates:
             return SPEC
-        return SPEC if self.rates[SPEC] >= self.rates[PLAIN] else PLAIN
+        return SPEC if self.rates[SPEC] >= self.rates[PLAIN] * (1 + margin) else PLAIN
 
 
 @dataclass
@@ -78,14 +78,16 @@ class ModeGuard:
     """Chooses, per forward, whether the scheduler's plan may speculate (see module doc)."""
 
     def __init__(self, window: int = 8, warmup: int = 2, explore_every: int = 48,
-                 max_explore_every: int = 1536, smoothing: float = 0.5,
+                 max_explore_every: int = 1536, smoothing: float = 0.5, margin: float = 0.1,
                  clock: Callable[[], float] = time.perf_counter):
         """window: forwards per measurement; warmup: forwards left out after a switch; explore_every:
         forwards in the winning mode before the losing one is measured again (doubling to
-        max_explore_every while it keeps losing); smoothing: weight of a new window in the rate."""
+        max_explore_every while it keeps losing); smoothing: weight of a new window in the rate; margin:
+        drafting must measure this fraction faster than plain decoding to run (windows are short and
+        noisy, and "never slower than plain" matters more than the last few percent of a win)."""
         if window < 1 or warmup < 0 or explore_every < 1:
             raise ValueError("window and explore_every must be >= 1, warmup >= 0")
-        self.window, self.warmup, self.smoothing = window, warmup, smoothing
+        self.window, self.warmup, self.smoothing, self.margin = window, warmup, smoothing, margin
         self.explore_every, self.max_explore_every = explore_every, max_explore_every
         self.clock = clock
         self.stats = GuardStats()
@@ -101,7 +103,7 @@ class ModeGuard:
     def allow_speculation(self, rows: float, model_wants: bool) -> bool:
         """Whether the next forward's plan may draft. model_wants: the model's plan drafts."""
         b = self._bucket(load_bucket(rows))
-        winner = b.winner()
+        winner = b.winner(self.margin)
         if not model_wants:
             mode = PLAIN
         elif winner is None:                  # no plain baseline at this load yet: measure it first
@@ -152,9 +154,9 @@ class ModeGuard:
         w.bucket_rows += rows
         w.busy += seconds
         b = self._bucket(load_bucket(w.bucket_rows / w.forwards))
-        if mode == b.winner() and not b.exploring:
+        if mode == b.winner(self.margin) and not b.exploring:
             b.since_other += 1
-            if b.since_other >= b.explore_every and b.winner() is not None:
+            if b.since_other >= b.explore_every and b.winner(self.margin) is not None:
                 b.exploring = True
         if w.forwards < self.window:
             return
@@ -164,7 +166,7 @@ class ModeGuard:
         self._win = _Window(0.0, mode, now)
 
     def _record(self, b: _Bucket, mode: str, rate: float) -> None:
-        before = b.winner()
+        before = b.winner(self.margin)
         old = b.rates.get(mode)
         b.rates[mode] = rate if old is None else (1 - self.smoothing) * old + self.smoothing * rate
         self.stats.windows += 1
@@ -172,6 +174,6 @@ class ModeGuard:
         if b.exploring and mode != before:
             # The losing mode was measured again: if it still loses, wait twice as long next time.
             b.exploring, b.since_other = False, 0
-            after = b.winner()
+            after = b.winner(self.margin)
             b.explore_every = (min(2 * b.explore_every, self.max_explore_every) if after == before
                                else self.explore_every)

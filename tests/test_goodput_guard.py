@@ -155,3 +155,17 @@ def test_a_window_never_counts_less_than_its_forwards_seconds():
             guard.exclude(5.0)               # meanwhile other requests' forwards ran
         guard.on_forward(1, 0.1)
     assert guard.stats.rates[1][PLAIN] == pytest.approx(10.0)
+
+
+def test_drafting_must_win_by_the_margin():
+    """Drafting measured 5% faster than plain decoding does not run (margin 10%); 20% faster does."""
+    for spec_rate, runs in ((10.5, False), (12.0, True)):
+        clock = FakeClock()
+        guard = ModeGuard(clock=clock, window=4, warmup=1, margin=0.1)
+        for mode, rate in ((PLAIN, 10.0), (SPEC, spec_rate)):
+            guard._mode, guard._win = mode, None
+            for _ in range(6):
+                guard.add_tokens(rate)
+                clock.now += 1.0
+                guard.on_forward(1)
+        assert guard.allow_speculation(1, True) == runs
