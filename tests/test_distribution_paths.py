@@ -164,6 +164,8 @@ IN_PROCESS = [
     {"name": "sd-goodput", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "goodput", "k_max": 3}},
     {"name": "duo-multi", "process": "inline", "multi_sequence": True, "top_alternatives": 2, **DUO},
     {"name": "duo-chain", "process": "inline", "multi_sequence": False, **DUO},
+    # no model: three candidates from the context and the recent generations, one tree (workers/hierarchy.py)
+    {"name": "hierarchy", "kind": "hierarchy", "num_candidates": 3, "draft_length": {"policy": "fixed", "k": 2}},
 ]
 
 
@@ -314,6 +316,8 @@ RAY_STRATEGIES = [
      "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "duo-actor-multi", "process": "actor", "multi_sequence": True, "top_alternatives": 2, **DUO},
     {"name": "duo-actor-chain", "process": "actor", "multi_sequence": False, **DUO},
+    # no model: drafts beside the engine, its recent generations shared by the 4 concurrent requests
+    {"name": "hierarchy", "kind": "hierarchy", "num_candidates": 3, "draft_length": {"policy": "fixed", "k": 2}},
 ]
 
 
