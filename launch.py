@@ -254,7 +254,14 @@ def cmd_bench(args) -> int:
         built.config = cfg
     print(f"{len(prompts)} prompts, methods: {', '.join(built.engines)} + HF {cfg.bench.hf_peers}", flush=True)
     t0 = time.time()
-    result = run_bench(built, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True))
+    warmup = []
+    for i, path in enumerate(args.warmup_data or []):
+        # The next prompts of the file after the measured ones (same round-robin over categories): disjoint.
+        skip = len(load_prompts(path, limits[i] if len(limits) > 1 else limits[0])) if path in args.data else 0
+        warmup += load_prompts(path, skip + args.warmup_limit)[skip:]
+    result = run_bench(built, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True),
+                       warmup=warmup, warmup_strategies=args.warmup_strategies)
+    result["warmup"] = {"prompts": [p.id for p in warmup], "strategies": args.warmup_strategies}
     table = markdown(result["table"])
     print("\n" + table)
     result.update(command=" ".join(["python", "launch.py"] + sys.argv[1:]), config=cfg.model_dump(),
@@ -315,6 +322,12 @@ def main(argv=None) -> int:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--out", default=None, help="JSON result path (a .md table is written beside it)")
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() rows")
+    bench.add_argument("--warmup-data", action="append", default=None,
+                       help="jsonl file whose next --warmup-limit prompts after the measured ones (repeatable) "
+                            "the --warmup-strategies decode before measuring (state kept across requests)")
+    bench.add_argument("--warmup-limit", type=int, default=4, help="warm-up prompts per --warmup-data file")
+    bench.add_argument("--warmup-strategies", nargs="*", default=None,
+                       help="strategies that warm up (default: all of ours)")
     bench.add_argument("--hf-peers", nargs="*", choices=["plain", "assisted", "prompt_lookup"], default=None,
                        help="override bench.hf_peers (which HF generate() rows to measure)")
     bench.set_defaults(func=cmd_bench)

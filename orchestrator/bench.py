@@ -110,12 +110,23 @@ def logit_gap(target, prompt_ids: list[int], a: int, b: int) -> float:
     return float(logits[a].float() - logits[b].float())
 
 
-def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=print) -> dict:
+def run_bench(built: Built, prompts: list[Prompt], max_new_tokens: int, log=print,
+              warmup: list[Prompt] = (), warmup_strategies: list[str] | None = None) -> dict:
+    """warmup: prompts (other than the measured ones) that warmup_strategies (None = all of ours) decode
+    first, unmeasured: what a drafter keeps across requests (Token Recycling's matrix, Hierarchy
+    Drafting's recent generations) is then what a server that has been serving would have."""
     methods = _methods(built, max_new_tokens)
     encoded = [(p, encode(built.tokenizer, p)) for p in prompts]
     # Warm-up: first calls pay one-off costs (allocator, kernels) that are not the method's.
     for run in _methods(built, 8).values():
         run(encoded[0][1][:32])
+    for name in (warmup_strategies if warmup_strategies is not None else list(built.engines)) if warmup else ():
+        if name not in built.engines:
+            raise ValueError(f"--warmup-strategies: {name!r} is not a strategy of this run ({', '.join(built.engines)})")
+        t0 = time.perf_counter()
+        for p in warmup:
+            _engine_run(built.engines[name], encode(built.tokenizer, p), max_new_tokens)
+        log(f"warm-up: {name} over {len(warmup)} prompts in {time.perf_counter() - t0:.1f} s")
 
     records: dict[str, list[dict]] = defaultdict(list)
     for i, (p, ids) in enumerate(encoded):

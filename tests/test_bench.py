@@ -30,3 +30,41 @@ def test_near_ties_are_counted_apart_from_mismatches():
     row = next(r for r in summarise(records)["table"] if r["scope"] == "overall" and r["method"] == "spec")
     assert row["outputs_equal_plain"] == 1 and row["bf16_near_ties"] == 1      # the third is a mismatch
     assert "| 1/3 + 1 near-tie |" in markdown([row])
+
+
+def test_warmup_runs_only_the_named_strategies_on_other_prompts(target_model):
+    """A warm-up pass decodes its prompts with the named strategies only, before anything is measured;
+    an unknown name is refused."""
+    import pytest
+
+    from orchestrator.bench import Prompt, run_bench
+    from orchestrator.engine import SpeculativeEngine
+
+    class Counting(SpeculativeEngine):
+        def __init__(self, target):
+            super().__init__(target)
+            self.seen = []
+
+        def generate(self, prompt_ids, max_new_tokens, params=None, on_tokens=None):
+            self.seen.append(tuple(prompt_ids))
+            return super().generate(prompt_ids, max_new_tokens)
+
+    class Tok:
+        def __call__(self, text):
+            return type("E", (), {"input_ids": [3 + ord(c) % 90 for c in text]})()
+
+    class Built:
+        pass
+    runner = ModelRunner(target_model)
+    built = Built()
+    built.engines = {"plain": Counting(runner), "other": Counting(runner)}
+    built.tokenizer, built.target = Tok(), runner
+    built.config = type("C", (), {"bench": type("B", (), {"hf_peers": []})()})()
+    measured = [Prompt(id="m", category="c", text="measured prompt", chat=False)]
+    warm = [Prompt(id="w", category="c", text="warm-up text", chat=False)]
+    run_bench(built, measured, 4, log=lambda s: None, warmup=warm, warmup_strategies=["other"])
+    warm_ids = tuple(Tok()("warm-up text").input_ids)
+    assert warm_ids in built.engines["other"].seen and warm_ids not in built.engines["plain"].seen
+    assert built.engines["other"].seen.index(warm_ids) < len(built.engines["other"].seen) - 1   # before measuring
+    with pytest.raises(ValueError, match="nope"):
+        run_bench(built, measured, 4, log=lambda s: None, warmup=warm, warmup_strategies=["nope"])
