@@ -166,6 +166,7 @@ IN_PROCESS = [
     {"name": "duo-chain", "process": "inline", "multi_sequence": False, **DUO},
     # no model: three candidates from the context and the recent generations, one tree (workers/hierarchy.py)
     {"name": "hierarchy", "kind": "hierarchy", "num_candidates": 3, "draft_length": {"policy": "fixed", "k": 2}},
+    {"name": "token-recycling", "kind": "token_recycling", "draft_length": {"policy": "fixed", "k": 3}},
 ]
 
 
@@ -318,6 +319,8 @@ RAY_STRATEGIES = [
     {"name": "duo-actor-chain", "process": "actor", "multi_sequence": False, **DUO},
     # no model: drafts beside the engine, its recent generations shared by the 4 concurrent requests
     {"name": "hierarchy", "kind": "hierarchy", "num_candidates": 3, "draft_length": {"policy": "fixed", "k": 2}},
+    # no model: drafts beside the engine, its matrix fed by the logits the stage actor returns
+    {"name": "token-recycling", "kind": "token_recycling", "draft_length": {"policy": "fixed", "k": 3}},
 ]
 
 
