@@ -193,7 +193,9 @@ class ModelRunner:
         input_ids: torch.Tensor,      # [batch, T] long
         num_new: list[int] | None = None,   # per row, how many of the T tokens are real (rest = padding)
         depths: torch.Tensor | None = None,  # [batch, T] long, tree depth of each new token (chain: 0..T-1)
-        tree_mask: torch.Tensor | None = None,  # [batch, T, T] bool, new token i may attend new token j
+        tree_mask: torch.Tensor | None = None,  # [batch, T, W + T] bool, new token i may attend new token j
+                                                # (last T columns) and the W cached slots just before the
+                                                # new tokens (first W columns; usually W = 0)
         logits_rows: slice | torch.Tensor | None = None,  # which of the T positions need logits (None = all)
         layer_groups: list[list[int]] | None = None,  # EasySpec: layers of a group see the same input
         group_mode: str = "attn_only",               # "attn_only" or "direct_mlp" (workers/easyspec.py)
@@ -204,7 +206,9 @@ class ModelRunner:
 
         Row r's token i is written to cache slot lengths[r] + i and gets position
         lengths[r] + depths[r, i]; it attends the row's cached prefix and, among
-        the new tokens, those allowed by tree_mask (default: causal chain).
+        the new tokens, those allowed by tree_mask (default: causal chain). A tree_mask W columns wider
+        than T also decides which of the W cached slots before the new tokens each new token attends
+        (a draft tree grown over several forwards: workers/opt_tree.py); older slots are always visible.
         Padded tokens (i >= num_new[r]) are computed but never become valid.
         """
         batch, t = input_ids.shape[:2]
@@ -245,13 +249,15 @@ class ModelRunner:
 
         # Attention mask over the first `end` cache slots: [batch, 1, T, end]
         kv_idx = torch.arange(end, device=dev)
-        prefix_ok = kv_idx.view(1, 1, end) < start_t.view(batch, 1, 1)   # cached prefix
         if tree_mask is None:
             tree_mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril().expand(batch, t, t)
-        rel = kv_idx.view(1, 1, end) - start_t.view(batch, 1, 1)         # [batch, 1, end]
-        in_new = (rel >= 0) & (rel < t)
+        window = tree_mask.shape[-1] - t                                  # cached slots tree_mask covers
+        # column of tree_mask for each cache slot: [batch, 1, end]; < 0 = the always-visible prefix
+        rel = kv_idx.view(1, 1, end) - start_t.view(batch, 1, 1) + window
+        prefix_ok = rel < 0                                               # cached prefix
+        in_new = (rel >= 0) & (rel < window + t)
         new_ok = torch.gather(
-            tree_mask, 2, rel.clamp(0, t - 1).expand(batch, t, end)
+            tree_mask, 2, rel.clamp(0, window + t - 1).expand(batch, t, end)
         ) & in_new
         mask = (prefix_ok | new_ok).unsqueeze(1)                          # [batch, 1, T, end]
         return _Step(cache, mask, starts, end, t, slots, torch.arange(batch, device=dev).view(batch, 1),
