@@ -167,6 +167,9 @@ IN_PROCESS = [
     # no model: three candidates from the context and the recent generations, one tree (workers/hierarchy.py)
     {"name": "hierarchy", "kind": "hierarchy", "num_candidates": 3, "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "token-recycling", "kind": "token_recycling", "draft_length": {"policy": "fixed", "k": 3}},
+    # the draft model's adaptive tree (workers/opt_tree.py): nodes chosen from the warped q, verified one-hot
+    {"name": "opt-tree", "kind": "opt_tree", "drafter": "d", "max_nodes": 6, "width": 3,
+     "draft_length": {"policy": "fixed", "k": 3}},
 ]
 
 
@@ -321,6 +324,9 @@ RAY_STRATEGIES = [
     {"name": "hierarchy", "kind": "hierarchy", "num_candidates": 3, "draft_length": {"policy": "fixed", "k": 2}},
     # no model: drafts beside the engine, its matrix fed by the logits the stage actor returns
     {"name": "token-recycling", "kind": "token_recycling", "draft_length": {"policy": "fixed", "k": 3}},
+    # the draft model's adaptive tree, grown in the drafter actor (tree forwards through its runner)
+    {"name": "opt-tree", "kind": "opt_tree", "drafter": "d", "max_nodes": 6, "width": 3,
+     "draft_length": {"policy": "fixed", "k": 3}},
 ]
 
 

@@ -14,6 +14,7 @@ from orchestrator.strategies.draft_model import DraftModelStrategy
 from orchestrator.strategies.duodecoding import DuoDecodingStrategy
 from orchestrator.strategies.easyspec import EasySpecStrategy
 from orchestrator.strategies.hierarchy import HierarchyStrategy
+from orchestrator.strategies.opt_tree import OptTreeStrategy
 from orchestrator.strategies.prompt_lookup import PromptLookupStrategy
 from orchestrator.strategies.token_recycling import TokenRecyclingStrategy
 
@@ -26,6 +27,7 @@ KINDS: dict[str, type[StrategyConfig]] = {
     "duodecoding": DuoDecodingStrategy,
     "token_recycling": TokenRecyclingStrategy,
     "hierarchy": HierarchyStrategy,
+    "opt_tree": OptTreeStrategy,
 }
 
 __all__ = ["KINDS", "RayContext", "StrategyConfig"]
