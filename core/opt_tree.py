@@ -124,23 +124,33 @@ class OptTreeGrowth:
     # ------------------------------------------------------------------ the draft
     def result(self) -> TreeChoice:
         """The global top `max_nodes` nodes by weight, parents before children, parents re-indexed."""
-        chosen = self._top()
-        keep = torch.zeros(self.tokens.numel(), dtype=torch.bool)
-        keep[chosen] = True
-        # Ties are broken towards the earlier (shallower) node, so every parent is kept; make sure anyway.
-        for node in chosen.tolist():
-            parent = int(self.parents[node])
-            while parent >= 0 and not keep[parent]:
-                keep[parent] = True
-                parent = int(self.parents[parent])
-        ids = keep.nonzero().flatten()                                     # ascending: parents first
-        remap = torch.full((self.tokens.numel(),), -1, dtype=torch.long)
-        remap[ids] = torch.arange(ids.numel())
-        old_parents = self.parents[ids]
-        parents = torch.where(old_parents >= 0, remap[old_parents.clamp_min(0)], old_parents)
-        return TreeChoice(tokens=self.tokens[ids], parents=parents, weights=self.weights[ids])
+        return top_subtree(self.tokens, self.parents, self.weights, self.max_nodes)
 
     def _top(self) -> Tensor:
-        """Ids of the global top `max_nodes` nodes by weight, ties to the lower id (ascending by weight rank)."""
-        order = torch.sort(self.weights, descending=True, stable=True).indices
-        return order[: self.max_nodes].sort().values
+        return top_node_ids(self.weights, self.max_nodes)
+
+
+def top_node_ids(weights: Tensor, max_nodes: int) -> Tensor:
+    """Ids of the global top `max_nodes` nodes by weight [n], ties to the lower id; ascending ids."""
+    order = torch.sort(weights, descending=True, stable=True).indices
+    return order[:max_nodes].sort().values
+
+
+def top_subtree(tokens: Tensor, parents: Tensor, weights: Tensor, max_nodes: int) -> TreeChoice:
+    """The top `max_nodes` nodes by weight of a tree (tokens, parents, weights: [n] each, parents before
+    children), every kept node's ancestors kept, listed parents first with parents re-indexed."""
+    chosen = top_node_ids(weights, max_nodes)
+    keep = torch.zeros(tokens.numel(), dtype=torch.bool)
+    keep[chosen] = True
+    # Ties are broken towards the earlier (shallower) node, so every parent is kept; make sure anyway.
+    for node in chosen.tolist():
+        parent = int(parents[node])
+        while parent >= 0 and not keep[parent]:
+            keep[parent] = True
+            parent = int(parents[parent])
+    ids = keep.nonzero().flatten()                                     # ascending: parents first
+    remap = torch.full((tokens.numel(),), -1, dtype=torch.long)
+    remap[ids] = torch.arange(ids.numel())
+    old_parents = parents[ids]
+    new_parents = torch.where(old_parents >= 0, remap[old_parents.clamp_min(0)], old_parents)
+    return TreeChoice(tokens=tokens[ids], parents=new_parents, weights=weights[ids])
