@@ -30,6 +30,11 @@ class DraftLengthPolicy:
     def observe_setup(self, seconds: float) -> None:
         """Seconds the step's draft spent opening the drafter's session (once per request; not drafting)."""
 
+    def drafts_soon(self) -> bool:
+        """Whether the request will likely draft with a model early on: a drafter whose session opens by
+        itself (a drafter actor's) then opens it beside the target's prefill, not at the first draft."""
+        return True
+
     def close(self) -> None:
         """The request ended (a shared scheduler forgets it: orchestrator/goodput.py)."""
 
