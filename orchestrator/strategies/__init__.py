@@ -15,7 +15,9 @@ from orchestrator.strategies.duodecoding import DuoDecodingStrategy
 from orchestrator.strategies.easyspec import EasySpecStrategy
 from orchestrator.strategies.hierarchy import HierarchyStrategy
 from orchestrator.strategies.opt_tree import OptTreeStrategy
+from orchestrator.strategies.ouroboros import OuroborosStrategy
 from orchestrator.strategies.prompt_lookup import PromptLookupStrategy
+from orchestrator.strategies.rasd import RasdStrategy
 from orchestrator.strategies.token_recycling import TokenRecyclingStrategy
 
 # kind -> config model; one line per kind
@@ -28,6 +30,8 @@ KINDS: dict[str, type[StrategyConfig]] = {
     "token_recycling": TokenRecyclingStrategy,
     "hierarchy": HierarchyStrategy,
     "opt_tree": OptTreeStrategy,
+    "ouroboros": OuroborosStrategy,
+    "rasd": RasdStrategy,
 }
 
 __all__ = ["KINDS", "RayContext", "StrategyConfig"]
