@@ -201,6 +201,7 @@ class ModelRunner:
         group_mode: str = "attn_only",               # "attn_only" or "direct_mlp" (workers/easyspec.py)
         group_exchange=None,                         # EasySpec across workers: see _grouped_layers
         lm_head: torch.nn.Module | None = None,      # replaces the output head (workers/vocab_trim.py)
+        hidden_out: list | None = None,              # gets the normed last-layer hidden states [batch, T', hidden]
     ) -> torch.Tensor:
         """Append T new tokens per row and return logits [batch, T', vocab] (float32).
 
@@ -232,6 +233,8 @@ class ModelRunner:
         if logits_rows is not None:
             hidden = hidden[:, logits_rows]
         hidden = self.norm(hidden)
+        if hidden_out is not None:       # a drafter's features for its draft-length predictor (workers/draft_states.py)
+            hidden_out.append(hidden)
         return _linear(hidden, lm_head if lm_head is not None else self.lm_head, *self._kernel(hidden, head=True)).float()
 
     def _step(self, cache: KVCache, batch: int, t: int, depths, tree_mask) -> _Step:
