@@ -17,6 +17,7 @@ from orchestrator.strategies.hierarchy import HierarchyStrategy
 from orchestrator.strategies.opt_tree import OptTreeStrategy
 from orchestrator.strategies.ouroboros import OuroborosStrategy
 from orchestrator.strategies.prompt_lookup import PromptLookupStrategy
+from orchestrator.strategies.rasd import RasdStrategy
 from orchestrator.strategies.token_recycling import TokenRecyclingStrategy
 
 # kind -> config model; one line per kind
@@ -30,6 +31,7 @@ KINDS: dict[str, type[StrategyConfig]] = {
     "hierarchy": HierarchyStrategy,
     "opt_tree": OptTreeStrategy,
     "ouroboros": OuroborosStrategy,
+    "rasd": RasdStrategy,
 }
 
 __all__ = ["KINDS", "RayContext", "StrategyConfig"]
