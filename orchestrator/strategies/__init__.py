@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from orchestrator.strategies.base import RayContext, StrategyConfig
 from orchestrator.strategies.cascade import CascadeStrategy
+from orchestrator.strategies.cross_vocab import CrossVocabStrategy
 from orchestrator.strategies.draft_model import DraftModelStrategy
 from orchestrator.strategies.duodecoding import DuoDecodingStrategy
 from orchestrator.strategies.easyspec import EasySpecStrategy
@@ -30,6 +31,7 @@ KINDS: dict[str, type[StrategyConfig]] = {
     "token_recycling": TokenRecyclingStrategy,
     "hierarchy": HierarchyStrategy,
     "opt_tree": OptTreeStrategy,
+    "cross_vocab": CrossVocabStrategy,
     "ouroboros": OuroborosStrategy,
     "rasd": RasdStrategy,
 }
