@@ -105,7 +105,7 @@ class OuroborosDrafter(Drafter):
         if candidates < 0:
             raise ValueError(f"candidates must be >= 0, got {candidates}")
         self.runner, self.name, self.candidates = runner, name, candidates
-        self.pool = pool or PhrasePool()
+        self.pool = pool if pool is not None else PhrasePool()   # an empty pool is falsy (len 0)
         self.draft_vocab = draft_vocab
 
     def start(self, prompt_ids: list[int], params: SamplingParams, generator: torch.Generator | None):
