@@ -170,6 +170,9 @@ IN_PROCESS = [
     # the draft model's adaptive tree (workers/opt_tree.py): nodes chosen from the warped q, verified one-hot
     {"name": "opt-tree", "kind": "opt_tree", "drafter": "d", "max_nodes": 6, "width": 3,
      "draft_length": {"policy": "fixed", "k": 3}},
+    # RASD (workers/rasd.py): the draft model's tree fused with context retrievals it scored and pruned
+    {"name": "rasd", "kind": "rasd", "drafter": "d", "max_nodes": 8, "draft_nodes": 4, "width": 2,
+     "min_ngram": 1, "prune_threshold": 0.05, "draft_length": {"policy": "fixed", "k": 3}},
     # the model's sampled chain (its q) extended by one-hot phrases of the shared pool, one tree
     {"name": "ouroboros", "kind": "ouroboros", "drafter": "d", "candidates": 3, "phrase_len": 3,
      "draft_length": {"policy": "fixed", "k": 2}},
@@ -334,6 +337,9 @@ RAY_STRATEGIES = [
     # the draft model's adaptive tree, grown in the drafter actor (tree forwards through its runner)
     {"name": "opt-tree", "kind": "opt_tree", "drafter": "d", "max_nodes": 6, "width": 3,
      "draft_length": {"policy": "fixed", "k": 3}},
+    # RASD (workers/rasd.py): the draft model's tree fused with context retrievals it scored and pruned
+    {"name": "rasd", "kind": "rasd", "drafter": "d", "max_nodes": 8, "draft_nodes": 4, "width": 2,
+     "min_ngram": 1, "prune_threshold": 0.05, "draft_length": {"policy": "fixed", "k": 3}},
     # the chain drafted in the drafter actor, its phrase pool there too (filled from the committed output)
     {"name": "ouroboros", "kind": "ouroboros", "drafter": "d", "candidates": 3, "phrase_len": 3,
      "draft_length": {"policy": "fixed", "k": 2}},
