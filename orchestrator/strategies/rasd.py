@@ -51,13 +51,14 @@ class RasdStrategy(OptTreeStrategy, NgramRange):
         return self
 
     def unavailable(self):
+        if problem := super().unavailable():
+            return problem
         if self.corpus and "corpus" in self.sources and not Path(self.corpus).is_file():
             return f"its corpus {self.corpus!r} does not exist ({BUILD_HINT})"
         return None
 
     def make_drafter(self, runner, runners=None):
         from workers.hierarchy import HierarchyDrafter, RecentGenerations, load_corpus
-        from workers.opt_tree import OptTreeDrafter
         from workers.rasd import RasdDrafter
 
         corpus = None
@@ -70,7 +71,7 @@ class RasdStrategy(OptTreeStrategy, NgramRange):
         recent = RecentGenerations(sizes) if "recent" in self.sources else RecentGenerations(sizes, capacity=1)
         retrieval = HierarchyDrafter(self.max_ngram, self.min_ngram, self.num_candidates, recent=recent,
                                      corpus=corpus, levels=tuple(self.sources), name=f"{self.name}-retrieval")
-        tree = OptTreeDrafter(runner, name=self.name, max_nodes=self.draft_nodes, threshold=self.threshold,
-                              max_depth=self.max_depth, width=self.width, draft_vocab=self.draft_vocab)
+        # the draft model's tree is OPT-Tree's drafter as its kind builds it, with draft_nodes for max_nodes
+        tree = OptTreeStrategy.make_drafter(self.model_copy(update={"max_nodes": self.draft_nodes}), runner)
         return RasdDrafter(tree, retrieval, max_nodes=self.max_nodes, prune_threshold=self.prune_threshold,
                            name=self.name)
