@@ -220,6 +220,41 @@ def test_phrase_siblings_tried_before_the_sampled_child_are_caught():
     assert (first_tokens(phrase_first=True) - P).abs().max() > 0.05
 
 
+def sampled_draft(drafter: OuroborosDrafter):
+    """A draft at temperature 1 with a phrase of the last committed token in the pool (the chain's
+    first token's siblings); returns the draft and the chain's length."""
+    session = drafter.start(REPETITIVE[:9], SamplingParams(temperature=1.0, seed=3), torch.Generator().manual_seed(0))
+    session.update(REPETITIVE[9:10], 0)
+    drafter.pool.add(REPETITIVE[9], [60, 61, 62])
+    draft = session.propose(3)
+    return draft, len(session.chain)
+
+
+def check_sampled_rows(draft, m: int) -> None:
+    n = len(draft)
+    assert draft.parents is not None and n > m and draft.parents[:m] == list(range(-1, m - 1))
+    assert draft.probs.shape[0] == n
+    for i in range(m):                          # the q the chain token was sampled from: a distribution
+        row = draft.probs[i]
+        assert row[draft.tokens[i]] > 0 and row.max() < 1 and float(row.sum()) == pytest.approx(1, abs=1e-4)
+    for i in range(m, n):                       # phrase nodes: one-hot at their token
+        assert draft.probs[i].sum() == 1 and draft.probs[i, draft.tokens[i]] == 1
+
+
+def test_sampled_drafts_keep_the_chains_q_and_one_hot_phrase_rows(qwen_pair):
+    check_sampled_rows(*sampled_draft(OuroborosDrafter(ModelRunner(qwen_pair[1]))))
+
+
+def test_a_chain_passed_off_as_one_hot_is_caught(qwen_pair, monkeypatch):
+    """Broken: every row one-hot, as if the sampled chain were deterministic (the rule would then accept
+    its tokens with probability p alone: not the target's distribution)."""
+    monkeypatch.setattr(OuroborosSession, "_with_one_hot_phrases", staticmethod(
+        lambda chain_probs, tokens: torch.nn.functional.one_hot(torch.tensor(tokens),
+                                                                chain_probs.shape[1]).float()))
+    with pytest.raises(AssertionError):
+        check_sampled_rows(*sampled_draft(OuroborosDrafter(ModelRunner(qwen_pair[1]))))
+
+
 # ------------------------------------------------------------------ engines
 def engine(target, drafter, k=3):
     return SpeculativeEngine(target, drafter, lambda: FixedDraftLength(k), name="ouroboros")
