@@ -12,6 +12,8 @@
       --limit 40 --out mag_tables/qwen2.5-coder-1.5b.pt               # MaG table for cascade strategies
   python launch.py build-corpus --prompts cluster_configs/corpora/warmup_prompts.jsonl \
       --model qwen2.5-coder-1.5b --out corpora/qwen2.5-coder.pt       # corpus for hierarchy strategies
+  python launch.py build-vocab-table --prompts cluster_configs/corpora/warmup_prompts.jsonl \
+      --model qwen2.5-coder-1.5b --out cluster_configs/vocab_tables/qwen2.5-coder-1.5b.pt  # VocabTrim table
   python launch.py simulate --cluster cluster_configs/8xA100.yaml \
       --workload cluster_configs/workloads/spec-bench-mix.yaml     # capacity plan (docs/capacity.md)
   python launch.py profile --cluster cluster_configs/local.yaml    # measure this machine for simulate --profile
@@ -310,6 +312,17 @@ def cmd_build_corpus(args) -> int:
     return 0
 
 
+def cmd_build_vocab_table(args) -> int:
+    from orchestrator.vocab_table import build_vocab_table
+    from workers.vocab_trim import save_frequency_table
+
+    table = build_vocab_table(args.model, args.dtype, args.prompts, args.limit, args.max_new_tokens,
+                              log=lambda s: print(s, flush=True))
+    save_frequency_table(table, args.out)
+    print(f"wrote {args.out}: {len(table)} distinct tokens from {table.meta['tokens']} generated tokens")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,6 +363,15 @@ def main(argv=None) -> int:
     corpus.add_argument("--per-key", type=int, default=4, help="most frequent continuations kept per key")
     corpus.add_argument("--min-count", type=int, default=1, help="drop continuations seen fewer times")
     corpus.set_defaults(func=cmd_build_corpus)
+    vocab = sub.add_parser("build-vocab-table",
+                           help="VocabTrim's token frequency table from the target's greedy outputs (docs/vocab_trim.md)")
+    vocab.add_argument("--prompts", action="append", required=True, help="jsonl prompt file (repeatable)")
+    vocab.add_argument("--model", required=True, help="the target: an embedded name (e.g. qwen2.5-coder-1.5b) or a directory")
+    vocab.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    vocab.add_argument("--out", required=True, help="table path (.pt), named by a strategy's draft_vocab.table")
+    vocab.add_argument("--limit", type=int, default=None, help="prompts per file")
+    vocab.add_argument("--max-new-tokens", type=int, default=128)
+    vocab.set_defaults(func=cmd_build_vocab_table)
     serve = sub.add_parser("serve", help="serve the gRPC front door until SIGINT/SIGTERM")
     _common(serve)
     serve.add_argument("--port", type=int, default=None, help="override server.port (0 = any free port)")

@@ -122,6 +122,8 @@ def model_dir(tmp_path_factory):
     small_model(0, layers=2).save_pretrained(root / "target")
     small_model(1, layers=2).save_pretrained(root / "draft")       # EasySpec groups its 2 layers
     small_model(2, layers=1).save_pretrained(root / "draft-small")
+    from workers.vocab_trim import count_tokens, save_frequency_table   # VocabTrim's table: 6, 2, 7 most frequent
+    save_frequency_table(count_tokens([[6, 6, 6, 2, 2, 7]]), root / "vocab-table.pt")
     return root
 
 
@@ -151,7 +153,7 @@ def write_config(root, name: str, strategies: list[dict], placement: dict | None
         cfg["node_pools"] = [{"name": "local", "count": 1, "cpus": cpus, "memory_gb": 8}]
         cfg["placement"] = placement
     path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg).replace("{models}", str(root)))     # files beside the models
     return load_config(path)
 
 
@@ -175,6 +177,10 @@ IN_PROCESS = [
      "min_ngram": 1, "prune_threshold": 0.05, "draft_length": {"policy": "fixed", "k": 3}},
     # the model's sampled chain (its q) extended by one-hot phrases of the shared pool, one tree
     {"name": "ouroboros", "kind": "ouroboros", "drafter": "d", "candidates": 3, "phrase_len": 3,
+     "draft_length": {"policy": "fixed", "k": 2}},
+    # VocabTrim's frequency mode: q = 0 outside the table's top 2 (6, 2) and the prompt's tokens (3, 5)
+    {"name": "sd-vocab-freq", "kind": "draft_model", "drafter": "d",
+     "draft_vocab": {"size": 2, "mode": "frequency", "table": "{models}/vocab-table.pt"},
      "draft_length": {"policy": "fixed", "k": 2}},
 ]
 

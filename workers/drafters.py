@@ -85,30 +85,33 @@ class DraftModelDrafter(Drafter):
     """A small causal LM with the target's tokenizer, drafting autoregressively."""
 
     def __init__(self, runner: ModelRunner, name: str = "draft-model", min_confidence: float = 0.0,
-                 draft_vocab: int = 0):
+                 draft_vocab: int = 0, vocab_ranking: torch.Tensor | None = None):
         """min_confidence: stop a draft early after a token the drafter itself gave less than
         this probability (a draft-side decision, so verification stays lossless).
-        draft_vocab: > 0 computes the drafter's logits only for the draft_vocab lowest token
-        ids plus the prompt's tokens (workers/vocab_trim.py)."""
+        draft_vocab: > 0 computes the drafter's logits only for draft_vocab token ids plus the
+        prompt's tokens (workers/vocab_trim.py): the first draft_vocab of vocab_ranking ([m] ids,
+        a FrequencyTable's, most frequent first), or the lowest ids when it is None."""
         self.runner = runner
         self.name = name
         self.min_confidence = min_confidence
         self.draft_vocab = draft_vocab
+        self.vocab_ranking = vocab_ranking
 
     def start(self, prompt_ids, params, generator):
         return _DraftModelSession(self.runner, prompt_ids, params, generator, self.min_confidence,
-                                  self.draft_vocab)
+                                  self.draft_vocab, self.vocab_ranking)
 
 
 class _DraftModelSession(DraftSession):
     """Autoregressive drafting with a model; subclasses change how the forwards are computed."""
 
     def __init__(self, runner: ModelRunner, prompt_ids, params, generator, min_confidence: float = 0.0,
-                 draft_vocab: int = 0):
+                 draft_vocab: int = 0, vocab_ranking: torch.Tensor | None = None):
         super().__init__(prompt_ids)
         self.min_confidence = min_confidence
         self.runner = runner
-        self.head = (TrimmedHead(runner.lm_head, kept_token_ids(runner.vocab_size, draft_vocab, prompt_ids))
+        self.head = (TrimmedHead(runner.lm_head, kept_token_ids(runner.vocab_size, draft_vocab, prompt_ids,
+                                                                vocab_ranking))
                      if draft_vocab > 0 else None)
         self.params = params
         self.generator = generator

@@ -33,13 +33,15 @@ class OptTreeDrafter(Drafter):
 
     def __init__(self, runner: ModelRunner, name: str = "opt-tree", max_nodes: int = PAPER_MAX_NODES,
                  threshold: float = PAPER_THRESHOLD, max_depth: int = PAPER_MAX_DEPTH, width: int | None = None,
-                 draft_vocab: int = 0):
+                 draft_vocab: int = 0, vocab_ranking: torch.Tensor | None = None):
         """max_nodes, threshold, max_depth, width: core/opt_tree.py's OptTreeGrowth (the paper's 60, 0.5,
-        10, width = max_nodes); a step's `k` further bounds the depth. draft_vocab: as DraftModelDrafter's."""
+        10, width = max_nodes); a step's `k` further bounds the depth. draft_vocab, vocab_ranking: as
+        DraftModelDrafter's."""
         OptTreeGrowth(max_nodes, threshold, max_depth, width)       # validates the numbers now
         self.runner, self.name = runner, name
         self.max_nodes, self.threshold, self.max_depth, self.width = max_nodes, threshold, max_depth, width
         self.draft_vocab = draft_vocab
+        self.vocab_ranking = vocab_ranking
 
     def start(self, prompt_ids, params, generator):
         return OptTreeSession(self, prompt_ids, params, generator)
@@ -49,7 +51,8 @@ class OptTreeSession(_DraftModelSession):
     """One request's drafter cache and its trees. `last_growth` is the last propose's OptTreeGrowth."""
 
     def __init__(self, drafter: OptTreeDrafter, prompt_ids, params, generator):
-        super().__init__(drafter.runner, prompt_ids, params, generator, draft_vocab=drafter.draft_vocab)
+        super().__init__(drafter.runner, prompt_ids, params, generator, draft_vocab=drafter.draft_vocab,
+                         vocab_ranking=drafter.vocab_ranking)
         self.drafter = drafter
         self.last_growth: OptTreeGrowth | None = None
         self.forwards = 0       # drafter forwards of the proposes (root + one per layer; prefill not counted)

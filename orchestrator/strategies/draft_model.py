@@ -3,12 +3,64 @@ at a low-confidence token, scoring a trimmed vocabulary, or copying from the pro
 The drafter is workers/drafters.py's DraftModelDrafter (LookupThenModelDrafter for the hybrid)."""
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag, model_validator
 
-from core.config import DraftLength, FixedLength, NgramRange
+from core.config import DraftLength, FixedLength, NgramRange, Strict
 from orchestrator.strategies.base import StrategyConfig
+
+
+class DraftVocab(Strict):
+    """VocabTrim (workers/vocab_trim.py): the token ids a drafter's output head scores, besides the
+    prompt's tokens. A strategy's `draft_vocab` takes this or an int (the `size` lowest ids)."""
+    size: int = Field(ge=1, description="Token ids the drafter scores (plus the prompt's tokens)")
+    mode: Literal["lowest", "frequency"] = Field(description=(
+        "lowest: the `size` lowest token ids; frequency: the `size` most frequent ids of `table` "
+        "(VocabTrim as published; the lowest ids not in the table fill up when it ranks fewer)"))
+    table: str | None = Field(None, description=(
+        "mode frequency: the token frequency table of `launch.py build-vocab-table` (docs/vocab_trim.md)"))
+
+    @model_validator(mode="after")
+    def _table_with_frequency(self):
+        if (self.mode == "frequency") != (self.table is not None):
+            raise ValueError(f"table: mode frequency needs a table and mode lowest takes none "
+                             f"(mode {self.mode}, table {self.table!r})")
+        return self
+
+    def missing_table(self) -> str | None:
+        """Why the table cannot be read (not built), or None."""
+        if self.table is not None and not Path(self.table).is_file():
+            return (f"its draft_vocab.table {self.table!r} does not exist (build it with "
+                    "`python launch.py build-vocab-table`, docs/vocab_trim.md)")
+        return None
+
+
+# A strategy's draft_vocab: the int form (lowest ids) or VocabTrim's section; told apart by type, so an
+# error names the form written (draft_vocab.mapping.<key> or draft_vocab.int), not both forms' complaints.
+TrimmedVocab = Annotated[Union[Annotated[int, Field(ge=0), Tag("int")], Annotated[DraftVocab, Tag("mapping")]],
+                         Discriminator(lambda v: "int" if isinstance(v, int) else "mapping")]
+DRAFT_VOCAB_HELP = (
+    "VocabTrim: an int > 0 scores only that many lowest token ids plus the prompt's tokens, or "
+    "{size, mode: lowest | frequency, table} (frequency: the most frequent ids of a `launch.py "
+    "build-vocab-table` table, as published); a cheaper output head, output unchanged, acceptance may "
+    "drop. 0 = full vocabulary")
+
+
+def vocab_trim_args(draft_vocab: int | DraftVocab, strategy: str) -> dict:
+    """The drafter's `draft_vocab` and `vocab_ranking` arguments (workers/drafters.py) for a strategy's
+    `draft_vocab` field; reads the frequency table."""
+    if isinstance(draft_vocab, int):
+        return {"draft_vocab": draft_vocab}
+    if draft_vocab.mode == "lowest":
+        return {"draft_vocab": draft_vocab.size}
+    problem = draft_vocab.missing_table()
+    if problem:
+        raise ValueError(f"strategy {strategy!r}: {problem}")
+    from workers.vocab_trim import load_frequency_table
+
+    return {"draft_vocab": draft_vocab.size, "vocab_ranking": load_frequency_table(draft_vocab.table).ids}
 
 
 class LookupFirst(NgramRange):
@@ -23,9 +75,7 @@ class DraftModelStrategy(StrategyConfig):
     drafter: str = Field(description="Key of models.drafters")
     min_confidence: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Stop a draft after a token the drafter gave less than this probability (0 = off)"))
-    draft_vocab: int = Field(0, ge=0, description=(
-        "> 0: the drafter scores only the draft_vocab lowest token ids plus the prompt's tokens "
-        "(a cheaper output head; output unchanged, acceptance may drop). 0 = full vocabulary"))
+    draft_vocab: TrimmedVocab = Field(0, description=DRAFT_VOCAB_HELP)
     lookup_first: LookupFirst | None = Field(None, description="Prompt lookup before the model (a hybrid)")
     draft_length: DraftLength = Field(default_factory=FixedLength, description=(
         "Tokens drafted per step: fixed, adaptive, goodput, heuristic, thompson or adl (draft_length.policy)"))
@@ -36,11 +86,14 @@ class DraftModelStrategy(StrategyConfig):
     def drafts_by_forward(self):
         return True
 
+    def unavailable(self):
+        return None if isinstance(self.draft_vocab, int) else self.draft_vocab.missing_table()
+
     def make_drafter(self, runner, runners=None):
         from workers.drafters import DraftModelDrafter, LookupThenModelDrafter, PromptLookupDrafter
 
         drafter = DraftModelDrafter(runner, name=self.drafter, min_confidence=self.min_confidence,
-                                    draft_vocab=self.draft_vocab)
+                                    **vocab_trim_args(self.draft_vocab, self.name))
         if self.lookup_first is not None:
             lf = self.lookup_first
             drafter = LookupThenModelDrafter(PromptLookupDrafter(lf.max_ngram, lf.min_ngram), drafter, lf.k)

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from core.config import DraftLength, FixedLength
 from orchestrator.strategies.base import StrategyConfig
+from orchestrator.strategies.draft_model import DRAFT_VOCAB_HELP, TrimmedVocab, vocab_trim_args
 
 # The paper's defaults (core/opt_tree.py has them too; not imported here: loading a config stays torch-free)
 PAPER_MAX_NODES, PAPER_THRESHOLD, PAPER_MAX_DEPTH = 60, 0.5, 10
@@ -33,9 +34,7 @@ class OptTreeStrategy(StrategyConfig):
     width: int | None = Field(None, ge=1, le=512, description=(
         "Candidates kept per layer, each node offering as many children: the rows of one drafter "
         "forward (None = max_nodes, the paper's); smaller is cheaper on a CPU"))
-    draft_vocab: int = Field(0, ge=0, description=(
-        "> 0: the drafter scores only the draft_vocab lowest token ids plus the prompt's tokens "
-        "(a cheaper output head for the tree forwards' many rows; output unchanged). 0 = full vocabulary"))
+    draft_vocab: TrimmedVocab = Field(0, description=DRAFT_VOCAB_HELP)
     draft_length: DraftLength = Field(default_factory=lambda: FixedLength(k=PAPER_MAX_DEPTH), description=(
         "Tree depth bound per step (the most tokens one step can accept): fixed, adaptive, goodput, "
         "heuristic or thompson (draft_length.policy); OPT-Tree stops earlier when a layer gains too little"))
@@ -46,8 +45,12 @@ class OptTreeStrategy(StrategyConfig):
     def drafts_by_forward(self):
         return True
 
+    def unavailable(self):
+        return None if isinstance(self.draft_vocab, int) else self.draft_vocab.missing_table()
+
     def make_drafter(self, runner, runners=None):
         from workers.opt_tree import OptTreeDrafter
 
         return OptTreeDrafter(runner, name=self.name, max_nodes=self.max_nodes, threshold=self.threshold,
-                              max_depth=self.max_depth, width=self.width, draft_vocab=self.draft_vocab)
+                              max_depth=self.max_depth, width=self.width,
+                              **vocab_trim_args(self.draft_vocab, self.name))
