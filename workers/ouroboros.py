@@ -29,9 +29,9 @@ from collections import OrderedDict
 
 import torch
 
-from core.cost import parameter_count
 from core.sampling import SamplingParams
 from workers.drafters import EMPTY_DRAFT, Draft, Drafter, _DraftModelSession, merge_into_trie
+from workers.opt_tree import OptTreeSession
 from workers.runner import ModelRunner
 
 Phrase = tuple[int, ...]
@@ -125,16 +125,10 @@ class OuroborosSession(_DraftModelSession):
         self.next_phrase = len(prompt_ids) - 1  # first context position whose committed phrase is not pooled
         self.forwards = 0                       # drafter forwards of the proposes (one per chain token)
 
-    # cost reporting, read by the engine (core/cost.py: draft_cost): phrase nodes cost no forward
-    @property
-    def forward_params(self) -> int:
-        runner = self.runner
-        model = getattr(runner, "model", None) or getattr(getattr(runner, "runner", None), "model", None)
-        return self.forwards * (parameter_count(model) or 0)
-
-    @property
-    def forwards_by_level(self) -> dict[str, int]:
-        return {self.drafter.name: self.forwards}
+    # cost reporting, read by the engine (core/cost.py: draft_cost): `forwards` drafter forwards, as OPT-Tree
+    # counts them (phrase nodes cost none; the default estimate would count every draft node as one)
+    forward_params = OptTreeSession.forward_params
+    forwards_by_level = OptTreeSession.forwards_by_level
 
     def propose(self, k: int) -> Draft:
         self.chain, self.parents = [], []
