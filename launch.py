@@ -248,8 +248,13 @@ def cmd_bench(args) -> int:
         return 2
     prompts = []
     for i, path in enumerate(args.data):
-        prompts += load_prompts(path, limits[i] if len(limits) > 1 else limits[0])
+        limit = limits[i] if len(limits) > 1 else limits[0]
+        prompts += load_prompts(path, None if limit is None else args.skip + limit)[args.skip:]
     built = build_engines(cfg, only=selected(args, cfg, demo=False))
+    state_logs = {}
+    if args.log_draft_states:
+        from orchestrator.learned_length import log_draft_states
+        state_logs = log_draft_states(built.engines)
     if args.no_hf or args.hf_peers is not None:
         peers = [] if args.no_hf else args.hf_peers
         cfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"hf_peers": peers})})
@@ -259,7 +264,7 @@ def cmd_bench(args) -> int:
     warmup = []
     for i, path in enumerate(args.warmup_data or []):
         # The next prompts of the file after the measured ones (same round-robin over categories): disjoint.
-        skip = len(load_prompts(path, limits[i] if len(limits) > 1 else limits[0])) if path in args.data else 0
+        skip = args.skip + len(load_prompts(path, limits[i] if len(limits) > 1 else limits[0])) if path in args.data else 0
         warmup += load_prompts(path, skip + args.warmup_limit)[skip:]
     result = run_bench(built, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True),
                        warmup=warmup, warmup_strategies=args.warmup_strategies)
@@ -272,6 +277,21 @@ def cmd_bench(args) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
         Path(args.out).with_suffix(".md").write_text(f"`{result['command']}`\n\n{table}\n")
         print(f"\nwrote {args.out} and {Path(args.out).with_suffix('.md')}")
+    for name, log in state_logs.items():
+        path = Path(args.log_draft_states)
+        path = path if len(state_logs) == 1 else path.with_name(f"{path.stem}.{name}{path.suffix}")
+        log.save(path, meta={"strategy": name, "command": result["command"], "prompts": [p.id for p in prompts]})
+        print(f"wrote {path}: {len(log.drafted)} draft steps of {name}")
+    return 0
+
+
+def cmd_train_draft_length(args) -> int:
+    from orchestrator.learned_length import describe, train_from_logs
+
+    report = train_from_logs(args.logs, args.out, k_max=args.k_max, hidden=args.hidden, epochs=args.epochs,
+                             seed=args.seed)
+    print(describe(report))
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB)")
     return 0
 
 
@@ -343,7 +363,21 @@ def main(argv=None) -> int:
                        help="strategies that warm up (default: all of ours)")
     bench.add_argument("--hf-peers", nargs="*", choices=["plain", "assisted", "prompt_lookup"], default=None,
                        help="override bench.hf_peers (which HF generate() rows to measure)")
+    bench.add_argument("--skip", type=int, default=0,
+                       help="skip the first N prompts of each --data file (same order), e.g. to log on others")
+    bench.add_argument("--log-draft-states", default=None, metavar="PATH",
+                       help="log (drafter features, accepted tokens) per step of plain draft_model strategies "
+                            "(.pt; one file per strategy when several): training data of the learned draft length")
     bench.set_defaults(func=cmd_bench)
+    train = sub.add_parser("train-draft-length",
+                           help="train the learned draft length's predictor from --log-draft-states logs (docs/draft_length.md)")
+    train.add_argument("--logs", nargs="+", required=True, help="draft-state logs (.pt)")
+    train.add_argument("--out", required=True, help="weights path (.pt), named by draft_length.weights")
+    train.add_argument("--k-max", type=int, default=None, help="longest draft length (default: the longest logged)")
+    train.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP")
+    train.add_argument("--epochs", type=int, default=300, help="full-batch optimiser steps")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train_draft_length)
     mag = sub.add_parser("mag-table", help="MaG bigram table from the target's greedy outputs (docs/cascade.md)")
     mag.add_argument("--cluster", required=True, help="config file whose target generates the text")
     mag.add_argument("--data", action="append", required=True, help="jsonl prompt file (repeatable)")

@@ -95,8 +95,30 @@ class AdlLength(Strict):
         return self
 
 
+class LearnedLength(Strict):
+    """AdaEAGLE's learned draft length: an MLP reads the drafter's hidden state and the newest token's
+    embedding each step and predicts how many tokens will be accepted (core/length_predictor.py;
+    weights from `launch.py train-draft-length`, docs/draft_length.md). Drafters that draft one token
+    at a time with a model only (kind draft_model without lookup_first)."""
+    policy: Literal["learned"]
+    weights: str = Field(description="Predictor weights (.pt) from `launch.py train-draft-length`")
+    k_min: int = Field(1, ge=0, le=64, description="Lower bound on the draft length (0 allows plain steps)")
+    k_max: int = Field(10, ge=1, le=64, description="Upper bound (at most the k_max the weights were trained for)")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description=(
+        "Draft position j while the predicted P(accepted >= j) is at least this (0.5: the predicted median)"))
+
+    @model_validator(mode="after")
+    def _bounds_and_file(self):
+        if self.k_min > self.k_max:
+            raise ValueError(f"need k_min <= k_max, got {self.k_min}, {self.k_max}")
+        if not Path(self.weights).is_file():
+            raise ValueError(f"weights: file not found: {self.weights} (train it with "
+                             "`python launch.py train-draft-length`, docs/draft_length.md)")
+        return self
+
+
 DraftLength = Annotated[Union[FixedLength, AdaptiveLength, GoodputLength, HeuristicLength, ThompsonLength,
-                              AdlLength],
+                              AdlLength, LearnedLength],
                         Field(discriminator="policy")]
 
 

@@ -84,6 +84,10 @@ class Drafter(ABC):
 class DraftModelDrafter(Drafter):
     """A small causal LM with the target's tokenizer, drafting autoregressively."""
 
+    #: the per-request session: _DraftModelSession or a subclass of it (workers/draft_states.py: one that
+    #: reads the drafter's state); None = _DraftModelSession
+    session_class: type | None = None
+
     def __init__(self, runner: ModelRunner, name: str = "draft-model", min_confidence: float = 0.0,
                  draft_vocab: int = 0, vocab_ranking: torch.Tensor | None = None):
         """min_confidence: stop a draft early after a token the drafter itself gave less than
@@ -98,8 +102,9 @@ class DraftModelDrafter(Drafter):
         self.vocab_ranking = vocab_ranking
 
     def start(self, prompt_ids, params, generator):
-        return _DraftModelSession(self.runner, prompt_ids, params, generator, self.min_confidence,
-                                  self.draft_vocab, self.vocab_ranking)
+        session_class = self.session_class or _DraftModelSession
+        return session_class(self.runner, prompt_ids, params, generator, self.min_confidence,
+                             self.draft_vocab, self.vocab_ranking)
 
 
 class _DraftModelSession(DraftSession):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import Strict
 
@@ -48,6 +48,20 @@ class StrategyConfig(Strict):
     fields (each with a description) and `draft_length`, and overrides the hooks that differ."""
     name: str = Field(description="Row name in reports and the value of a request's strategy override")
 
+    @model_validator(mode="after")
+    def _learned_length_needs_model_states(self):
+        policy = getattr(getattr(self, "draft_length", None), "policy", None)
+        if policy == "learned" and not self.reads_draft_states():
+            raise ValueError(f"draft_length.policy learned: kind {getattr(self, 'kind', '?')} cannot use it; it "
+                             "needs a drafter that drafts one token at a time with a model (kind draft_model, "
+                             "without lookup_first), whose state the predictor reads each step")
+        return self
+
+    def reads_draft_states(self) -> bool:
+        """Its drafter drafts one token at a time with a model and can read the drafter's state each step
+        for the learned draft length (workers/draft_states.py)."""
+        return False
+
     # ------------------------------------------------------------------ models
     def model_refs(self) -> list[tuple[str, str]]:
         """(dotted field, models.drafters key) of every drafter model the config names."""
@@ -61,6 +75,11 @@ class StrategyConfig(Strict):
         """Through Ray: the models.drafters keys it drafts with in a drafter actor (DrafterWorker),
         the first naming the actor; [] = its drafter needs no such actor."""
         return self.drafter_models()
+
+    def own_vocabulary(self) -> bool:
+        """Its drafter models tokenize text their own way (cross-vocabulary drafting): their vocabulary
+        need not be the target's."""
+        return False
 
     def drafts_by_forward(self) -> bool:
         """Its drafter only calls `forward()` of its runner, so a batching queue may stand in for it."""
@@ -113,7 +132,7 @@ class StrategyConfig(Strict):
             rng = random.Random(0)
             p = sum(rng.betavariate(dl.prior_accepted, dl.prior_rejected) > dl.threshold for _ in range(2000)) / 2000
             return max(1, min(dl.k_max, round(p / (1 - p)) if p < 1 else dl.k_max))
-        return dl.k_max   # goodput: its longest draft; the simulation runs the scheduler (placement/simulate.py)
+        return dl.k_max   # goodput, learned: its longest draft; the simulation runs the scheduler (placement/simulate.py)
 
     def review_chunk(self) -> float:
         """Tokens of the bottom drafting level per review (a cascade's MaG); 1 otherwise."""

@@ -78,13 +78,19 @@ class DraftModelStrategy(StrategyConfig):
     draft_vocab: TrimmedVocab = Field(0, description=DRAFT_VOCAB_HELP)
     lookup_first: LookupFirst | None = Field(None, description="Prompt lookup before the model (a hybrid)")
     draft_length: DraftLength = Field(default_factory=FixedLength, description=(
-        "Tokens drafted per step: fixed, adaptive, goodput, heuristic, thompson or adl (draft_length.policy)"))
+        "Tokens drafted per step: fixed, adaptive, goodput, heuristic, thompson, adl or learned "
+        "(draft_length.policy)"))
 
     def model_refs(self):
         return [("drafter", self.drafter)]
 
     def drafts_by_forward(self):
-        return True
+        # The learned draft length reads hidden states from the forward (hidden_out), which a drafter
+        # actor's batching queue does not return.
+        return self.draft_length.policy != "learned"
+
+    def reads_draft_states(self):
+        return self.lookup_first is None
 
     def unavailable(self):
         return None if isinstance(self.draft_vocab, int) else self.draft_vocab.missing_table()
@@ -97,7 +103,25 @@ class DraftModelStrategy(StrategyConfig):
         if self.lookup_first is not None:
             lf = self.lookup_first
             drafter = LookupThenModelDrafter(PromptLookupDrafter(lf.max_ngram, lf.min_ngram), drafter, lf.k)
+        if self.draft_length.policy == "learned":
+            drafter = self._learned_length(drafter)
         return drafter
+
+    def _learned_length(self, drafter):
+        """The drafter choosing each draft's length with the predictor of draft_length.weights."""
+        from core.config import ConfigError
+        from core.length_predictor import load_predictor
+        from workers.draft_states import DraftStateDrafter
+
+        dl = self.draft_length
+        where = f"strategy {self.name!r}: draft_length.weights {dl.weights}"
+        try:
+            predictor = load_predictor(dl.weights)
+            if dl.k_max > predictor.k_max:
+                raise ValueError(f"k_max {dl.k_max} exceeds the {predictor.k_max} the weights were trained for")
+            return DraftStateDrafter(drafter, predictor, k_min=dl.k_min, threshold=dl.threshold)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def ray_drafter(self, ctx):
         """The model drafts in its actor; a hybrid's context lookup runs beside the engine, so a step that
