@@ -87,7 +87,9 @@ class DrafterWorker:
         batcher = self.batchers.get(key or self.first)
         return vars(batcher.stats) if batcher else {}
 
-    def close(self, sid: str) -> None:
+    def close(self, sid: str, opened=None) -> None:
+        """opened: the session's start call when it may still be running (a session opened ahead and
+        never drafted with): Ray resolves it first, so the session is not left open behind the close."""
         session = self.sessions.pop(sid, None)
         if session is not None:
             session.close()

@@ -107,20 +107,30 @@ class SpeculativeEngine:
         policy = self.policy_factory()
         t_start = time.perf_counter()
 
+        session = None
+        opens_lazily = getattr(self.drafter, "opens_lazily", False)
+        if opens_lazily:
+            # Its session opens in a drafter actor by itself: when the request will likely draft, it opens
+            # now, beside the target's prefill, and the first draft waits for what is left of it.
+            session = self._start_session(prompt_ids, params, stats, ahead=policy.drafts_soon())
         cache = self.target.new_cache(1, capacity=len(prompt_ids) + max_new_tokens + 16)
-        logits = self.target.prefill(cache, 0, prompt_ids)                  # [vocab]
+        try:
+            logits = self.target.prefill(cache, 0, prompt_ids)              # [vocab]
+        except BaseException:       # nothing of the request may stay behind: its session, its scheduler seat
+            if session:
+                session.close()
+            policy.close()
+            raise
         first = int(logits.argmax()) if params.greedy else int(sample(warp_probs(logits, params), generator))
         stats.prefill_s = stats.ttft_s = time.perf_counter() - t_start
         out = [first]
         if on_tokens:
             on_tokens([first])
         t_draft_start = time.perf_counter()
-        session = None
-        if self.drafter:
+        if self.drafter and not opens_lazily:
+            session = self._start_session(prompt_ids, params, stats)
+        if session:
             try:
-                # The drafter samples from its own stream: never the verifier's (STREAM_ROLES).
-                session = self.drafter.start(prompt_ids, params,
-                                             make_generator(params.seed, self.target.device, role="drafter"))
                 if session.target_topk:
                     session.observe_target(prompt_ids[-1:], _top_ids(logits[None], session.target_topk))
                 session.update([first], 0)
@@ -187,6 +197,19 @@ class SpeculativeEngine:
         stats.generated_tokens = len(out)
         stats.total_s = time.perf_counter() - t_start
         return GenerationResult(tokens=out, stats=stats, finish_reason=finish)
+
+    def _start_session(self, prompt_ids: list[int], params: SamplingParams, stats: RequestStats,
+                       ahead: bool = False):
+        """The request's drafter session (None if the drafter failed); ahead: open it now (open_ahead)."""
+        try:
+            # The drafter samples from its own stream: never the verifier's (STREAM_ROLES).
+            session = self.drafter.start(prompt_ids, params,
+                                         make_generator(params.seed, self.target.device, role="drafter"))
+            if ahead:
+                session.open_ahead()
+            return session
+        except Exception as exc:  # noqa: BLE001 - a broken drafter never fails the request
+            return self._drop_drafter(None, stats, exc)
 
     @classmethod
     def _observe(cls, session, input_tokens: list[int], logits: torch.Tensor, stats: RequestStats):

@@ -184,6 +184,8 @@ class PipelineTarget:
 class RemoteDrafter(Drafter):
     """A strategy's drafter running in drafter actors (requests spread round-robin over replicas)."""
 
+    opens_lazily = True      # start() costs nothing: the session opens at its first draft or open_ahead()
+
     def __init__(self, workers: list, strategy: str, timeout: float | None = None):
         self.workers, self.name, self.timeout = workers, strategy, timeout
         self._next = itertools.cycle(workers)
@@ -193,25 +195,34 @@ class RemoteDrafter(Drafter):
 
 
 class _RemoteSession(DraftSession):
-    """A request's session in a drafter actor, opened by its first draft: a request that never drafts (the
+    """A request's session in a drafter actor, opened by its first draft, or ahead of it (`open_ahead`,
+    beside the target's prefill) when the request will likely draft: a request that never drafts (the
     goodput scheduler's k = 0 under load) costs the actor no prefill and the request no wait for it."""
 
     def __init__(self, worker, strategy: str, prompt_ids, params, timeout: float | None):
         super().__init__([])
         self.worker, self.sid, self.timeout = worker, uuid.uuid4().hex, timeout
-        self._start = (strategy, list(prompt_ids), params)       # sent with the first propose
+        self._start = (strategy, list(prompt_ids), params)       # sent ahead or with the first propose
+        self._opening = None                                     # the start call in flight
         self.updates: list[tuple[list[int], int]] = []
+
+    def open_ahead(self) -> None:
+        """Send the start call now, without waiting: the actor prefills the prompt meanwhile."""
+        if self._start is not None:
+            start, self._start = self._start, None
+            self._opening = self.worker.start.remote(self.sid, *start)
 
     def propose(self, k: int) -> Draft:
         if k == 0:        # "decode normally": nothing to ask (a hybrid's lookup runs beside the engine)
             return EMPTY_DRAFT
         setup_s = 0.0
-        if self._start is not None:
-            start, self._start = self._start, None
+        self.open_ahead()
+        if self._opening is not None:
             t0 = time.perf_counter()
             # The actor serves calls concurrently (threads): the session must exist before the propose.
-            get(self.worker.start.remote(self.sid, *start), self.timeout, "drafter start")
-            setup_s = time.perf_counter() - t0
+            opening, self._opening = self._opening, None
+            get(opening, self.timeout, "drafter start")
+            setup_s = time.perf_counter() - t0       # what is left of the opening when the draft is wanted
         updates, self.updates = self.updates, []
         draft = get(self.worker.propose.remote(self.sid, k, updates), self.timeout, "draft")
         draft.setup_s = setup_s         # a draft length policy prices drafting, not opening the session
@@ -222,7 +233,7 @@ class _RemoteSession(DraftSession):
 
     def close(self):
         if self._start is None:
-            self.worker.close.remote(self.sid)
+            self.worker.close.remote(self.sid, self._opening)
 
 
 # ------------------------------------------------------------------ cluster

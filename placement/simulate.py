@@ -44,6 +44,8 @@ class Request:
     done: float | None = None
     trace: RequestTrace | None = None          # its measured steps, replayed (None: the strategy's pooled)
     steps: int = 0
+    session: str = ""                          # its drafter session (goodput): "", "opening" or "open"
+    on_open: Callable[[], None] | None = None  # what waits for the session to open
 
     @property
     def context(self) -> int:
@@ -302,8 +304,31 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
             admission.append(req)
             return
         slots[0] -= 1
+        if scheduler is not None:
+            # orchestrator/engine.py: the request's policy joins the scheduler before its prefill, and a
+            # drafter actor's session opens beside the prefill when the request will likely draft.
+            policy = policies[req.id] = GoodputDraftLength(scheduler, k_max=max(1, s.gamma))
+            if policy.drafts_soon():
+                open_session(req)
         verifier.submit(Job("prefill", Row(req.prompt, 0), 1, lambda: then_host(req, lambda: emit(req, 1)),
                             owner=req.id))
+
+    def open_session(req: Request) -> None:
+        """The drafter prefills the prompt (goodput: ahead of the first draft, or at it)."""
+        if req.session:
+            return
+        req.session = "opening"
+
+        def opened():
+            req.session = "open"
+            if req.on_open is not None:
+                then, req.on_open = req.on_open, None
+                then()
+        if not drafters or rep.draft_prefill_step is None:       # not modelled: open at once
+            opened()
+            return
+        drafter_for(req).submit(Job("draft-prefill", Row(req.prompt, 0), 1, opened, rep.draft_prefill_step,
+                                    req.id))
 
     def finish(req: Request) -> None:
         req.done = sim.now
@@ -324,8 +349,9 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
             req.first_token = sim.now
         if req.emitted >= req.output:
             finish(req)
-        elif first and drafters and rep.draft_prefill_step is not None:
-            # orchestrator/engine.py: the drafter session starts (prefills the prompt) after the first token.
+        elif first and drafters and rep.draft_prefill_step is not None and scheduler is None:
+            # orchestrator/engine.py: the drafter session starts (prefills the prompt) after the first token
+            # (goodput: at admission or at the first draft, step_goodput).
             after = lambda: sim.at(sim.now + rep.transfer_s, lambda: step(req))  # noqa: E731
             drafter_for(req).submit(Job("draft-prefill", Row(req.prompt, 0), 1, after, rep.draft_prefill_step,
                                         req.id))
@@ -373,9 +399,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
 
     def step_goodput(req: Request) -> None:
         """A step whose draft length the scheduler chooses; acceptance drawn for that length."""
-        policy = policies.get(req.id)
-        if policy is None:
-            policy = policies[req.id] = GoodputDraftLength(scheduler, k_max=max(1, s.gamma))
+        policy = policies[req.id]
         k = min(policy.next_k(), max(0, req.output - req.emitted - 1))
         emitted = sample_emitted(s.effective_alpha, k, rng)
         req.steps += 1
@@ -392,8 +416,22 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         if forwards <= 0:
             to_verifier()
             return
-        drafter_for(req).submit(Job("draft", Row(1, req.context), forwards,
-                                    lambda: sim.at(sim.now + rep.transfer_s, to_verifier), rep.draft_step, req.id))
+
+        def draft():
+            drafter_for(req).submit(Job("draft", Row(1, req.context), forwards,
+                                        lambda: sim.at(sim.now + rep.transfer_s, to_verifier), rep.draft_step,
+                                        req.id))
+        if req.session != "open":
+            # The first draft waits for what is left of the session's opening: a one-time cost the
+            # scheduler's measured check spreads over requests (ModeGuard.observe_setup).
+            def after_opening():
+                policy.observe_setup(sim.now - started[0])
+                started[0] = sim.now
+                draft()
+            req.on_open = after_opening
+            open_session(req)
+            return
+        draft()
 
     next_id = [0]
     saturated: list[bool] = []                     # open loop: requests still waiting for a slot at the last arrival

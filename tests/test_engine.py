@@ -200,3 +200,94 @@ def test_failing_drafter_falls_back_to_target_only(target_model, prompts):
     assert res.tokens == SpeculativeEngine(target).generate(prompts[0], MAX_NEW).tokens
     assert res.stats.accepted_tokens == 6          # two full drafts before the failure
     assert len(res.stats.events) == 1 and "drafter worker died" in res.stats.events[0]
+
+
+class _Recording:
+    """A target runner that logs its prefills (and can fail them)."""
+
+    def __init__(self, runner, log, fail=False):
+        self.runner, self.log, self.fail = runner, log, fail
+
+    def prefill(self, *args, **kwargs):
+        self.log.append("prefill")
+        if self.fail:
+            raise RuntimeError("target shard lost")
+        return self.runner.prefill(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def _lazy_drafter(inner, log):
+    """A drafter whose sessions open by themselves, like a drafter actor's (ray_runtime.RemoteDrafter):
+    start() costs nothing; open_ahead() or the first propose opens the session (logged)."""
+    from workers.drafters import DraftSession, Drafter
+
+    class LazySession(DraftSession):
+        def __init__(self, args):
+            super().__init__([])
+            self.args, self.real, self.pending = args, None, []
+
+        def open_ahead(self):
+            if self.real is None:
+                log.append("open")
+                self.real = inner.start(*self.args)
+
+        def propose(self, k):
+            self.open_ahead()
+            for new, accepted in self.pending:
+                self.real.update(new, accepted)
+            self.pending = []
+            return self.real.propose(k)
+
+        def update(self, new_tokens, num_accepted):
+            self.pending.append((new_tokens, num_accepted))
+
+        def close(self):
+            log.append("close")
+
+    class Lazy(Drafter):
+        opens_lazily = True
+
+        def start(self, prompt_ids, params, generator):
+            return LazySession((prompt_ids, params, generator))
+
+    return Lazy()
+
+
+class _Policy(FixedDraftLength):
+    def __init__(self, k, soon, log):
+        super().__init__(k)
+        self.soon, self.log = soon, log
+
+    def drafts_soon(self):
+        return self.soon
+
+    def close(self):
+        self.log.append("policy closed")
+
+
+@pytest.mark.parametrize("soon", [True, False])
+def test_a_lazy_drafters_session_opens_beside_the_prefill_when_drafting_is_likely(target_model, prompts, soon):
+    """A drafter actor's session opens before the target's prefill (so the actor prefills meanwhile) when
+    the policy says the request will draft soon, else at the first draft; the output is plain decoding's."""
+    log = []
+    runner = ModelRunner(target_model)
+    engine = SpeculativeEngine(_Recording(runner, log), _lazy_drafter(DraftModelDrafter(runner), log),
+                               lambda: _Policy(3, soon, log))
+    res = engine.generate(prompts[1], MAX_NEW)
+    assert res.tokens == SpeculativeEngine(runner).generate(prompts[1], MAX_NEW).tokens
+    assert_drafted(res, accepted=True)
+    assert log[:2] == (["open", "prefill"] if soon else ["prefill", "open"]), log
+    assert log.count("open") == 1 and log[-2:] == ["close", "policy closed"]
+
+
+def test_a_failed_prefill_leaves_no_session_and_no_scheduler_seat(target_model, prompts):
+    """The session opened ahead is closed and the policy (a shared scheduler's seat) released."""
+    log = []
+    runner = ModelRunner(target_model)
+    engine = SpeculativeEngine(_Recording(runner, log, fail=True), _lazy_drafter(DraftModelDrafter(runner), log),
+                               lambda: _Policy(3, True, log))
+    with pytest.raises(RuntimeError, match="target shard lost"):
+        engine.generate(prompts[1], MAX_NEW)
+    assert log == ["open", "prefill", "close", "policy closed"]

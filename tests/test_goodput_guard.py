@@ -169,3 +169,83 @@ def test_drafting_must_win_by_the_margin():
                 clock.now += 1.0
                 guard.on_forward(1)
         assert guard.allow_speculation(1, True) == runs
+
+
+def serve_short_requests(opening_s: float, request_tokens: int = 16, forwards: int = 400):
+    """A closed loop of 4 requests of `request_tokens` tokens each on a fake clock. Forwards take 0.1 s
+    whatever the mode; a drafting step emits 2 tokens, a plain one 1 (drafting 2x faster per forward).
+    A request's first draft first opens its drafter session: `opening_s` of wall time that no forward
+    runs in (the drafter prefills on the shared cores), reported as a one-time cost (observe_setup).
+    Returns the fraction of forwards that drafted and the guard."""
+    clock = FakeClock()
+    guard = ModeGuard(clock=clock, window=4, warmup=1, margin=0.1, explore_every=16)
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.1, 1e-4, 0.0), prior_weight=1e6, decay=1.0),
+                                 guard=guard, probe_every=10 ** 6)
+
+    def new_request():
+        p = GoodputDraftLength(scheduler, k_max=1)
+        p.acceptance = AcceptanceEstimate(1, prior=0.95)
+        return {"policy": p, "left": request_tokens, "opened": False}
+
+    live = [new_request() for _ in range(4)]
+    drafting = 0
+    for _ in range(forwards):
+        ks = [r["policy"].next_k() for r in live]
+        drafting += any(ks)
+        for r, k in zip(live, ks):
+            if k and not r["opened"]:
+                r["opened"] = True
+                clock.now += opening_s
+                r["policy"].observe_setup(opening_s)
+        clock.now += 0.1
+        scheduler.observe_forward(len(live), len(live) + sum(ks), 0.1)
+        for i, (r, k) in enumerate(zip(live, ks)):
+            r["policy"].observe(k, k, 0.0, 0.1)
+            r["left"] -= k + 1
+            if r["left"] <= 0:
+                r["policy"].close()
+                live[i] = new_request()
+    return drafting / forwards, guard
+
+
+def test_drafter_session_openings_are_charged_to_drafting():
+    """Drafting doubles the tokens per forward (80 tok/s against plain decoding's 40), but each
+    ~17-token request first waits 0.4 s for its drafter session: 0.024 s per token, so drafting makes
+    1 / (1/80 + 0.024) = 28 tok/s and loses. Left out, as before openings were charged, drafting
+    measured 80 tok/s and kept running (next test). With cheap openings drafting still runs."""
+    share, guard = serve_short_requests(opening_s=0.4)
+    assert guard.setup_s_per_token() == pytest.approx(0.4 / 17, rel=0.05)
+    rates = guard.stats.rates[load_bucket(4)]
+    assert rates[SPEC] < rates[PLAIN] and share < 0.3, (rates, share)
+    share_cheap, guard = serve_short_requests(opening_s=0.01)
+    assert share_cheap > 0.8, guard.stats.rates
+
+
+def test_leaving_openings_out_would_keep_a_losing_mode(monkeypatch):
+    """The broken version: openings only excluded, never charged. Drafting then reads twice as fast as
+    plain decoding and runs though it loses."""
+    monkeypatch.setattr(ModeGuard, "setup_s_per_token", lambda self: 0.0)
+    share, guard = serve_short_requests(opening_s=0.4)
+    assert share > 0.8, guard.stats.rates
+
+
+def test_new_requests_open_sessions_ahead_only_where_drafting_runs():
+    """drafts_soon (a drafter actor's session opens beside the prefill): not before the plain baseline,
+    yes once drafting is measured winning, no while the check holds drafting back."""
+    clock = FakeClock()
+    scheduler = GoodputScheduler(guard=ModeGuard(clock=clock, window=4, warmup=1))
+    scheduler.observe_forward(1, 1, 0.1)               # a verifier reports forwards
+    newcomer = GoodputDraftLength(scheduler, k_max=4)
+    assert not newcomer.drafts_soon()                   # no plain baseline yet: plain decoding comes first
+    newcomer.close()
+    for mode, rate in ((PLAIN, 10.0), (SPEC, 20.0)):      # windows of 1 request: plain 10, drafting 20 tok/s
+        scheduler.guard._mode, scheduler.guard._win = mode, None
+        for _ in range(6):
+            scheduler.guard.add_tokens(rate / 10)
+            clock.now += 0.1
+            scheduler.guard.on_forward(1)
+    assert scheduler.guard.stats.rates[1] == {PLAIN: pytest.approx(10.0), SPEC: pytest.approx(20.0)}
+    newcomer = GoodputDraftLength(scheduler, k_max=4)
+    assert newcomer.drafts_soon()                       # drafting measured winning at this load
+    scheduler.guard._buckets[1].rates[SPEC] = 5.0       # ... then losing
+    assert not newcomer.drafts_soon()
