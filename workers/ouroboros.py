@@ -145,7 +145,7 @@ class OuroborosSession(_DraftModelSession):
         self.parents = tree.parents
         if chain.probs is not None:
             tree.probs = self._with_one_hot_phrases(chain.probs, tree.tokens)
-        return tree if len(tree) > len(chain) else chain
+        return tree                             # every extension adds a node, so it is more than the chain
 
     def _extensions(self, chain: list[int]) -> list[list[int]]:
         """Up to `candidates` sequences chain[:i + 1] + phrase, i from the chain's last token back to the
