@@ -363,8 +363,10 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
             drafter_actors.setdefault(k, []).append(actors[s.name])
 
     vocab = ray.get(shards[-1].vocab_size.remote())
+    # Drafts are compared with the target index by index, except by strategies that spell them (own_vocabulary).
+    compared = {st.actor_drafters()[0] for st in chosen if st.actor_drafters() and not st.own_vocabulary()}
     for model_key, handles in drafter_actors.items():
-        if ray.get(handles[0].vocab_size.remote(model_key)) != vocab:
+        if model_key in compared and ray.get(handles[0].vocab_size.remote(model_key)) != vocab:
             raise ValueError(f"models.drafters.{model_key}: vocabulary size differs from the target's")
 
     device = pick_device(config.runtime.device)
