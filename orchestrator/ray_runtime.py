@@ -364,7 +364,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
 
     vocab = ray.get(shards[-1].vocab_size.remote())
     # Drafts are compared with the target index by index, except by strategies that spell them (own_vocabulary).
-    compared = {st.actor_drafters()[0] for st in chosen if st.actor_drafters() and not st.own_vocabulary()}
+    compared = {key for st in chosen if not st.own_vocabulary() for key in st.actor_drafters()}
     for model_key, handles in drafter_actors.items():
         if model_key in compared and ray.get(handles[0].vocab_size.remote(model_key)) != vocab:
             raise ValueError(f"models.drafters.{model_key}: vocabulary size differs from the target's")
