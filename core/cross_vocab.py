@@ -4,7 +4,7 @@ A drafter with its own tokenizer drafts text; the target verifies its own tokens
 committed text, and wherever a draft token and a target token end at the same character (a shared
 boundary) the pieces between two shared boundaries are one *pair*: a draft-token n-gram and the
 target-token n-gram that spell the same text. `NgramMap` keeps the pairs seen (an online n-gram cache,
-bounded, shared by the requests of one drafter) and `convert_by_map` turns a drafted draft-token
+bounded, shared by the requests of one drafter) and `NgramMap.convert` turns a drafted draft-token
 sequence into target tokens by longest matches. Which pairs the map holds only changes how many drafts
 the target accepts: the target verifies every target token, so output never depends on it.
 """
@@ -27,8 +27,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def shared_boundary_pairs(draft_ids: list[int], draft_ends: list[int | None], target_ids: list[int],
-                          target_ends: list[int | None], max_n: int) -> list[Pair]:
-    """The pairs between consecutive shared boundaries of two tokenizations of one text.
+                          target_ends: list[int | None], max_n: int) -> tuple[list[Pair], list[int]]:
+    """The pairs between consecutive shared boundaries of two tokenizations of one text, and the
+    character each pair ends at.
 
     draft_ids / draft_ends: [n_draft] tokens and the character each ends at (None: it ends inside a
     character, e.g. the first byte of a multi-byte one, so no boundary); target_ids / target_ends: the
@@ -36,6 +37,7 @@ def shared_boundary_pairs(draft_ids: list[int], draft_ends: list[int | None], ta
     either side are left out (too rare to repeat)."""
     target_at = {end: i for i, end in enumerate(target_ends) if end is not None}
     pairs: list[Pair] = []
+    ends: list[int] = []
     d0 = t0 = 0
     for i, end in enumerate(draft_ends):
         j = target_at.get(end) if end is not None else None
@@ -44,8 +46,9 @@ def shared_boundary_pairs(draft_ids: list[int], draft_ends: list[int | None], ta
         draft, target = tuple(draft_ids[d0:i + 1]), tuple(target_ids[t0:j + 1])
         if len(draft) <= max_n and len(target) <= max_n:
             pairs.append((draft, target))
+            ends.append(end)
         d0, t0 = i + 1, j + 1
-    return pairs
+    return pairs, ends
 
 
 class NgramMap:

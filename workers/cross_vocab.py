@@ -87,6 +87,7 @@ class CrossVocabSession(DraftSession):
         self.draft_ids: list[int] = []                # the drafter's tokenization of `text`
         self.draft_ends: list[int | None] = []        # [len(draft_ids)]
         self.cached_ids: list[int] = []               # the tokens whose KV the drafter's cache holds
+        self.learned_to = 0                           # character up to which the map has this text's pairs
         self.cache = drafter.runner.new_cache(1, capacity=2 * len(prompt_ids) + 256)
         self._catch_up()
         if len(self.draft_ids) > 1:                   # prefill now: a step's draft time is drafting only
@@ -113,12 +114,12 @@ class CrossVocabSession(DraftSession):
         _, tail_ends = self.drafter.draft.spell(self.draft_ids[max(0, b - WINDOW):b], tail_ids)
         self.draft_ids = self.draft_ids[:b] + tail_ids
         self.draft_ends = self.draft_ends[:b] + [None if end is None else start + end for end in tail_ends]
-        self._learn(old_end)
+        self._learn()
 
-    def _learn(self, since: int) -> None:
-        """Add the pairs of the text from the last boundary both tokenizations share at or before
-        character `since`; the text's last piece is left out (more text may still merge into it)."""
-        de, te = self.draft_ends, self.target_ends
+    def _learn(self) -> None:
+        """Add the pairs of the text since the last one learned, from a boundary both tokenizations
+        share; the text's last pair waits (more text may still merge into it)."""
+        de, te, since = self.draft_ends, self.target_ends, self.learned_to
         i, j = len(de) - 1, len(te) - 1
         while i >= 0 and j >= 0:                      # both lists increase: walk back to a shared end
             if de[i] is None or de[i] > since:
@@ -133,9 +134,11 @@ class CrossVocabSession(DraftSession):
                 j -= 1
         if i < 0 or j < 0:
             i = j = -1
-        pairs = shared_boundary_pairs(self.draft_ids[i + 1:], de[i + 1:], self.context[j + 1:self.spelled],
-                                      te[j + 1:], self.drafter.pairs.max_n)
-        self.drafter.pairs.learn(pairs[:-1])
+        pairs, ends = shared_boundary_pairs(self.draft_ids[i + 1:], de[i + 1:], self.context[j + 1:self.spelled],
+                                            te[j + 1:], self.drafter.pairs.max_n)
+        if len(pairs) > 1:
+            self.drafter.pairs.learn(pairs[:-1])
+            self.learned_to = ends[-2]
 
     def _to_target(self, drafted: list[int]) -> list[int]:
         """Target tokens spelling the drafted tokens after the committed text."""
