@@ -68,7 +68,8 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                     spec = config.models.drafters[key]
                     dmodel, _ = load_for_decoding(spec.source, spec.dtype, device, spec.quantize)
                     # Draft and target probabilities are compared index by index.
-                    if dmodel.get_output_embeddings().out_features != model.get_output_embeddings().out_features:
+                    if (not s.own_vocabulary() and
+                            dmodel.get_output_embeddings().out_features != model.get_output_embeddings().out_features):
                         raise ValueError(f"models.drafters.{key}: vocabulary size differs from the target's")
                     built.drafter_models[key] = dmodel
                     runners[key] = ModelRunner(dmodel, device)
