@@ -52,12 +52,13 @@ class _Bucket:
     rates: dict[str, float] = field(default_factory=dict)   # mode -> tokens/s (EMA over windows)
     since_other: int = 0          # forwards run in the winning mode since the other was last measured
     exploring: bool = False       # the losing mode is being measured now
+    presumed: str = SPEC          # the winner once plain decoding is measured and drafting is not yet
 
     def winner(self, margin: float) -> str | None:
         if PLAIN not in self.rates:
             return None
         if SPEC not in self.rates:
-            return SPEC
+            return self.presumed
         return SPEC if self.rates[SPEC] >= self.rates[PLAIN] * (1 + margin) else PLAIN
 
 
@@ -78,6 +79,7 @@ class GuardStats:
     mode: str = PLAIN
     windows: int = 0
     rates: dict[int, dict[str, float]] = field(default_factory=dict)
+    setup_s_per_token: float = 0.0      # drafter-session opening charged per drafted token (ModeGuard)
 
 
 class ModeGuard:
@@ -106,8 +108,22 @@ class ModeGuard:
 
     def _bucket(self, bucket: int) -> _Bucket:
         if bucket not in self._buckets:
-            self._buckets[bucket] = _Bucket(self.explore_every)
+            self._buckets[bucket] = self._new_bucket(bucket)
         return self._buckets[bucket]
+
+    def _new_bucket(self, bucket: int) -> _Bucket:
+        """Drafting's gain only shrinks as batches grow (a step turns compute-bound, rejected rows cost
+        more): where it measured losing at a lower load, a new, higher load presumes it loses too and
+        decodes plainly, measuring drafting first when that lower load would measure it again. Served
+        here, exploring each new load afresh cost a wave of four requests 13% (every request's drafter
+        session opened for one window that confirmed drafting loses)."""
+        b = _Bucket(self.explore_every)
+        below = [self._buckets[k] for k in sorted(self._buckets) if k < bucket]
+        lost = [lb for lb in below if SPEC in lb.rates and lb.winner(self.margin) == PLAIN]
+        if lost:
+            b.presumed = PLAIN
+            b.explore_every = max(lb.explore_every for lb in lost)
+        return b
 
     def allow_speculation(self, rows: float, model_wants: bool) -> bool:
         """Whether the next forward's plan may draft. model_wants: the model's plan drafts."""
@@ -137,11 +153,13 @@ class ModeGuard:
         self.exclude(seconds)
         self._setup_s = DECAY * self._setup_s + seconds
         self._setups = DECAY * self._setups + 1
+        self.stats.setup_s_per_token = self.setup_s_per_token()
 
     def observe_request(self, tokens: int) -> None:
         """A request ended having emitted `tokens`: the length its drafter session's opening is spread over."""
         self._request_tokens = DECAY * self._request_tokens + tokens
         self._requests = DECAY * self._requests + 1
+        self.stats.setup_s_per_token = self.setup_s_per_token()
 
     def setup_s_per_token(self) -> float:
         """Seconds of drafter-session opening per emitted token of a mean request (0 until both are seen)."""

@@ -178,6 +178,7 @@ def main() -> None:
                     if scheduler is not None:    # what the goodput scheduler's measured check held, after the wave
                         g = scheduler.guard.stats
                         row["scheduler_guard"] = {"mode": g.mode, "windows": g.windows, "rates": g.rates,
+                                                  "setup_s_per_token": g.setup_s_per_token,
                                                   "held_back": scheduler.stats.speculation_held_back}
                     out["throughput"].append(row)
                     print(f"| {name} | {c} | {row['requests']} | {row['tokens']} | {row['wall_s']:.1f} | "

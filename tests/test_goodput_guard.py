@@ -249,3 +249,49 @@ def test_new_requests_open_sessions_ahead_only_where_drafting_runs():
     assert newcomer.drafts_soon()                       # drafting measured winning at this load
     scheduler.guard._buckets[1].rates[SPEC] = 5.0       # ... then losing
     assert not newcomer.drafts_soon()
+
+
+def measure(guard, clock, mode, rate, rows, windows=1):
+    """Run `windows` windows of `mode` at `rows` live requests, emitting `rate` tokens/s."""
+    guard._mode, guard._win = mode, None
+    for _ in range(guard.window * windows + guard.warmup):
+        guard.add_tokens(rate / 10)
+        clock.now += 0.1
+        guard.on_forward(rows)
+
+
+def test_a_higher_load_presumes_drafting_loses_where_a_lower_one_measured_it_losing():
+    """Drafting lost at 2 requests: at 4 (a new bucket) it is not explored after the plain baseline but
+    only when the lower load would measure it again; where it won at 2, 4 explores it at once."""
+    for spec_at_2, explored_at_once in ((12.0, False), (20.0, True)):
+        clock = FakeClock()
+        guard = ModeGuard(clock=clock, window=4, warmup=1, explore_every=48)
+        measure(guard, clock, PLAIN, 15.0, 2)
+        measure(guard, clock, SPEC, spec_at_2, 2)
+        measure(guard, clock, PLAIN, 30.0, 4)                  # the plain baseline at the new load
+        assert guard.allow_speculation(4, True) == explored_at_once
+        if not explored_at_once:
+            forwards = 0
+            while not guard.allow_speculation(4, True):
+                measure_one = guard._mode
+                guard.add_tokens(3.0)
+                clock.now += 0.1
+                guard.on_forward(4)
+                forwards += 1
+                assert measure_one == PLAIN and forwards < 200
+            # explored after the lower load's interval (doubled there when drafting lost)
+            assert forwards >= 48 - 1, forwards
+
+
+def test_without_the_presumption_each_new_load_explores_drafting_at_once(monkeypatch):
+    """The broken version (every new load starts from scratch) explores drafting right after the
+    baseline: what the test above rules out."""
+    from orchestrator.goodput_guard import _Bucket
+
+    monkeypatch.setattr(ModeGuard, "_new_bucket", lambda self, bucket: _Bucket(self.explore_every))
+    clock = FakeClock()
+    guard = ModeGuard(clock=clock, window=4, warmup=1, explore_every=48)
+    measure(guard, clock, PLAIN, 15.0, 2)
+    measure(guard, clock, SPEC, 12.0, 2)
+    measure(guard, clock, PLAIN, 30.0, 4)
+    assert guard.allow_speculation(4, True)
