@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.config import AdaptiveLength, AdlLength, GoodputLength, HeuristicLength, ThompsonLength
+from core.config import AdaptiveLength, AdlLength, GoodputLength, HeuristicLength, LearnedLength, ThompsonLength
 from core.draft_length import (AdaptiveDraftLength, AdaptiveDraftLengthADL, FixedDraftLength, HeuristicDraftLength,
                                ThompsonDraftLength)
 from orchestrator.config import EngineConfig
@@ -32,6 +32,8 @@ def policy_factory(spec, scheduler: GoodputScheduler | None = None, group: str =
     if isinstance(spec, AdlLength):
         return lambda: AdaptiveDraftLengthADL(k_init=spec.k_init, k_min=spec.k_min, k_max=spec.k_max,
                                               delta=spec.delta, beta=spec.beta)
+    if isinstance(spec, LearnedLength):   # k_max bounds it; the drafter's predictor cuts each draft (draft_states.py)
+        return lambda: FixedDraftLength(spec.k_max)
     return lambda: FixedDraftLength(spec.k)
 
 
