@@ -148,9 +148,14 @@ def top_subtree(tokens: Tensor, parents: Tensor, weights: Tensor, max_nodes: int
         while parent >= 0 and not keep[parent]:
             keep[parent] = True
             parent = int(parents[parent])
-    ids = keep.nonzero().flatten()                                     # ascending: parents first
-    remap = torch.full((tokens.numel(),), -1, dtype=torch.long)
+    return subtree(TreeChoice(tokens=tokens, parents=parents, weights=weights), keep)
+
+
+def subtree(tree: TreeChoice, keep: Tensor) -> TreeChoice:
+    """The nodes of `keep` ([n] bool, closed under taking parents), in order, parents re-indexed."""
+    ids = keep.nonzero().flatten()                                        # ascending: parents first
+    remap = torch.full((keep.numel(),), -1, dtype=torch.long)
     remap[ids] = torch.arange(ids.numel())
-    old_parents = parents[ids]
-    new_parents = torch.where(old_parents >= 0, remap[old_parents.clamp_min(0)], old_parents)
-    return TreeChoice(tokens=tokens[ids], parents=new_parents, weights=weights[ids])
+    old_parents = tree.parents[ids]
+    parents = torch.where(old_parents >= 0, remap[old_parents.clamp_min(0)], old_parents)
+    return TreeChoice(tokens=tree.tokens[ids], parents=parents, weights=tree.weights[ids])

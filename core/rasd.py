@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.opt_tree import TreeChoice, top_subtree
+from core.opt_tree import TreeChoice, subtree, top_subtree
 
 
 def ancestor_mask(parents: Tensor) -> Tensor:
@@ -60,10 +60,7 @@ def prune(tree: TreeChoice, threshold: float) -> TreeChoice:
     for i, p in enumerate(tree.parents.tolist()):
         if p >= 0:
             keep[i] &= keep[p]
-    # the kept nodes rank above every pruned one (weight -1), so the top `kept` nodes are exactly them
-    ranked = torch.where(keep, tree.weights, torch.full_like(tree.weights, -1.0))
-    chosen = top_subtree(tree.tokens, tree.parents, ranked, int(keep.sum()))
-    return TreeChoice(tokens=chosen.tokens, parents=chosen.parents, weights=chosen.weights.clamp_min(0.0))
+    return subtree(tree, keep)
 
 
 def fuse(trees: list[TreeChoice], max_nodes: int) -> TreeChoice:

@@ -6,7 +6,8 @@ Per step:
 2. retrieval: continuations of the context found in the context itself, then in a static corpus
    (workers/hierarchy.py's levels, merged into a trie);
 3. the retrieval tree is scored by the draft model: one tree forward over its inner nodes (a leaf's
-   probability comes from its parent's row, so leaves are not fed), each attending the committed context
+   probability comes from its parent's row, so leaves are not fed; nor are branches whose first token
+   the root's distribution already puts below the threshold), each attending the committed context
    and its own ancestors only, not the draft tree's nodes cached before it; nodes whose path probability
    is below `prune_threshold` are pruned (core/rasd.py: prune);
 4. the two trees are fused by longest-prefix matching and capped at `max_nodes` by weight (core/rasd.py:
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from core.opt_tree import TreeChoice
+from core.opt_tree import TreeChoice, subtree
 from core.rasd import ancestor_mask, fuse, path_weights, prune, tree_depths
 from workers.drafters import EMPTY_DRAFT, Draft, Drafter
 from workers.hierarchy import HierarchyDrafter
@@ -86,12 +87,21 @@ class RasdSession(OptTreeSession):
         return Draft(tokens=fused.tokens.tolist(), parents=fused.parents.tolist())
 
     def _score(self, retrieved: Draft) -> TreeChoice:
-        """The retrieval tree with each node's weight under the draft model (one tree forward)."""
+        """The retrieval tree with each node's weight under the draft model (one tree forward). A branch
+        whose first token is below the threshold already is pruned whatever follows, so only its first
+        token is kept (scored by the root's row) and the rest is not fed."""
         n = len(retrieved)
         parents = torch.tensor(retrieved.parents if retrieved.parents is not None else list(range(-1, n - 1)))
         tokens = torch.tensor(retrieved.tokens, dtype=torch.long)                 # [n]
+        root = self._probs(self._root_logits)                                    # [vocab]
+        first_of: list[int] = []                                                 # each node's depth-1 ancestor
+        for i, p in enumerate(parents.tolist()):
+            first_of.append(i if p < 0 else first_of[p])
+        keep = (parents < 0) | (root.float().cpu()[tokens[first_of]] >= self.rasd.prune_threshold)   # [n]
+        retrieved_tree = subtree(_tree(tokens, parents, torch.zeros(n)), keep)
+        tokens, parents = retrieved_tree.tokens, retrieved_tree.parents
         inner = sorted({p for p in parents.tolist() if p >= 0})   # nodes with children: their rows are needed
-        rows = [self._probs(self._root_logits)[None]]                            # row 0: after the root
+        rows = [root[None]]                                                      # row 0: after the root
         if inner:
             rows.append(self._probs(self._feed(tokens[inner], parents, inner)))  # [m, vocab]
         probs = torch.cat(rows)                                                  # [1 + m, vocab]
