@@ -124,6 +124,11 @@ def model_dir(tmp_path_factory):
     small_model(2, layers=1).save_pretrained(root / "draft-small")
     from workers.vocab_trim import count_tokens, save_frequency_table   # VocabTrim's table: 6, 2, 7 most frequent
     save_frequency_table(count_tokens([[6, 6, 6, 2, 2, 7]]), root / "vocab-table.pt")
+    from core.length_predictor import init_predictor, save_predictor   # learned draft length: 2 x hidden 32 features
+    predictor = init_predictor(64, 3, 8, torch.Generator().manual_seed(0))
+    predictor.w1 *= 8.0                                                   # lengths that vary with the state
+    predictor.w2 *= 8.0
+    save_predictor(predictor, root / "draft-length.pt")
     return root
 
 
@@ -182,6 +187,9 @@ IN_PROCESS = [
     {"name": "sd-vocab-freq", "kind": "draft_model", "drafter": "d",
      "draft_vocab": {"size": 2, "mode": "frequency", "table": "{models}/vocab-table.pt"},
      "draft_length": {"policy": "fixed", "k": 2}},
+    # AdaEAGLE's learned draft length: each draft's length from an MLP over the drafter's state (0 to 3)
+    {"name": "sd-learned", "kind": "draft_model", "drafter": "d",
+     "draft_length": {"policy": "learned", "weights": "{models}/draft-length.pt", "k_min": 0, "k_max": 3}},
 ]
 
 
