@@ -231,7 +231,7 @@ def test_leaving_openings_out_would_keep_a_losing_mode(monkeypatch):
 
 def test_new_requests_open_sessions_ahead_only_where_drafting_runs():
     """drafts_soon (a drafter actor's session opens beside the prefill): not before the plain baseline,
-    yes once drafting is measured winning, no while the check holds drafting back."""
+    yes once drafting is measured winning alone, no beside other requests or where drafting loses."""
     clock = FakeClock()
     scheduler = GoodputScheduler(guard=ModeGuard(clock=clock, window=4, warmup=1))
     scheduler.observe_forward(1, 1, 0.1)               # a verifier reports forwards
@@ -246,8 +246,11 @@ def test_new_requests_open_sessions_ahead_only_where_drafting_runs():
             scheduler.guard.on_forward(1)
     assert scheduler.guard.stats.rates[1] == {PLAIN: pytest.approx(10.0), SPEC: pytest.approx(20.0)}
     newcomer = GoodputDraftLength(scheduler, k_max=4)
-    assert newcomer.drafts_soon()                       # drafting measured winning at this load
-    scheduler.guard._buckets[1].rates[SPEC] = 5.0       # ... then losing
+    assert newcomer.drafts_soon()                       # drafting measured winning alone
+    other = GoodputDraftLength(scheduler, k_max=4)
+    assert not newcomer.drafts_soon()                   # not beside another request's drafts
+    other.close()
+    scheduler.guard._buckets[1].rates[SPEC] = 5.0       # alone, but drafting measured losing
     assert not newcomer.drafts_soon()
 
 
