@@ -372,7 +372,9 @@ class GoodputScheduler:
         # With a verifier, the plans run only where drafting of any kind has been measured to beat plain
         # decoding (no draft at all) at this load.
         wants = any(ks) or any(free_ks)
-        load = len(ids) + self._other_rows
+        # The check's load counts every live request of ours, as its windows do (observe_forward): by the
+        # planned rows alone, a request in its prefill moved the decision a bucket below its windows.
+        load = len(self._requests) + self._other_rows
         self._held_back = self.forward_source and not self.guard.allow_speculation(load, wants) and wants
         if self._held_back:
             ks, free_ks = [0] * len(ks), [0] * len(free_ks)
