@@ -58,20 +58,23 @@ class DrafterWorker:
         """The vocabulary size of drafter `key` (default: the first loaded)."""
         return self.vocab[key or self.first]
 
-    def start(self, sid: str, strategy: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def start(self, sid: str, strategy: str, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Opens the session; returns its `target_topk` (> 0: send it the target's top-k ids too)."""
         # The drafter's own stream, independent of the verifier's (core/sampling.py: STREAM_ROLES);
         # a seeded request stays reproducible, and draws the same drafts as in process.
         generator = make_generator(params.seed, self.device, role="drafter")
-        self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, generator)
+        session = self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, generator)
+        return session.target_topk
 
     def propose(self, sid: str, k: int, updates=()) -> Draft:
-        """updates: the session's feedback since its last propose, [(new_tokens, num_accepted)], sent
-        with this call: one call per step, and no reordering when calls run in parallel threads."""
+        """updates: the session's feedback since its last propose, in order: (new_tokens, num_accepted)
+        for `update`, or (input_tokens, topk_ids [n, target_topk]) tagged "target" as a third item for
+        `observe_target`; sent with this call: one call per step, and no reordering when calls run in
+        parallel threads."""
         session = self.sessions.get(sid)
         if session is None:
             raise LostRequestState(f"drafter has no session {sid} (the actor restarted)")
-        for new_tokens, num_accepted in updates:
-            session.update(new_tokens, num_accepted)
+        self._apply(session, updates)
         with self._busy.busy():
             draft = session.propose(k)
         if draft.probs is not None:
@@ -87,9 +90,22 @@ class DrafterWorker:
         batcher = self.batchers.get(key or self.first)
         return vars(batcher.stats) if batcher else {}
 
-    def close(self, sid: str, opened=None) -> None:
+    @staticmethod
+    def _apply(session, updates) -> None:
+        for update in updates:
+            if len(update) == 3:
+                session.observe_target(update[0], update[1])
+            else:
+                session.update(*update)
+
+    def close(self, sid: str, opened=None, updates=()) -> None:
         """opened: the session's start call when it may still be running (a session opened ahead and
-        never drafted with): Ray resolves it first, so the session is not left open behind the close."""
+        never drafted with): Ray resolves it first, so the session is not left open behind the close.
+        updates: the feedback since the last propose (the request's last steps: a session that learns
+        from them, as Ouroboros' pool does, gets them before it closes)."""
         session = self.sessions.pop(sid, None)
         if session is not None:
-            session.close()
+            try:
+                self._apply(session, updates)
+            finally:
+                session.close()

@@ -204,7 +204,7 @@ class _RemoteSession(DraftSession):
         self.worker, self.sid, self.timeout = worker, uuid.uuid4().hex, timeout
         self._start = (strategy, list(prompt_ids), params)       # sent ahead or with the first propose
         self._opening = None                                     # the start call in flight
-        self.updates: list[tuple[list[int], int]] = []
+        self.updates: list[tuple] = []         # update and observe_target calls, sent with the next propose
 
     def open_ahead(self) -> None:
         """Send the start call now, without waiting: the actor prefills the prompt meanwhile."""
@@ -221,7 +221,8 @@ class _RemoteSession(DraftSession):
             t0 = time.perf_counter()
             # The actor serves calls concurrently (threads): the session must exist before the propose.
             opening, self._opening = self._opening, None
-            get(opening, self.timeout, "drafter start")
+            # A session that learns from the target's top-k (Ouroboros' pool) gets them from here on.
+            self.target_topk = get(opening, self.timeout, "drafter start") or 0
             setup_s = time.perf_counter() - t0       # what is left of the opening when the draft is wanted
         updates, self.updates = self.updates, []
         draft = get(self.worker.propose.remote(self.sid, k, updates), self.timeout, "draft")
@@ -231,9 +232,12 @@ class _RemoteSession(DraftSession):
     def update(self, new_tokens, num_accepted):
         self.updates.append((list(new_tokens), num_accepted))       # sent with the next propose
 
+    def observe_target(self, input_tokens, topk_ids):
+        self.updates.append((list(input_tokens), topk_ids, "target"))   # likewise, in order
+
     def close(self):
         if self._start is None:
-            self.worker.close.remote(self.sid, self._opening)
+            self.worker.close.remote(self.sid, self._opening, self.updates)
 
 
 # ------------------------------------------------------------------ cluster
