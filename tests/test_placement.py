@@ -108,15 +108,17 @@ def test_every_shipped_config_plans_through_check_plan(path):
 
 
 def test_local_yaml_runs_every_strategy_on_its_two_cores():
-    """The 0.5B's bf16 and int8 variants share one drafter actor: target + drafter fill the 2 CPUs."""
+    """The 0.5B's bf16 and int8 variants (and SmolLM2 for cross-vocabulary drafting) share one drafter
+    actor: target + drafter fill the 2 CPUs."""
     cfg = load_config(ROOT / "cluster_configs/local.yaml")
     run = check_plan(cfg, None, log=None)
     assert sum(s.cpus for s in run.plan.shards) <= cfg.node_pools[0].cpus
     drafters = [s for s in run.plan.shards if s.role == "drafter"]
-    assert len(drafters) == 1 and set(drafters[0].models) == {"qwen-0.5b-int8", "qwen-0.5b"}
-    assert drafters[0].memory_gb == pytest.approx((630_167_424 * 1 + 630_167_424 * 2) / 1e9)
+    assert len(drafters) == 1 and set(drafters[0].models) == {"qwen-0.5b-int8", "qwen-0.5b", "smollm2-135m"}
+    assert drafters[0].memory_gb == pytest.approx((630_167_424 * 1 + 630_167_424 * 2 + 134_515_008 * 2) / 1e9)
     assert "qwen-0.5b-int8+qwen-0.5b" in run.plan.table()
-    assert run.hosts == {"qwen-0.5b": "qwen-0.5b-int8", "qwen-0.5b-int8": "qwen-0.5b-int8"}
+    assert run.hosts == {"qwen-0.5b": "qwen-0.5b-int8", "qwen-0.5b-int8": "qwen-0.5b-int8",
+                         "smollm2-135m": "qwen-0.5b-int8"}
     main = check_plan(cfg, cfg.main_job.strategies, log=None)
     assert [s.name for s in main.strategies] == [s.name for s in cfg.strategies if s.name in cfg.main_job.strategies]
 
@@ -129,7 +131,7 @@ def local_raw() -> dict:
 
 def test_strategy_whose_drafter_has_no_placement_fails_with_the_fix():
     raw = local_raw()
-    raw["placement"]["drafters"]["qwen-0.5b-int8"].pop("colocate")
+    raw["placement"]["drafters"]["qwen-0.5b-int8"]["colocate"] = ["smollm2-135m"]     # the bf16 0.5B left out
     cfg = EngineConfig.model_validate(raw)
     with pytest.raises(PlacementError, match=r"strategy 'sd-0.5b-k4': drafter 'qwen-0.5b' has no placement; "
                                              r"load it in the actor of its variant 'qwen-0.5b-int8' "
