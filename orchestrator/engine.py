@@ -108,7 +108,7 @@ class SpeculativeEngine:
         t_start = time.perf_counter()
 
         session = None
-        opens_lazily = getattr(self.drafter, "opens_lazily", False)
+        opens_lazily = self.drafter is not None and self.drafter.opens_lazily
         if opens_lazily:
             # Its session opens in a drafter actor by itself: when the request will likely draft, it opens
             # now, beside the target's prefill, and the first draft waits for what is left of it.

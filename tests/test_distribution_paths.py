@@ -162,15 +162,11 @@ def write_config(root, name: str, strategies: list[dict], placement: dict | None
     return load_config(path)
 
 
-IN_PROCESS = [
-    {"name": "sd", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "fixed", "k": 2}},
-    {"name": "cascade2", "kind": "cascade", "drafters": ["d", "d-small"], "k_matrix": [[2, 1, 1], [0, 2, 1],
-                                                                                       [0, 0, 2]]},
-    {"name": "easyspec", "kind": "easyspec", "drafter": "d", "groups": [[0, 1]],
-     "draft_length": {"policy": "fixed", "k": 2}},
-    {"name": "sd-goodput", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "goodput", "k_max": 3}},
-    {"name": "duo-multi", "process": "inline", "multi_sequence": True, "top_alternatives": 2, **DUO},
-    {"name": "duo-chain", "process": "inline", "multi_sequence": False, **DUO},
+# Tree drafters run both in process and through Ray, with the same settings. Through Ray the model-free
+# ones (hierarchy, token recycling) draft beside the engine, their state shared by the concurrent requests,
+# token recycling's matrix fed by the logits the stage actor returns; the others draft in the drafter actor,
+# Ouroboros' pool there too (fed the target's argmax rows with the feedback).
+TREE_DRAFTERS = [
     # no model: three candidates from the context and the recent generations, one tree (workers/hierarchy.py)
     {"name": "hierarchy", "kind": "hierarchy", "num_candidates": 3, "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "token-recycling", "kind": "token_recycling", "draft_length": {"policy": "fixed", "k": 3}},
@@ -183,6 +179,18 @@ IN_PROCESS = [
     # the model's sampled chain (its q) extended by one-hot phrases of the shared pool, one tree
     {"name": "ouroboros", "kind": "ouroboros", "drafter": "d", "candidates": 3, "phrase_len": 3,
      "draft_length": {"policy": "fixed", "k": 2}},
+]
+
+IN_PROCESS = [
+    {"name": "sd", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "fixed", "k": 2}},
+    {"name": "cascade2", "kind": "cascade", "drafters": ["d", "d-small"], "k_matrix": [[2, 1, 1], [0, 2, 1],
+                                                                                       [0, 0, 2]]},
+    {"name": "easyspec", "kind": "easyspec", "drafter": "d", "groups": [[0, 1]],
+     "draft_length": {"policy": "fixed", "k": 2}},
+    {"name": "sd-goodput", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "goodput", "k_max": 3}},
+    {"name": "duo-multi", "process": "inline", "multi_sequence": True, "top_alternatives": 2, **DUO},
+    {"name": "duo-chain", "process": "inline", "multi_sequence": False, **DUO},
+    *TREE_DRAFTERS,
     # VocabTrim's frequency mode: q = 0 outside the table's top 2 (6, 2) and the prompt's tokens (3, 5)
     {"name": "sd-vocab-freq", "kind": "draft_model", "drafter": "d",
      "draft_vocab": {"size": 2, "mode": "frequency", "table": "{models}/vocab-table.pt"},
@@ -344,19 +352,7 @@ RAY_STRATEGIES = [
      "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "duo-actor-multi", "process": "actor", "multi_sequence": True, "top_alternatives": 2, **DUO},
     {"name": "duo-actor-chain", "process": "actor", "multi_sequence": False, **DUO},
-    # no model: drafts beside the engine, its recent generations shared by the 4 concurrent requests
-    {"name": "hierarchy", "kind": "hierarchy", "num_candidates": 3, "draft_length": {"policy": "fixed", "k": 2}},
-    # no model: drafts beside the engine, its matrix fed by the logits the stage actor returns
-    {"name": "token-recycling", "kind": "token_recycling", "draft_length": {"policy": "fixed", "k": 3}},
-    # the draft model's adaptive tree, grown in the drafter actor (tree forwards through its runner)
-    {"name": "opt-tree", "kind": "opt_tree", "drafter": "d", "max_nodes": 6, "width": 3,
-     "draft_length": {"policy": "fixed", "k": 3}},
-    # RASD (workers/rasd.py): the draft model's tree fused with context retrievals it scored and pruned
-    {"name": "rasd", "kind": "rasd", "drafter": "d", "max_nodes": 8, "draft_nodes": 4, "width": 2,
-     "min_ngram": 1, "prune_threshold": 0.05, "draft_length": {"policy": "fixed", "k": 3}},
-    # the chain drafted in the drafter actor, its phrase pool there too (filled from the committed output)
-    {"name": "ouroboros", "kind": "ouroboros", "drafter": "d", "candidates": 3, "phrase_len": 3,
-     "draft_length": {"policy": "fixed", "k": 2}},
+    *TREE_DRAFTERS,
 ]
 
 

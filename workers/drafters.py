@@ -68,11 +68,18 @@ class DraftSession(ABC):
     def close(self) -> None:
         """Free per-request state."""
 
+    def open_ahead(self) -> None:
+        """A session of a drafter that `opens_lazily`: open now, without waiting (the engine calls it
+        before the target's prefill when the request will likely draft soon)."""
+
 
 class Drafter(ABC):
     name: str = "drafter"
     #: deterministic drafters produce one-hot q (prompt lookup, n-gram tables)
     deterministic: bool = False
+    #: start() costs nothing and its session opens at the first draft or at open_ahead() (a drafter
+    #: actor's); otherwise start() opens it, after the target's prefill
+    opens_lazily: bool = False
 
     @abstractmethod
     def start(self, prompt_ids: list[int], params: SamplingParams,
