@@ -21,6 +21,11 @@ class DraftLengthPolicy:
     def next_k(self) -> int:
         raise NotImplementedError
 
+    def before_step(self, remaining: int, drafter_unopened: bool) -> None:
+        """Called before each next_k: the tokens the request may still emit, and whether a model draft
+        would first have to open the drafter's session (a drafter actor's prefill of the prompt, not yet
+        paid): a policy that prices drafting can weigh that one-time cost against what is left to gain."""
+
     def observe_free(self, drafted: int, accepted: int) -> None:
         """Feedback on a free draft (a context lookup): most policies size model drafts only."""
 

@@ -144,6 +144,7 @@ class SpeculativeEngine:
             while finish != "stop" and len(out) < max_new_tokens:
                 remaining = max_new_tokens - len(out)
                 t0 = time.perf_counter()
+                policy.before_step(remaining, session is not None and session.unopened)
                 k = min(policy.next_k(), remaining - 1)
                 draft = EMPTY_DRAFT
                 # A policy that prices every verified token (goodput) bounds free drafts too; when it wants

@@ -358,10 +358,7 @@ class GoodputScheduler:
         # four requests became 1.02x). They count as ours in the verifier's batches all the same.
         ids = [i for i, p in self._requests.items() if p.stepping]
         policies = [self._requests[i] for i in ids]
-        accepts = [p.acceptance.rates() for p in policies]
-        ks, goodput = choose_draft_lengths(accepts, [p.k_max for p in policies], self.cost.predict,
-                                           self.draft_cost.per_token_s, round(self._other_rows), self.min_gain,
-                                           self.uniform, self.draft_cost.fixed_s)
+        ks, goodput = self._model_plan(policies)
         if any(ks):
             self._probe_interval = self.probe_every     # drafting pays again: probes at the base rate
         # Free drafts (context lookup): no drafter time, their own acceptance and length bound, and per
@@ -391,6 +388,40 @@ class GoodputScheduler:
         rows = len(ks) + round(self._other_rows)
         s.predicted_step_s = self.cost.predict(rows, rows + sum(ks))
         s.predicted_goodput = goodput
+
+    def _model_plan(self, policies: list["GoodputDraftLength"]) -> tuple[list[int], float]:
+        """Model draft lengths of the stepping requests, and the predicted goodput. A request whose
+        drafter session has not opened yet drafts only where the plan's gain over what it may still emit
+        pays for the opening (the drafter's prefill of its prompt, `ModeGuard.opening_s`): on this
+        machine an opening takes ~0.7 s of the two cores the target shares, and a four-request wave of
+        64-token requests that opened every session for drafts that gained 10-20% lost 11-14% to plain
+        decoding (docs/scheduler.md)."""
+        rows_other = round(self._other_rows)
+
+        def plan(drafting: list[int]) -> tuple[list[int], float]:
+            sub = [policies[i] for i in drafting]
+            ks, goodput = choose_draft_lengths([p.acceptance.rates() for p in sub], [p.k_max for p in sub],
+                                               self.cost.predict, self.draft_cost.per_token_s,
+                                               rows_other + len(policies) - len(sub), self.min_gain,
+                                               self.uniform, self.draft_cost.fixed_s)
+            full = [0] * len(policies)
+            for i, k in zip(drafting, ks):
+                full[i] = k
+            return full, goodput
+
+        everyone = list(range(len(policies)))
+        ks, goodput = plan(everyone)
+        opening_s = self.guard.opening_s()
+        unopened = [i for i in everyone if ks[i] and policies[i].drafter_unopened]
+        if not unopened or not opening_s:
+            return ks, goodput
+        rows = len(policies) + rows_other
+        plain = rows / self.cost.predict(rows, rows)
+        saved_per_token = 1.0 / plain - 1.0 / goodput if goodput > plain else 0.0    # machine seconds
+        keep = [i for i in everyone if i not in unopened or policies[i].remaining * saved_per_token > opening_s]
+        if len(keep) == len(everyone):
+            return ks, goodput
+        return plan(keep) if keep else ([0] * len(policies), plain)
 
     def speculating(self, rid: int) -> bool:
         """Whether a new request should open its drafter session ahead of its first draft
@@ -488,6 +519,8 @@ class GoodputDraftLength(DraftLengthPolicy):
         self._probes = 0
         self._tokens = 1              # emitted so far: the prefill's token, then each step's
         self.stepping = False         # asked for a draft length yet (a request in its prefill is not)
+        self.remaining = k_max + 1    # tokens it may still emit, and whether a model draft would first
+        self.drafter_unopened = False  # open its drafter session (before_step)
         self.rid = scheduler.join(self)
 
     def next_k(self) -> int:
@@ -496,10 +529,15 @@ class GoodputDraftLength(DraftLengthPolicy):
         # With k = 0 nothing is measured again: probe now and then, alternately 1 and up to 4 tokens (two
         # lengths separate the drafter's fixed cost from its cost per token).
         probe = 1 if self._probes % 2 == 0 else min(4, self.k_max)
-        if k == 0 and self.scheduler.take_probe(self.rid, probe):
+        # A request whose drafter session is not open does not probe: a probe of one token would pay the
+        # whole opening (the plan opens it where the gain pays: _model_plan).
+        if k == 0 and not self.drafter_unopened and self.scheduler.take_probe(self.rid, probe):
             self._probes += 1
             return probe
         return k
+
+    def before_step(self, remaining: int, drafter_unopened: bool) -> None:
+        self.remaining, self.drafter_unopened = remaining, drafter_unopened
 
     def _step(self) -> None:
         self.stepping = True          # planned from now on (draft_length replans: it is not in the plan yet)

@@ -161,11 +161,15 @@ class ModeGuard:
         self._requests = DECAY * self._requests + 1
         self.stats.setup_s_per_token = self.setup_s_per_token()
 
+    def opening_s(self) -> float:
+        """Mean seconds a request waited for its drafter session's opening (0 before any was seen)."""
+        return self._setup_s / self._setups if self._setups else 0.0
+
     def setup_s_per_token(self) -> float:
         """Seconds of drafter-session opening per emitted token of a mean request (0 until both are seen)."""
         if not self._setups or not self._requests or not self._request_tokens:
             return 0.0
-        return (self._setup_s / self._setups) / (self._request_tokens / self._requests)
+        return self.opening_s() / (self._request_tokens / self._requests)
 
     def measured_rate(self, rows: float) -> float:
         """Tokens/s last measured at this load in the mode now running (0 before any)."""

@@ -212,6 +212,10 @@ class _RemoteSession(DraftSession):
             start, self._start = self._start, None
             self._opening = self.worker.start.remote(self.sid, *start)
 
+    @property
+    def unopened(self) -> bool:
+        return self._start is not None
+
     def propose(self, k: int) -> Draft:
         if k == 0:        # "decode normally": nothing to ask (a hybrid's lookup runs beside the engine)
             return EMPTY_DRAFT

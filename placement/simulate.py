@@ -400,6 +400,8 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     def step_goodput(req: Request) -> None:
         """A step whose draft length the scheduler chooses; acceptance drawn for that length."""
         policy = policies[req.id]
+        policy.before_step(req.output - req.emitted,
+                           bool(drafters) and rep.draft_prefill_step is not None and req.session is None)
         k = min(policy.next_k(), max(0, req.output - req.emitted - 1))
         emitted = sample_emitted(s.effective_alpha, k, rng)
         req.steps += 1

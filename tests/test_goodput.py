@@ -145,6 +145,35 @@ def test_zero_length_requests_probe_now_and_then_one_at_a_time():
     assert scheduler.draft_wait_s() == 0
 
 
+def opening_plan(cost_prior, accept, remaining, opening_s, requests, gate=True):
+    """Draft lengths of `requests` stepping requests whose drafter sessions are not open yet (each may
+    still emit `remaining` tokens), with openings measured at `opening_s` seconds, and the probe each takes
+    at k = 0 (probe_every 0: due at once)."""
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=cost_prior), probe_every=0, min_gain=0.0)
+    scheduler.guard.observe_setup(opening_s)
+    policies = [GoodputDraftLength(scheduler, k_max=6) for _ in range(requests)]
+    for p in policies:
+        p.acceptance = AcceptanceEstimate(6, prior=accept)
+        p.before_step(remaining, drafter_unopened=gate)
+        p.next_k()                                   # stepping: planned from now on
+    scheduler.mark_dirty()
+    return [p.next_k() for p in policies]
+
+
+def test_a_drafter_session_opens_only_where_the_gain_left_pays_for_it():
+    """Opening a drafter session costs its prefill of the prompt once (0.7 s here). A request alone on a
+    weight-bound machine gains seconds over 60 tokens and opens; four requests on a machine where drafting
+    gains a little per token, or a request with 3 tokens left, do not (and do not probe: a probe would pay
+    the opening). The broken version (openings not weighed) opens all of them."""
+    weight_bound_prior, compute_prior = (0.10, 0.0005, 0.0), (0.13, 0.004, 0.0)
+    assert all(opening_plan(weight_bound_prior, 0.7, 60, 0.7, 1))
+    assert not any(opening_plan(weight_bound_prior, 0.7, 3, 0.7, 1))
+    assert not any(opening_plan(compute_prior, 0.5, 60, 0.7, 4))
+    # with the sessions open, the same four draft: the gate is what held them back
+    assert all(opening_plan(compute_prior, 0.5, 60, 0.7, 4, gate=False))
+    assert all(opening_plan(compute_prior, 0.5, 60, 0.0, 4))       # no opening measured yet: nothing weighed
+
+
 def test_draft_cost_separates_the_fixed_part_from_the_per_token_part():
     """A drafter call of 60 ms + 20 ms per token: per-token averages would price a 1-token draft at
     80 ms a token and keep a scheduler from ever trying longer drafts."""

@@ -72,6 +72,12 @@ class DraftSession(ABC):
         """A session of a drafter that `opens_lazily`: open now, without waiting (the engine calls it
         before the target's prefill when the request will likely draft soon)."""
 
+    @property
+    def unopened(self) -> bool:
+        """A session of a drafter that `opens_lazily` that has cost nothing yet: its first model draft
+        (or open_ahead) pays the opening."""
+        return False
+
 
 class Drafter(ABC):
     name: str = "drafter"
@@ -286,6 +292,8 @@ class LookupThenModelDrafter(Drafter):
     def __init__(self, lookup: PromptLookupDrafter, model: Drafter, lookup_k: int = 10):
         self.lookup, self.model, self.lookup_k = lookup, model, lookup_k
         self.name = f"{lookup.name}+{model.name}"
+        # The lookup costs nothing to start; the model's session (a drafter actor's) may open lazily.
+        self.opens_lazily = model.opens_lazily
 
     def start(self, prompt_ids, params, generator):
         return _LookupThenModelSession(self.lookup.start(prompt_ids, params, generator),
@@ -308,6 +316,13 @@ class _LookupThenModelSession(DraftSession):
     def update(self, new_tokens, num_accepted):
         self.lookup.update(new_tokens, num_accepted)
         self.model.update(new_tokens, num_accepted)
+
+    def open_ahead(self):
+        self.model.open_ahead()
+
+    @property
+    def unopened(self) -> bool:
+        return self.model.unopened
 
     def close(self):
         self.lookup.close()
