@@ -1,9 +1,10 @@
 """RASD (core/rasd.py, workers/rasd.py, orchestrator/strategies/rasd.py): the fused tree is a correct
 prefix-merged tree holding every draft and retrieval path up to the cap; retrieved nodes are scored with
 the draft model's own probabilities (checked against the model run from scratch on each node's path) and
-pruned by them; the drafter's cache after `update`; greedy output equal to plain decoding; broken
-versions caught (a merge without prefix matching, a graft under the wrong parent, an ignored threshold,
-a scoring forward that sees the draft tree's nodes, a chain drafter's crop)."""
+pruned by them, the branches skipped before scoring losing no path that full scoring keeps; the
+drafter's cache after `update`; greedy output equal to plain decoding; broken versions caught (a merge
+without prefix matching, a graft under the wrong parent, an ignored threshold, a scoring forward that
+sees the draft tree's nodes, an early pruning that drops deeper nodes or none, a chain drafter's crop)."""
 from __future__ import annotations
 
 import random
@@ -14,7 +15,7 @@ import torch
 import core.rasd
 import workers.rasd
 from core.draft_length import FixedDraftLength
-from core.opt_tree import TreeChoice
+from core.opt_tree import TreeChoice, subtree
 from core.rasd import fuse, prune
 from core.sampling import SamplingParams
 from orchestrator.engine import SpeculativeEngine
@@ -182,6 +183,57 @@ def test_retrieval_tree_is_scored_and_pruned_by_the_drafter(qwen_pair):
     assert 0 < len(pruned) < len(scored)
     assert_pruned_by_threshold(session, threshold)
     assert_valid_fusion([drafted, pruned], fused, 40)
+
+
+def early_pruning_against_full_scoring(drafter_model, break_early_pruning=lambda: None) -> None:
+    """The scoring forward does not feed a branch whose first token is below the threshold already
+    (workers/rasd.py: RasdSession._score). The retrieved paths that survive pruning must be exactly those
+    whose weight is >= the threshold when every node is scored (threshold 0), with the same weights.
+
+    The corpus offers two continuations of the prompt: the drafter's own greedy one (its weights fall
+    slowly) and one starting with the drafter's least likely token; the threshold lies between that
+    token's weight and the greedy path's second node's, so a whole branch goes early and deeper nodes stay."""
+    prompt = [40, 41, 42, 43, 44, 45]                                    # nothing repeats: corpus only
+    greedy = []
+    for _ in range(4):
+        greedy.append(int(reference_probs(drafter_model, prompt + greedy).argmax()))
+    unlikely = [int(reference_probs(drafter_model, prompt).argmin()), 50, 51, 52]
+    corpus = build_corpus([prompt[-2:] + greedy, prompt[-2:] + unlikely], ngram_sizes=(2, 1), continuation_tokens=4)
+    full = started(rasd(drafter_model, sources=("corpus",), corpus=corpus), prompt)
+    full.propose(4)
+    scored = full.last_trees[1]
+    weight_of = dict(zip(tree_paths(scored), scored.weights.tolist()))
+    assert len(weight_of) == 8, "both continuations retrieved and scored in full"
+    dropped_early, kept_deep = weight_of[tuple(unlikely[:1])], weight_of[tuple(greedy[:2])]
+    assert dropped_early < kept_deep
+    threshold = (dropped_early * kept_deep) ** 0.5
+    expected = {path for path, w in weight_of.items() if w >= threshold}
+    break_early_pruning()
+    session = started(rasd(drafter_model, sources=("corpus",), corpus=corpus, prune_threshold=threshold), prompt)
+    session.propose(4)
+    _, scored_early, pruned, _ = session.last_trees
+    kept = dict(zip(tree_paths(pruned), pruned.weights.tolist()))
+    assert not expected - set(kept), f"a retrieved path lost: {sorted(expected - set(kept))}"
+    assert not set(kept) - expected, f"a path below the threshold kept: {sorted(set(kept) - expected)}"
+    for path, w in kept.items():
+        assert w == pytest.approx(weight_of[path], rel=1e-4), f"retrieved path {path}: another weight than in full"
+    assert set(tree_paths(scored_early)) == set(weight_of) - {tuple(unlikely[:i]) for i in (2, 3, 4)}, (
+        "the unlikely branch's deeper nodes were fed (no early pruning)")
+
+
+def test_early_pruning_keeps_exactly_the_paths_above_the_threshold(qwen_pair):
+    early_pruning_against_full_scoring(qwen_pair[1])
+
+
+@pytest.mark.parametrize("keep, message", [
+    (lambda tree, keep: tree.parents < 0, "a retrieved path lost"),         # only first tokens kept
+    (lambda tree, keep: torch.ones_like(keep), "no early pruning"),         # every branch fed
+], ids=["first-tokens-only", "every-branch-fed"])
+def test_a_broken_early_pruning_is_caught(qwen_pair, monkeypatch, keep, message):
+    def broken():      # after the full scoring: it is the early-pruned run that must fail
+        monkeypatch.setattr(workers.rasd, "subtree", lambda tree, mask: subtree(tree, keep(tree, mask)))
+    with pytest.raises(AssertionError, match=message):
+        early_pruning_against_full_scoring(qwen_pair[1], broken)
 
 
 def test_an_ignored_threshold_is_caught(qwen_pair, monkeypatch):
