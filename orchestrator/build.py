@@ -61,7 +61,10 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
     built = Built(config, device, model, tokenizer, target,
                   {"plain": SpeculativeEngine(target, None, eos_token_ids=eos, name="plain")})
     runners: dict[str, ModelRunner] = {}
-    for s in runnable_strategies(config, only):
+    chosen = runnable_strategies(config, only)
+    for s in chosen:               # every tokenizer check before the first drafter model loads
+        s.check_tokenizers(config, tokenizer)
+    for s in chosen:
         engine = s.make_engine(config, target, eos)    # an engine of its own (DuoDecoding), else None
         if engine is None:
             keys = s.drafter_models()

@@ -62,6 +62,28 @@ class Speller:
         return "".join(pieces), ends
 
 
+def tokenizer_difference(ours, theirs) -> str | None:
+    """Why two tokenizers may spell one text in different ids, or None: the same token ids, end of
+    sequence and (fast tokenizers) the same normalizer, pre-tokenizer, model (merges) and decoder."""
+    import json
+
+    a, b = ours.get_vocab(), theirs.get_vocab()
+    if len(a) != len(b):
+        return f"{len(a)} tokens against {len(b)}"
+    other_ids = sum(b.get(token) != i for token, i in a.items())
+    if other_ids:
+        return f"{other_ids} of {len(a)} tokens have other ids"
+    if ours.eos_token_id != theirs.eos_token_id:
+        return f"end-of-sequence id {ours.eos_token_id} against {theirs.eos_token_id}"
+    backends = [getattr(t, "backend_tokenizer", None) for t in (ours, theirs)]
+    if None not in backends:
+        a, b = (json.loads(t.to_str()) for t in backends)
+        for part in ("normalizer", "pre_tokenizer", "model", "decoder"):
+            if a.get(part) != b.get(part):
+                return f"the same ids, another {part}"
+    return None
+
+
 class CrossVocabDrafter(Drafter):
     """A draft model of another vocabulary. One per strategy, so per target: its n-gram map (bounded,
     thread-safe) is shared by the strategy's requests."""

@@ -4,9 +4,11 @@ and the hooks the rest of the code calls instead of testing for a kind.
 Who calls which hook:
 - `orchestrator/config.py` (EngineConfig): `model_refs` (every named drafter is a models.drafters key);
 - `orchestrator/selection.py`: `unavailable` (an optional extra missing, a file not built);
-- `orchestrator/build.py` (one process): `make_engine`, else `drafter_models` + `make_drafter`;
+- `orchestrator/build.py` (one process): `check_tokenizers`, then `make_engine`, else `drafter_models` +
+  `make_drafter`;
 - `placement/plan.py`: `actor_drafters`, `ray_problem`, `own_actors` (checks and shards before Ray);
-- `orchestrator/ray_runtime.py`: `make_engine`, else `ray_drafter`;
+- `orchestrator/ray_runtime.py`: `check_tokenizers` (before the actors start), then `make_engine`, else
+  `ray_drafter`;
 - `orchestrator/drafter_worker.py` (a drafter actor): `actor_drafters`, `drafts_by_forward`, `make_drafter`;
 - `placement/capacity.py` (the simulator's step model): `capacity_family`, `capacity_gamma`,
   `review_chunk`, `model_every_step`, `drafter_threads`.
@@ -93,6 +95,10 @@ class StrategyConfig(Strict):
     def ray_problem(self) -> str | None:
         """Why it cannot run through Ray (a placement it does not support), or None."""
         return None
+
+    def check_tokenizers(self, config, target_tokenizer) -> None:
+        """Once the target's tokenizer is loaded (None: its model has none), before any drafter model loads:
+        raise ConfigError, naming the key and the file, when a tokenizer its drafter would read does not fit."""
 
     def own_actors(self) -> int:
         """Actors of its own (ranks) that the plan places like its first drafter model; 0 = none."""

@@ -4,7 +4,9 @@ target's tokens and verified as usual. Greedy drafts use the greedy rule, sample
 verifier as deterministic (one-hot) drafts, so output keeps the target's distribution.
 
 Through Ray it drafts in the drafter actor of its model (the default `ray_drafter`); the actor loads
-both tokenizers. Not simulated by the capacity model.
+both tokenizers. Not simulated by the capacity model. Before any drafter loads, `check_tokenizers` makes
+sure the map is built from the target's real tokenizer and the drafter's own: a tokenizer missing or not
+the target's is a ConfigError naming the key and the file, not a map that spells drafts wrong.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from core.config import DraftLength, FixedLength
+from core.config import ConfigError, DraftLength, FixedLength
 from orchestrator.strategies.base import StrategyConfig
 
 
@@ -34,10 +36,59 @@ class CrossVocabStrategy(StrategyConfig):
     def own_vocabulary(self):
         return True
 
+    def check_tokenizers(self, config, target_tokenizer):
+        from transformers import AutoConfig
+
+        from workers.cross_vocab import tokenizer_difference
+
+        where = f"strategy {self.name!r}"
+        target = config.models.target
+        if target_tokenizer is None:
+            raise ConfigError(f"{where}: models.target.source {target.source} has no tokenizer; cross-vocabulary "
+                              "drafting spells the target's tokens as text")
+        key = f"{where}: target_tokenizer"
+        if _resolved(key, self.target_tokenizer, target.dtype) != _resolved(key, target.source, target.dtype):
+            named, _ = _tokenizer_at(key, self.target_tokenizer, target.dtype)      # other files: compare them
+            if why := tokenizer_difference(named, target_tokenizer):
+                raise ConfigError(f"{key} {self.target_tokenizer} is not the tokenizer of models.target.source "
+                                  f"{target.source} ({why})")
+        spec = config.models.drafters[self.drafter]
+        key = f"{where}: models.drafters.{self.drafter}.source"
+        draft, path = _tokenizer_at(key, spec.source, spec.dtype)
+        rows = AutoConfig.from_pretrained(path, local_files_only=True).vocab_size
+        if draft.vocab_size > rows:      # the base vocabulary (transformers may add tokens the model never sees)
+            raise ConfigError(f"{key} {spec.source}: its tokenizer has {draft.vocab_size} tokens, its model "
+                              f"{rows}: not the model's own tokenizer")
+
     def make_drafter(self, runner, runners=None):
         from workers.cross_vocab import CrossVocabDrafter
-        from workers.model_store import load_tokenizer, resolve_model_path
 
-        return CrossVocabDrafter(runner, load_tokenizer(runner.model.name_or_path),
-                                 load_tokenizer(resolve_model_path(self.target_tokenizer)), name=self.name,
-                                 max_pairs=self.max_pairs, max_n=self.max_n)
+        where = f"strategy {self.name!r}"
+        draft, _ = _tokenizer_at(f"{where}: models.drafters.{self.drafter}.source", runner.model.name_or_path)
+        target, _ = _tokenizer_at(f"{where}: target_tokenizer", self.target_tokenizer)
+        return CrossVocabDrafter(runner, draft, target, name=self.name, max_pairs=self.max_pairs, max_n=self.max_n)
+
+
+def _resolved(key: str, source: str, dtype: str):
+    """The directory of model spec `source`; ConfigError naming `key` if it cannot be found or built."""
+    from workers.loading import DTYPES
+    from workers.model_store import ModelStoreError, resolve_model_path
+
+    try:
+        return resolve_model_path(source, DTYPES[dtype])
+    except (ModelStoreError, OSError) as e:
+        raise ConfigError(f"{key} {source}: {e}") from None
+
+
+def _tokenizer_at(key: str, source: str, dtype: str = "bfloat16"):
+    """(the tokenizer saved with model spec `source`, its directory); ConfigError naming `key` if there is none."""
+    from workers.model_store import TOKENIZER_FILES, load_tokenizer
+
+    path = _resolved(key, source, dtype)
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key} {source}: {e}") from None
+    if tokenizer is None:
+        raise ConfigError(f"{key} {source}: no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)})")
+    return tokenizer, path
