@@ -7,12 +7,16 @@ without prefix matching, a graft under the wrong parent, an ignored threshold, a
 sees the draft tree's nodes, an early pruning that drops deeper nodes or none, a chain drafter's crop)."""
 from __future__ import annotations
 
+import os
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import core.rasd
+import orchestrator.strategies.rasd
 import workers.rasd
 from core.draft_length import FixedDraftLength
 from core.opt_tree import TreeChoice, subtree
@@ -22,10 +26,11 @@ from orchestrator.engine import SpeculativeEngine
 from orchestrator.strategies import KINDS
 from tests.conftest import tiny_model
 from tests.drafting import assert_drafted
+from tests.test_distribution_paths import model_dir, placed  # noqa: F401 (model_dir: a fixture)
 from tests.test_engine import noisy_copy
 from tests.test_opt_tree import reference_probs, tree_paths
 from workers.drafters import _DraftModelSession
-from workers.hierarchy import HierarchyDrafter, build_corpus
+from workers.hierarchy import HierarchyDrafter, build_corpus, save_corpus
 from workers.opt_tree import OptTreeDrafter, OptTreeSession
 from workers.rasd import RasdDrafter
 from workers.runner import ModelRunner
@@ -343,8 +348,73 @@ def test_strategy_config():
     assert cfg.unavailable() is None and cfg.drafts_by_forward() and cfg.model_refs() == [("drafter", "d")]
     missing = KINDS["rasd"].model_validate({**base, "corpus": "no/such/corpus.pt"})
     assert "does not exist" in missing.unavailable()
+    assert missing.corpus == str(Path.cwd() / "no/such/corpus.pt")      # read where the config is loaded
     assert KINDS["rasd"].model_validate({**base, "corpus": "no/such.pt", "sources": ["context"]}).unavailable() is None
     for bad in ({"max_nodes": 0}, {"prune_threshold": 1.5}, {"sources": ["context", "context"]},
                 {"min_ngram": 4, "max_ngram": 2}, {"no_such_key": 1}):
         with pytest.raises(ValueError):
             KINDS["rasd"].model_validate({**base, **bad})
+
+
+# ------------------------------------------------------------------ through Ray: a relative corpus path
+RELATIVE_CORPUS = "rasd-corpus/table.pt"        # beside the YAML file, which is in the driver's directory
+RAY_PROMPT = [3, 5, 3, 6, 2]
+RAY_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def ray_node():
+    """A local Ray node of our own, started in the test's directory: its workers run there, not where
+    the driver moves later."""
+    import ray
+
+    ray.init(num_cpus=12, resources={"pool:local": 1000.0}, include_dashboard=False, log_to_driver=False,
+             namespace="specorch-rasd-test")
+    yield ray
+    ray.shutdown()
+
+
+def ray_worker_directory(ray) -> Path:
+    def working_directory() -> str:         # nested: pickled by value, run in a Ray worker
+        return os.getcwd()
+    return Path(ray.get(ray.remote(working_directory).remote()))
+
+
+def relative_corpus_through_ray(ray, model_dir, monkeypatch, name: str) -> None:
+    """A RASD strategy whose corpus is a path relative to the YAML file and the driver's directory, placed
+    through Ray with the drafter in its actor (a Ray worker in another directory): the actor loads the
+    corpus the driver checked, the output equals plain greedy decoding, and the corpus adds accepted
+    tokens (it holds the target's own continuation) over the same strategy without one."""
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(model_dir / "target", torch_dtype=torch.float32).eval()
+    expected = SpeculativeEngine(ModelRunner(target)).generate(RAY_PROMPT, RAY_NEW).tokens
+    (model_dir / RELATIVE_CORPUS).parent.mkdir(exist_ok=True)
+    save_corpus(build_corpus([RAY_PROMPT + expected], ngram_sizes=(3, 2, 1), continuation_tokens=4),
+                model_dir / RELATIVE_CORPUS)
+    worker_dir = ray_worker_directory(ray)
+    assert worker_dir != model_dir and not (worker_dir / RELATIVE_CORPUS).exists()   # only the driver's resolves
+    monkeypatch.chdir(model_dir)
+    common = {"kind": "rasd", "drafter": "d", "sources": ["corpus"], "max_nodes": 8, "draft_nodes": 1, "width": 1,
+              "min_ngram": 1, "prune_threshold": 0.0, "draft_length": {"policy": "fixed", "k": 4}}
+    built, runtime = placed(model_dir, name, [{"name": "with-corpus", "corpus": RELATIVE_CORPUS, **common},
+                                              {"name": "no-corpus", **common}])
+    try:
+        runs = {s: built.engines[s].generate(RAY_PROMPT, RAY_NEW) for s in ("plain", "with-corpus", "no-corpus")}
+    finally:
+        runtime.shutdown()
+    for strategy, res in runs.items():
+        assert res.tokens == expected, f"{strategy} through Ray diverged from plain greedy decoding"
+    assert runs["with-corpus"].stats.accepted_tokens > runs["no-corpus"].stats.accepted_tokens
+
+
+def test_ray_actor_reads_a_relative_corpus_as_the_driver_does(ray_node, model_dir, monkeypatch):
+    relative_corpus_through_ray(ray_node, model_dir, monkeypatch, "rasd-relative")
+
+
+def test_a_corpus_path_resolved_in_the_actor_is_caught(ray_node, model_dir, monkeypatch):
+    """Broken: the driver ships the relative path, so the actor resolves it against its own directory."""
+    monkeypatch.setattr(orchestrator.strategies.rasd, "absolute_path", lambda path: path)
+    read_there = ray_worker_directory(ray_node) / RELATIVE_CORPUS
+    with pytest.raises(ray_node.exceptions.RayActorError, match=re.escape(f"corpus '{read_there}' does not exist")):
+        relative_corpus_through_ray(ray_node, model_dir, monkeypatch, "rasd-relative-broken")
