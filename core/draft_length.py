@@ -32,8 +32,10 @@ class DraftLengthPolicy:
     def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """Feedback from one step."""
 
-    def observe_setup(self, seconds: float) -> None:
-        """Seconds the step's draft spent opening the drafter's session (once per request; not drafting)."""
+    def observe_setup(self, seconds: float, cost_s: float | None = None) -> None:
+        """Seconds the step's draft waited for the drafter's session to open (once per request; not
+        drafting), and cost_s the seconds the drafter spent opening it (None: the same; more when it opened
+        ahead, beside the target's prefill)."""
 
     def drafts_soon(self) -> bool:
         """Whether the request will likely draft with a model early on: a drafter whose session opens by

@@ -3,6 +3,8 @@ sessions. A plain class: `ray.remote(...)` wraps it at placement time (orchestra
 and tests can also run it in process."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from core.config import ModelSpec
@@ -58,13 +60,16 @@ class DrafterWorker:
         """The vocabulary size of drafter `key` (default: the first loaded)."""
         return self.vocab[key or self.first]
 
-    def start(self, sid: str, strategy: str, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Opens the session; returns its `target_topk` (> 0: send it the target's top-k ids too)."""
+    def start(self, sid: str, strategy: str, prompt_ids: list[int], params: SamplingParams) -> tuple[int, float]:
+        """Opens the session; returns its `target_topk` (> 0: send it the target's top-k ids too) and the
+        seconds the opening took here (the prefill of the prompt: what a scheduler weighs an opening by,
+        where the request's own wait for it may be shorter)."""
+        t0 = time.perf_counter()
         # The drafter's own stream, independent of the verifier's (core/sampling.py: STREAM_ROLES);
         # a seeded request stays reproducible, and draws the same drafts as in process.
         generator = make_generator(params.seed, self.device, role="drafter")
         session = self.sessions[sid] = self.drafters[strategy].start(prompt_ids, params, generator)
-        return session.target_topk
+        return session.target_topk, time.perf_counter() - t0
 
     def propose(self, sid: str, k: int, updates=()) -> Draft:
         """updates: the session's feedback since its last propose, in order: (new_tokens, num_accepted)

@@ -173,8 +173,8 @@ class SpeculativeEngine:
                 stats.observe_step(draft.depth, len(accepted), len(emitted), t1 - t0, t2 - t1)
                 if draft.source != "lookup":   # free context copies would skew the model's cost and acceptance
                     policy.observe(draft.depth, len(accepted), t1 - t0 - draft.setup_s, t2 - t1)
-                    if draft.setup_s:
-                        policy.observe_setup(draft.setup_s)
+                    if draft.setup_s or draft.opening_s:
+                        policy.observe_setup(draft.setup_s, draft.opening_s or draft.setup_s)
                     model_drafted += len(draft)
                 else:
                     policy.observe_free(draft.depth, len(accepted))

@@ -555,9 +555,9 @@ class GoodputDraftLength(DraftLengthPolicy):
             self.acceptance.observe(drafted, accepted)
         self.scheduler.observe_step(drafted, accepted, draft_s, verify_s, self.rid)
 
-    def observe_setup(self, seconds: float) -> None:
+    def observe_setup(self, seconds: float, cost_s: float | None = None) -> None:
         with self.scheduler._lock:        # a one-time cost of the request, spread over requests' tokens
-            self.scheduler.guard.observe_setup(seconds)
+            self.scheduler.guard.observe_setup(seconds, cost_s)
 
     def observe_free(self, drafted: int, accepted: int) -> None:
         self._tokens += accepted + 1

@@ -148,10 +148,13 @@ class ModeGuard:
         winner = b.winner(self.margin)
         return winner is not None and (winner == SPEC) != b.exploring
 
-    def observe_setup(self, seconds: float) -> None:
-        """A drafter session was opened: `seconds` the request waited for it (a one-time cost)."""
+    def observe_setup(self, seconds: float, cost_s: float | None = None) -> None:
+        """A drafter session was opened: `seconds` the request waited for it (left out of the window), and
+        cost_s the drafter's seconds opening it (None: the same). The cost is what openings are charged
+        and weighed by: one opened ahead took the drafter as long, the request only waited less (on shared
+        cores it slowed the target's prefill instead)."""
         self.exclude(seconds)
-        self._setup_s = DECAY * self._setup_s + seconds
+        self._setup_s = DECAY * self._setup_s + (seconds if cost_s is None else cost_s)
         self._setups = DECAY * self._setups + 1
         self.stats.setup_s_per_token = self.setup_s_per_token()
 
@@ -162,7 +165,7 @@ class ModeGuard:
         self.stats.setup_s_per_token = self.setup_s_per_token()
 
     def opening_s(self) -> float:
-        """Mean seconds a request waited for its drafter session's opening (0 before any was seen)."""
+        """Mean seconds a drafter took to open a request's session (0 before any was seen)."""
         return self._setup_s / self._setups if self._setups else 0.0
 
     def setup_s_per_token(self) -> float:

@@ -86,6 +86,14 @@ class Shard:
 class Plan:
     shards: list[Shard] = field(default_factory=list)
 
+    def shares_target_cores(self, drafter_key: str) -> bool:
+        """Whether drafter `drafter_key`'s actors run on the CPU cores of a node that also runs a target
+        shard on CPU: their prefills then compete for the same cores (Ray's CPU bundles reserve counts,
+        not cores)."""
+        cpu_nodes = {(s.pool, s.node) for s in self.shards if s.role == "target" and s.device == "cpu"}
+        return any(s.role == "drafter" and drafter_key in (s.model, *s.colocated) and s.device == "cpu"
+                   and (s.pool, s.node) in cpu_nodes for s in self.shards)
+
     def bundles(self) -> list[dict[str, float]]:
         """One Ray placement-group bundle per shard (pool pinned by a custom resource)."""
         out = []

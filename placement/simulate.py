@@ -46,6 +46,7 @@ class Request:
     steps: int = 0
     session: str = ""                          # its drafter session (goodput): "", "opening" or "open"
     on_open: Callable[[], None] | None = None  # what waits for the session to open
+    opening_s: float | None = None             # the opening's seconds, until reported to the scheduler
 
     @property
     def context(self) -> int:
@@ -318,9 +319,11 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         if req.session:
             return
         req.session = "opening"
+        submitted = sim.now
 
         def opened():
             req.session = "open"
+            req.opening_s = sim.now - submitted          # the drafter's prefill, queueing included
             if req.on_open is not None:
                 then, req.on_open = req.on_open, None
                 then()
@@ -401,7 +404,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         """A step whose draft length the scheduler chooses; acceptance drawn for that length."""
         policy = policies[req.id]
         policy.before_step(req.output - req.emitted,
-                           bool(drafters) and rep.draft_prefill_step is not None and req.session is None)
+                           bool(drafters) and rep.draft_prefill_step is not None and not req.session)
         k = min(policy.next_k(), max(0, req.output - req.emitted - 1))
         emitted = sample_emitted(s.effective_alpha, k, rng)
         req.steps += 1
@@ -427,12 +430,16 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
             # The first draft waits for what is left of the session's opening: a one-time cost the
             # scheduler's measured check spreads over requests (ModeGuard.observe_setup).
             def after_opening():
-                policy.observe_setup(sim.now - started[0])
+                policy.observe_setup(sim.now - started[0], req.opening_s)
+                req.opening_s = None
                 started[0] = sim.now
                 draft()
             req.on_open = after_opening
             open_session(req)
             return
+        if req.opening_s is not None:                # opened ahead, and done: its cost all the same
+            policy.observe_setup(0.0, req.opening_s)
+            req.opening_s = None
         draft()
 
     next_id = [0]

@@ -243,6 +243,10 @@ def _lazy_drafter(inner, log):
         def update(self, new_tokens, num_accepted):
             self.pending.append((new_tokens, num_accepted))
 
+        @property
+        def unopened(self):
+            return self.real is None
+
         def close(self):
             log.append("close")
 
@@ -263,22 +267,37 @@ class _Policy(FixedDraftLength):
     def drafts_soon(self):
         return self.soon
 
+    def before_step(self, remaining, drafter_unopened):
+        self.log.append(f"step (unopened: {drafter_unopened})")
+
     def close(self):
         self.log.append("policy closed")
 
 
+@pytest.mark.parametrize("hybrid", [False, True])
 @pytest.mark.parametrize("soon", [True, False])
-def test_a_lazy_drafters_session_opens_beside_the_prefill_when_drafting_is_likely(target_model, prompts, soon):
+def test_a_lazy_drafters_session_opens_beside_the_prefill_when_drafting_is_likely(target_model, prompts, soon,
+                                                                                 hybrid):
     """A drafter actor's session opens before the target's prefill (so the actor prefills meanwhile) when
-    the policy says the request will draft soon, else at the first draft; the output is plain decoding's."""
+    the policy says the request will draft soon, else at the first draft; the output is plain decoding's.
+    The policy hears before each step whether a draft would open the session. A hybrid (context lookup,
+    then the actor's model) opens the same way: it hid its model's laziness once, and open_ahead never ran
+    for the served goodput strategy."""
     log = []
     runner = ModelRunner(target_model)
-    engine = SpeculativeEngine(_Recording(runner, log), _lazy_drafter(DraftModelDrafter(runner), log),
-                               lambda: _Policy(3, soon, log))
+    drafter = _lazy_drafter(DraftModelDrafter(runner), log)
+    if hybrid:       # a lookup that never finds anything (its n-grams are longer than the prompt)
+        drafter = LookupThenModelDrafter(PromptLookupDrafter(max_ngram=64, min_ngram=64), drafter)
+    engine = SpeculativeEngine(_Recording(runner, log), drafter, lambda: _Policy(3, soon, log))
     res = engine.generate(prompts[1], MAX_NEW)
     assert res.tokens == SpeculativeEngine(runner).generate(prompts[1], MAX_NEW).tokens
     assert_drafted(res, accepted=True)
-    assert log[:2] == (["open", "prefill"] if soon else ["prefill", "open"]), log
+    steps = [e for e in log if e.startswith("step")]
+    if soon:
+        assert log[:2] == ["open", "prefill"] and set(steps) == {"step (unopened: False)"}, log
+    else:
+        assert log[:3] == ["prefill", "step (unopened: True)", "open"], log
+        assert set(steps[1:]) == {"step (unopened: False)"}, log
     assert log.count("open") == 1 and log[-2:] == ["close", "policy closed"]
 
 

@@ -34,6 +34,17 @@ def test_2node_hetero_plan_splits_layers_and_drafts_on_cpu_node():
     assert [s.name for s in drafters] == [f"drafter-cpu-{i}" for i in range(4)]
 
 
+def test_a_drafter_on_the_targets_cpu_node_shares_its_cores():
+    """A drafter actor's session opens ahead of its first draft only where its prefill does not take the
+    target's cores (orchestrator/ray_runtime.py: RemoteDrafter.opens_ahead)."""
+    local = plan_placement(load_config(ROOT / "cluster_configs/local.yaml"))
+    assert local.shares_target_cores("qwen-0.5b-int8") and local.shares_target_cores("smollm2-135m")
+    hetero = plan_placement(load_config(ROOT / "cluster_configs/2node-hetero.yaml"))   # GPU target, CPU node
+    a100 = plan_placement(load_config(ROOT / "cluster_configs/8xA100.yaml"))          # CPU drafter, GPU target
+    assert not hetero.shares_target_cores("qwen-0.5b") and not a100.shares_target_cores("qwen-0.5b")
+    assert not a100.shares_target_cores("qwen-1.5b")
+
+
 def base(**placement) -> dict:
     return {
         "models": {"target": {"source": "/m/big", "size_hint": [70_000_000_000, 80]},

@@ -104,3 +104,21 @@ def test_a_session_opened_ahead_and_never_used_is_closed_after_its_start(draft_m
     session.open_ahead()
     session.close()
     assert handle.calls == ["start", "close"] and handle.obj.sessions == {}
+
+
+def test_the_first_draft_carries_the_drafters_opening_seconds(draft_model):
+    """An opening is weighed by the drafter's own seconds (the goodput scheduler: ModeGuard.opening_s):
+    the first draft of a session opened ahead carries them, however little the request then waited; the
+    later drafts carry none (the cost is once per request)."""
+    handle = in_process_actor(Learning(ModelRunner(draft_model), []))
+    session = RemoteDrafter([handle], "s").start([1, 2, 3, 4, 5], SamplingParams(), None)
+    assert session.unopened
+    session.open_ahead()                                 # in process: the start has run by now
+    assert not session.unopened
+    session.update([9], 0)                               # the target's first token, as the engine sends it
+    first = session.propose(2)
+    assert first.opening_s > 0 and first.setup_s < first.opening_s
+    session.update(first.tokens + [7], len(first.tokens))
+    later = session.propose(2)
+    assert later.opening_s == 0 and later.setup_s == 0
+    session.close()

@@ -23,6 +23,7 @@ class Draft:
     parents: list[int] | None = None   # tree drafts: parent node of each token (-1 = root); None = chain
     source: str = ""                   # which drafter of a hybrid made it ("lookup" drafts skip the length policy)
     setup_s: float = 0.0               # seconds of the propose spent opening the session (one-time, not drafting)
+    opening_s: float = 0.0             # seconds the drafter itself spent opening it (its prefill; set with setup_s)
 
     def __len__(self) -> int:
         return len(self.tokens)
