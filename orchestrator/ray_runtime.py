@@ -332,8 +332,13 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
 
     threads = config.runtime.threads
     call_timeout = config.cluster.actor_call_timeout_s
-    targets = sorted((s for s in plan.shards if s.role == "target"), key=lambda s: (s.layers[0], s.tp_rank))
     t = config.models.target
+    run = check_strategies(config, only, log=None)   # check_plan's strategy checks (launch.py ran them before Ray)
+    chosen = run.strategies
+    tokenizer, meta = _tokenizer_and_meta(t.source, t.dtype)
+    for st in chosen:                # a drafter actor fails out of sight: its tokenizers are checked here
+        st.check_tokenizers(config, tokenizer)
+    targets = sorted((s for s in plan.shards if s.role == "target"), key=lambda s: (s.layers[0], s.tp_rank))
     for s in targets:
         actors[s.name] = ray.remote(TargetShard).options(**options(s)).remote(
             t.source, t.dtype, tuple(s.layers), "cuda" if s.device == "gpu" else "cpu", threads or s.cpus,
@@ -359,8 +364,6 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         link_min_tokens = placement.link_min_tokens
     shards = [g[0] for g in stages]
 
-    run = check_strategies(config, only, log=None)   # check_plan's strategy checks (launch.py ran them before Ray)
-    chosen = run.strategies
     drafter_actors: dict[str, list] = {}      # models.drafters key -> the actors that load it
     for s in plan.shards:
         if s.role != "drafter":
@@ -390,7 +393,6 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     device = pick_device(config.runtime.device)
     timeout = config.cluster.actor_call_timeout_s
     target = PipelineTarget(stages, vocab, timeout=timeout, link_min_tokens=link_min_tokens)
-    tokenizer, meta = _tokenizer_and_meta(t.source, t.dtype)
     eos = eos_ids(meta, tokenizer)
     built = Built(config, device, meta, tokenizer, target,
                   {"plain": SpeculativeEngine(target, None, eos_token_ids=eos, name="plain")})

@@ -38,6 +38,8 @@ PROMPT = [3, 5, 3, 5, 3]
 PARAMS = SamplingParams(temperature=1.0)
 ALPHA = 1e-4     # each check; a broken path gives p-values below 1e-10 (see the negative controls)
 MARGINALS = [(0,), (0, 1), (1, 2), (2, 3), (0, 1, 2)]
+GREEDY_PROMPTS = [PROMPT, [1, 2, 3], [7, 6, 5, 4, 3, 2, 1, 0]]
+LETTERS = list("abcdefgh")[:V]     # the text the tokenizers of the cross-vocabulary models spell
 
 
 def small_model(seed: int, layers: int):
@@ -129,6 +131,14 @@ def model_dir(tmp_path_factory):
     predictor.w1 *= 8.0                                                   # lengths that vary with the state
     predictor.w2 *= 8.0
     save_predictor(predictor, root / "draft-length.pt")
+    # Cross-vocabulary drafting: the target spells letters; the drafter is the target behind permuted ids, the
+    # same letters in its own ids (an oracle: a right mapping gets every greedy draft accepted). Neither
+    # tokenizer has an end-of-sequence token: requests run N_NEW tokens.
+    from tests.test_cross_vocab import permuted, shuffled_ids, tokenizer
+    tokenizer(LETTERS, specials=[]).save_pretrained(root / "target")
+    perm = shuffled_ids(V, 0, seed=3)
+    permuted(small_model(0, layers=2), perm).save_pretrained(root / "draft-xv")
+    tokenizer([LETTERS[i] for i in perm], specials=[]).save_pretrained(root / "draft-xv")
     return root
 
 
@@ -149,7 +159,8 @@ def write_config(root, name: str, strategies: list[dict], placement: dict | None
         "name": name,
         "models": {"target": {"source": str(root / "target"), "dtype": "float32"},
                    "drafters": {"d": {"source": str(root / "draft"), "dtype": "float32"},
-                                "d-small": {"source": str(root / "draft-small"), "dtype": "float32"}}},
+                                "d-small": {"source": str(root / "draft-small"), "dtype": "float32"},
+                                "d-xv": {"source": str(root / "draft-xv"), "dtype": "float32"}}},
         "strategies": strategies,
         "runtime": {"device": "cpu", "threads": 1},
         "server": {"concurrency": 4},
@@ -181,6 +192,11 @@ TREE_DRAFTERS = [
      "draft_length": {"policy": "fixed", "k": 2}},
 ]
 
+# AdaEAGLE's learned draft length: each draft's length from an MLP over the drafter's state (0 to 3); through
+# Ray the predictor runs in the drafter actor, beside the hidden states it reads.
+LEARNED = {"name": "sd-learned", "kind": "draft_model", "drafter": "d",
+           "draft_length": {"policy": "learned", "weights": "{models}/draft-length.pt", "k_min": 0, "k_max": 3}}
+
 IN_PROCESS = [
     {"name": "sd", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "cascade2", "kind": "cascade", "drafters": ["d", "d-small"], "k_matrix": [[2, 1, 1], [0, 2, 1],
@@ -195,9 +211,7 @@ IN_PROCESS = [
     {"name": "sd-vocab-freq", "kind": "draft_model", "drafter": "d",
      "draft_vocab": {"size": 2, "mode": "frequency", "table": "{models}/vocab-table.pt"},
      "draft_length": {"policy": "fixed", "k": 2}},
-    # AdaEAGLE's learned draft length: each draft's length from an MLP over the drafter's state (0 to 3)
-    {"name": "sd-learned", "kind": "draft_model", "drafter": "d",
-     "draft_length": {"policy": "learned", "weights": "{models}/draft-length.pt", "k_min": 0, "k_max": 3}},
+    LEARNED,
 ]
 
 
@@ -342,6 +356,10 @@ def test_llama_cpp_drafter_follows_the_target():
 # ------------------------------------------------------------------ through Ray
 ray = pytest.importorskip("ray")
 
+# OmniDraft: d-xv drafts in its own ids in d's actor (colocated), its drafts spelled in the target's
+CROSS_VOCAB = {"name": "cross-vocab", "kind": "cross_vocab", "drafter": "d-xv", "target_tokenizer": "{models}/target",
+               "draft_length": {"policy": "fixed", "k": 2}}
+
 RAY_STRATEGIES = [
     {"name": "sd", "kind": "draft_model", "drafter": "d", "draft_length": {"policy": "fixed", "k": 2}},
     {"name": "cascade1", "kind": "cascade", "drafters": ["d"], "k_matrix": [[2, 1], [0, 2]]},
@@ -353,6 +371,8 @@ RAY_STRATEGIES = [
     {"name": "duo-actor-multi", "process": "actor", "multi_sequence": True, "top_alternatives": 2, **DUO},
     {"name": "duo-actor-chain", "process": "actor", "multi_sequence": False, **DUO},
     *TREE_DRAFTERS,
+    LEARNED,
+    CROSS_VOCAB,
 ]
 
 
@@ -370,7 +390,7 @@ def placed(root, name: str, strategies: list[dict], pipeline: int = 1, tp: int =
 
     placement = {"target": {"pool": "local", "device": "cpu", "pipeline_parallel": pipeline,
                             "tensor_parallel": tp},
-                 "drafters": {"d": {"pool": "local", "device": "cpu", "cpus": 1}}}
+                 "drafters": {"d": {"pool": "local", "device": "cpu", "cpus": 1, "colocate": ["d-xv"]}}}
     cfg = write_config(root, name, strategies, placement)
     return place(cfg, plan_placement(cfg), name=f"test-{name}")
 
@@ -390,6 +410,51 @@ class TestOneStageTarget:
     def test_ray_paths_follow_the_target(self, one_stage, exact, strategy):
         outs, stats = sample_outputs(one_stage.engines[strategy], workers=4)
         assert_follows_target(outs, stats, exact, f"Ray, {strategy}")
+
+    def test_ray_cross_vocab_greedy_equals_plain_every_draft_accepted(self, one_stage):
+        """d-xv (the target behind permuted ids) drafts in d's actor and spells every greedy draft right. A dead
+        drafter (a strategy the actor does not host) gives the same output: assert_drafted tells them apart."""
+        from orchestrator.engine import SpeculativeEngine
+        from orchestrator.ray_runtime import RemoteDrafter
+        from tests.drafting import assert_drafted
+
+        plain = [one_stage.engines["plain"].generate(p, 12).tokens for p in GREEDY_PROMPTS]
+
+        def run(engine):
+            results = [engine.generate(p, 12) for p in GREEDY_PROMPTS]
+            assert [r.tokens for r in results] == plain
+            return results
+        cross = one_stage.engines["cross-vocab"]
+        assert_drafted(run(cross), all_accepted=True, what="Ray, cross-vocab")
+        dead = SpeculativeEngine(cross.target, RemoteDrafter(cross.drafter.workers, "no-such-strategy", 30.0),
+                                 cross.policy_factory, name="dead")
+        with pytest.raises(AssertionError, match="fell back"):
+            assert_drafted(run(dead))
+
+    def test_ray_learned_length_is_chosen_in_the_drafter_actor(self, one_stage, model_dir):
+        """The engine asks for k_max; the predictor in the actor cuts each draft as the in-process drafter does
+        (the same lengths step by step, several of them). Broken, the actor drafting k_max: caught."""
+        fixed = {**LEARNED, "name": "sd-k3", "draft_length": {"policy": "fixed", "k": 3}}
+        local = build_engines(write_config(model_dir, "learned-local", [LEARNED, fixed]))
+
+        def lengths(engine):
+            return [engine.generate(p, 12).stats.draft_lengths for p in GREEDY_PROMPTS]
+        through_ray = lengths(one_stage.engines["sd-learned"])
+        assert through_ray == lengths(local.engines["sd-learned"])
+        assert len({k for steps in through_ray for k in steps}) > 1, through_ray
+        assert through_ray != lengths(local.engines["sd-k3"])
+
+
+def test_ray_rejects_a_wrong_target_tokenizer_on_the_driver(model_dir, ray_cluster):
+    """In a drafter actor an error would only kill the actor (requests decode target-only, unreported), so the
+    tokenizers are checked on the driver, before the actors start. (Without the check a wrong map drafts,
+    also unreported: the broken version in tests/test_cross_vocab_tokenizers.py.)"""
+    from core.config import ConfigError
+
+    wrong = {**CROSS_VOCAB, "target_tokenizer": "{models}/draft-xv"}     # the drafter's own tokenizer
+    with pytest.raises(ConfigError, match=r"strategy 'cross-vocab': target_tokenizer .*draft-xv is not the tokenizer "
+                                          r"of models.target.source .*target \(\d of 8 tokens have other ids\)"):
+        placed(model_dir, "ray-wrong-xv", [wrong])
 
 
 @pytest.mark.parametrize("pipeline, tp", [(2, 1), (1, 2)])
