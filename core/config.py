@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.paths import LocalPath
+
 
 class ConfigError(ValueError):
     pass
@@ -101,7 +103,9 @@ class LearnedLength(Strict):
     weights from `launch.py train-draft-length`, docs/draft_length.md). Drafters that draft one token
     at a time with a model only (kind draft_model without lookup_first)."""
     policy: Literal["learned"]
-    weights: str = Field(description="Predictor weights (.pt) from `launch.py train-draft-length`")
+    weights: LocalPath = Field(description=(
+        "Predictor weights (.pt) from `launch.py train-draft-length`; a relative path is read from the working "
+        "directory of the process that loads the config, also through Ray (core/paths.py)"))
     k_min: int = Field(1, ge=0, le=64, description="Lower bound on the draft length (0 allows plain steps)")
     k_max: int = Field(10, ge=1, le=64, description="Upper bound (at most the k_max the weights were trained for)")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description=(

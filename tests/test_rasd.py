@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import core.paths
 import core.rasd
-import orchestrator.strategies.rasd
 import workers.rasd
 from core.draft_length import FixedDraftLength
 from core.opt_tree import TreeChoice, subtree
@@ -414,7 +414,7 @@ def test_ray_actor_reads_a_relative_corpus_as_the_driver_does(ray_node, model_di
 
 def test_a_corpus_path_resolved_in_the_actor_is_caught(ray_node, model_dir, monkeypatch):
     """Broken: the driver ships the relative path, so the actor resolves it against its own directory."""
-    monkeypatch.setattr(orchestrator.strategies.rasd, "absolute_path", lambda path: path)
+    monkeypatch.setattr(core.paths, "absolute_path", lambda path: path)
     read_there = ray_worker_directory(ray_node) / RELATIVE_CORPUS
     with pytest.raises(ray_node.exceptions.RayActorError, match=re.escape(f"corpus '{read_there}' does not exist")):
         relative_corpus_through_ray(ray_node, model_dir, monkeypatch, "rasd-relative-broken")

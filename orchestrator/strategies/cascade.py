@@ -8,13 +8,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.config import DraftLength, FixedLength, NgramRange
+from core.paths import LocalPath
 from orchestrator.strategies.base import StrategyConfig
 
 
 class MaGSpec(NgramRange):
     """CS-Drafting's statistical bottom level (workers/mag.py)."""
-    table: str | None = Field(None, description=(
-        "Bigram table from `launch.py mag-table` (None = bigrams of the request's own context)"))
+    table: LocalPath | None = Field(None, description=(
+        "Bigram table from `launch.py mag-table` (None = bigrams of the request's own context); a relative "
+        "path is read from the working directory of the process that loads the config (core/paths.py)"))
     max_ngram: int = Field(8, ge=1, le=64, description="Longest context suffix matched before copying")
     min_ngram: int = Field(1, ge=1, le=64, description="Shorter suffixes fall through to the bigram table")
 

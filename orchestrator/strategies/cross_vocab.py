@@ -15,15 +15,17 @@ from typing import Literal
 from pydantic import Field
 
 from core.config import ConfigError, DraftLength, FixedLength
+from core.paths import ModelSource
 from orchestrator.strategies.base import StrategyConfig
 
 
 class CrossVocabStrategy(StrategyConfig):
     kind: Literal["cross_vocab"]
     drafter: str = Field(description="Key of models.drafters: a model whose tokenizer differs from the target's")
-    target_tokenizer: str = Field(description=(
+    target_tokenizer: ModelSource = Field(description=(
         "Model spec whose tokenizer the target uses (models.target.source: an embedded model name or a "
-        "model directory); the drafter turns target tokens into text with it and its drafts back"))
+        "model directory, a relative one read from the working directory of the process that loads the "
+        "config, also through Ray); the drafter turns target tokens into text with it and its drafts back"))
     max_pairs: int = Field(65536, ge=1, le=1 << 22, description=(
         "Most (draft n-gram, target n-gram) pairs the drafter's map keeps, least recently used out first"))
     max_n: int = Field(4, ge=1, le=16, description="Longest n-gram, on either side, of a pair the map learns")

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from core.config import DraftLength, FixedLength, NgramRange, Strict
+from core.paths import LocalPath
 from orchestrator.strategies.base import StrategyConfig
 
 
@@ -19,8 +20,10 @@ class DraftVocab(Strict):
     mode: Literal["lowest", "frequency"] = Field(description=(
         "lowest: the `size` lowest token ids; frequency: the `size` most frequent ids of `table` "
         "(VocabTrim as published; the lowest ids not in the table fill up when it ranks fewer)"))
-    table: str | None = Field(None, description=(
-        "mode frequency: the token frequency table of `launch.py build-vocab-table` (docs/vocab_trim.md)"))
+    table: LocalPath | None = Field(None, description=(
+        "mode frequency: the token frequency table of `launch.py build-vocab-table` (docs/vocab_trim.md); "
+        "a relative path is read from the working directory of the process that loads the config, also "
+        "through Ray (core/paths.py)"))
 
     @model_validator(mode="after")
     def _table_with_frequency(self):

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.config import DraftLength, FixedLength, NgramRange
+from core.paths import LocalPath
 from orchestrator.strategies.base import StrategyConfig
 
 BUILD_HINT = "build it with `python launch.py build-corpus`, docs/hierarchy.md"
@@ -38,8 +39,9 @@ class HierarchyStrategy(StrategyConfig, NgramRange):
     recent_per_key: int = Field(4, ge=1, le=64, description="Latest distinct continuations kept per key")
     continuation_tokens: int = Field(8, ge=1, le=64, description=(
         "Tokens stored per recent continuation (a draft from that level is at most this long)"))
-    corpus: str | None = Field(None, description=(
-        "Static corpus table from `launch.py build-corpus` (None = context and recent generations only)"))
+    corpus: LocalPath | None = Field(None, description=(
+        "Static corpus table from `launch.py build-corpus`, a relative path read from the working directory "
+        "of the process that loads the config (None = context and recent generations only)"))
     draft_length: DraftLength = Field(default_factory=lambda: FixedLength(k=8), description=(
         "Tokens per candidate continuation: fixed, adaptive, goodput, heuristic or thompson"))
 

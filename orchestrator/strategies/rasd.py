@@ -7,24 +7,20 @@ draft model and pruned below `prune_threshold`, fused by longest-prefix matching
 The OPT-Tree fields (drafter, threshold, max_depth, width, draft_vocab, draft_length) are OptTreeStrategy's;
 `max_nodes` here is the fused tree's size and `draft_nodes` the draft model's tree's. Its drafter only
 calls `runner.forward`, so through Ray it drafts in its model's drafter actor (the corpus is loaded
-there), as OPT-Tree does. A relative `corpus` path is made absolute where the config is read: the actor
-rebuilds the strategy from its dump, in the Ray node's working directory, not the driver's.
+there), as OPT-Tree does. A relative `corpus` path is made absolute where the config is read (a LocalPath,
+core/paths.py): the actor rebuilds the strategy from its dump, in the Ray node's working directory.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from core.config import NgramRange
+from core.paths import LocalPath
 from orchestrator.strategies.hierarchy import BUILD_HINT
 from orchestrator.strategies.opt_tree import OptTreeStrategy
-
-
-def absolute_path(path: str | None) -> str | None:
-    """`path` against this process's working directory (None stays None)."""
-    return None if path is None else str(Path(path).absolute())
 
 
 class RasdStrategy(OptTreeStrategy, NgramRange):
@@ -47,15 +43,9 @@ class RasdStrategy(OptTreeStrategy, NgramRange):
     min_ngram: int = Field(2, ge=1, le=16, description="Shortest such n-gram")
     num_candidates: int = Field(4, ge=1, le=32, description=(
         "Retrieved continuations (each up to the step's k tokens) merged into the retrieval tree"))
-    corpus: str | None = Field(None, description=(
+    corpus: LocalPath | None = Field(None, description=(
         "Static corpus table from `launch.py build-corpus`, a relative path read from the working directory "
         "of the process that loads the config, also through Ray (None = the other sources only)"))
-
-    @field_validator("corpus")
-    @classmethod
-    def _corpus_where_read(cls, path):
-        # the driver's reading travels in the dump to the drafter actor, whose own directory differs
-        return absolute_path(path)
 
     @model_validator(mode="after")
     def _distinct_sources(self):
