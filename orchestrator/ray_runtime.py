@@ -387,7 +387,10 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     # Drafts are compared with the target index by index, except by strategies that spell them (own_vocabulary).
     compared = {key for st in chosen if not st.own_vocabulary() for key in st.actor_drafters()}
     for model_key, handles in drafter_actors.items():
-        if model_key in compared and ray.get(handles[0].vocab_size.remote(model_key)) != vocab:
+        # Every actor answers once: one that failed to start (a drafter that could not be built) fails the
+        # placement here, instead of leaving its requests to decode target-only, unreported.
+        sizes = ray.get([h.vocab_size.remote(model_key) for h in handles])
+        if model_key in compared and sizes[0] != vocab:
             raise ValueError(f"models.drafters.{model_key}: vocabulary size differs from the target's")
 
     device = pick_device(config.runtime.device)
@@ -407,6 +410,9 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         return [next(s for s in plan.shards if s.name == rank_name(st, r)) for r in range(st.own_actors())]
 
     ctx = RayContext(config, target, vocab, threads, timeout, remote_drafter, own_shards, options, actors)
+    # An opening (a drafter's prefill) costs the target's time only where a drafter shares its cores.
+    built.scheduler.openings_share_target = any(plan.shares_target_cores(k) for st in chosen
+                                                for k in st.actor_drafters())
     for st in chosen:
         # an engine of its own (DuoDecoding: pipelined, with its own CPU drafter actor), else its drafter:
         # in a drafter actor, in ranks of its own (EasySpec, workers > 1) or beside the engine (prompt lookup)

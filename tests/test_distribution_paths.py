@@ -457,6 +457,24 @@ def test_ray_rejects_a_wrong_target_tokenizer_on_the_driver(model_dir, ray_clust
         placed(model_dir, "ray-wrong-xv", [wrong])
 
 
+def test_ray_placement_fails_when_a_drafter_actor_cannot_start(model_dir, tmp_path, ray_cluster, monkeypatch):
+    """An actor hosting only cross_vocab strategies (no vocabulary compared with the target's) whose drafter
+    cannot be built: the placement fails with the drafter's error. (Before, nothing asked that actor before
+    the first draft: the placement succeeded and its requests decoded target-only.) The driver's tokenizer
+    check is switched off so the error happens in the actor."""
+    import shutil
+
+    from orchestrator.strategies.cross_vocab import CrossVocabStrategy
+
+    for model in ("target", "draft", "draft-small", "draft-xv"):
+        shutil.copytree(model_dir / model, tmp_path / model)
+    for f in (tmp_path / "draft-xv").glob("tokenizer*"):
+        f.unlink()
+    monkeypatch.setattr(CrossVocabStrategy, "check_tokenizers", lambda self, config, target_tokenizer: None)
+    with pytest.raises(ray.exceptions.RayActorError, match=r"models.drafters.d-xv.source .*draft-xv: no tokenizer"):
+        placed(tmp_path, "ray-xv-no-tokenizer", [CROSS_VOCAB])
+
+
 @pytest.mark.parametrize("pipeline, tp", [(2, 1), (1, 2)])
 def test_split_targets_follow_the_target(model_dir, ray_cluster, exact, pipeline, tp):
     built, runtime = placed(model_dir, f"ray-pp{pipeline}-tp{tp}", RAY_STRATEGIES[:1], pipeline, tp)
