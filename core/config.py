@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.paths import LocalPath
+from core.paths import LocalPath, ModelSource
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,9 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    source: str = Field(description="Embedded model name (e.g. qwen2.5-coder-1.5b), a HF directory, or a .gguf file")
+    source: ModelSource = Field(description=(
+        "Embedded model name (e.g. qwen2.5-coder-1.5b), a HF directory, or a .gguf file (a relative path is read "
+        "from the working directory of the process that loads the config, also in Ray actors: core/paths.py)"))
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights and compute dtype")
     size_hint: tuple[int, int] | None = Field(
         None, description="(parameters, layers) for planning a model that is not on this machine")

@@ -1,9 +1,9 @@
-"""File paths in strategy configs (core/paths.py): each is made absolute where the config is loaded, against
-that process's working directory, so a drafter actor, which rebuilds the strategy from the driver's dump in
-the Ray worker's own directory, reads the file the driver checked.
+"""File paths in strategy configs and model specs (core/paths.py): each is made absolute where the config is
+loaded, against that process's working directory, so a drafter actor, which rebuilds the strategy (and its
+models' specs) from the driver's dump in the Ray worker's own directory, reads the file the driver checked.
 
-- every str field of every strategy kind is a path (LocalPath / ModelSource) or a name (NOT_PATHS): a new
-  path field written as a plain `str` is caught;
+- every str field of every strategy kind and of a model spec is a path (LocalPath / ModelSource) or a name
+  (NOT_PATHS): a new path field written as a plain `str` is caught;
 - every path field comes out absolute from a relative value, in a config of its kind; a loader that keeps
   the relative path (core.paths.absolute_path replaced) is caught;
 - through Ray, VocabTrim's frequency table given relative to the driver's directory is loaded by the
@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 
 import core.paths
+from core.config import ModelSpec
 from core.paths import LocalPath, ModelSource
 from orchestrator.engine import SpeculativeEngine
 from orchestrator.strategies import KINDS, StrategyConfig
@@ -34,6 +35,8 @@ from workers.runner import ModelRunner
 NOT_PATHS = {"name": "the strategy's row name", "drafter": "a models.drafters key",
              "drafters": "models.drafters keys"}
 MARKS = {LocalPath.__metadata__[0]: "file", ModelSource.__metadata__[0]: "source"}
+# what a drafter actor rebuilds from the driver's dump: a strategy of each kind, and the specs of its models
+SCHEMAS = {**KINDS, "model": ModelSpec}
 
 
 # ------------------------------------------------------------------ the schema's str fields
@@ -76,7 +79,7 @@ def unclassified(kinds) -> list[tuple[str, str]]:
 
 
 def test_every_str_field_is_a_path_or_a_name():
-    assert not unclassified(KINDS), "a str field neither resolved as a path (core/paths.py) nor in NOT_PATHS"
+    assert not unclassified(SCHEMAS), "a str field neither resolved as a path (core/paths.py) nor in NOT_PATHS"
 
 
 def test_a_path_field_written_as_plain_str_is_caught():
@@ -84,13 +87,13 @@ def test_a_path_field_written_as_plain_str_is_caught():
         kind: Literal["plain_path"]
         table: str | None = Field(None, description="A table the drafter reads")
 
-    assert unclassified({**KINDS, "plain_path": PlainPathStrategy}) == [("PlainPathStrategy", "table")]
+    assert unclassified({**SCHEMAS, "plain_path": PlainPathStrategy}) == [("PlainPathStrategy", "table")]
 
 
 # ------------------------------------------------------------------ every path field comes out absolute
 FILES = ["tables/vocab.pt", "tables/mag.pt", "corpora/hierarchy.pt", "corpora/rasd.pt", "weights/length.pt",
          "models/target-tokenizer/tokenizer.json"]
-EXAMPLES = [     # every path field of every kind, relative to the directory the config is loaded in
+EXAMPLES = [     # every path field of every schema, relative to the directory the config is loaded in
     {"name": "sd", "kind": "draft_model", "drafter": "d",
      "draft_vocab": {"size": 8, "mode": "frequency", "table": "tables/vocab.pt"},
      "draft_length": {"policy": "learned", "weights": "weights/length.pt"}},
@@ -101,6 +104,7 @@ EXAMPLES = [     # every path field of every kind, relative to the directory the
     {"name": "rasd", "kind": "rasd", "drafter": "d", "corpus": "corpora/rasd.pt",
      "draft_vocab": {"size": 8, "mode": "frequency", "table": "tables/vocab.pt"}},
     {"name": "cross", "kind": "cross_vocab", "drafter": "d", "target_tokenizer": "models/target-tokenizer"},
+    {"source": "models/target-tokenizer"},                # a model spec: models.target / models.drafters.<key>
 ]
 
 
@@ -119,15 +123,16 @@ def path_values(config: BaseModel, marks: dict) -> dict[tuple[str, str], str]:
 def relative_paths_left(directory: Path) -> list[str]:
     """Each path field of each kind validated from EXAMPLES in `directory`: those not resolved to the file
     there, and the path fields no example sets."""
-    marks = str_fields(KINDS)
+    marks = str_fields(SCHEMAS)
     left, covered = [], set()
     for example in EXAMPLES:
-        config = KINDS[example["kind"]].model_validate(example)
-        assert config.unavailable() is None, config.unavailable()
+        kind = example.get("kind", "model")
+        config = SCHEMAS[kind].model_validate(example)
+        assert getattr(config, "unavailable", lambda: None)() is None, config.unavailable()
         for key, value in path_values(config, marks).items():
             covered.add(key)
             if not (Path(value).is_absolute() and Path(value).is_relative_to(directory) and Path(value).exists()):
-                left.append(f"{example['kind']}: {key[0]}.{key[1]} = {value}")
+                left.append(f"{kind}: {key[0]}.{key[1]} = {value}")
     return left + [f"no example sets {c}.{f}" for (c, f), mark in marks.items() if mark and (c, f) not in covered]
 
 
@@ -142,14 +147,15 @@ def config_directory(tmp_path, monkeypatch):
 
 def test_every_path_field_comes_out_absolute(config_directory):
     assert relative_paths_left(config_directory) == []
-    assert KINDS["cross_vocab"].model_validate({**EXAMPLES[-1], "target_tokenizer": "qwen2.5-coder-1.5b"}
-                                               ).target_tokenizer == "qwen2.5-coder-1.5b"   # an embedded name
+    embedded = "qwen2.5-coder-1.5b"                 # a model spec that names no file stays as written
+    assert KINDS["cross_vocab"].model_validate({**EXAMPLES[-2], "target_tokenizer": embedded}).target_tokenizer == embedded
+    assert ModelSpec.model_validate({"source": embedded}).source == embedded
 
 
 def test_a_loader_keeping_relative_paths_is_caught(config_directory, monkeypatch):
     monkeypatch.setattr(core.paths, "absolute_path", lambda path: path)
     left = relative_paths_left(config_directory)
-    marked = [key for key, mark in str_fields(KINDS).items() if mark]
+    marked = [key for key, mark in str_fields(SCHEMAS).items() if mark]
     assert {line.split(": ", 1)[1].split(" = ")[0] for line in left} == {f"{c}.{f}" for c, f in marked}
 
 
