@@ -318,6 +318,10 @@ class GoodputScheduler:
         self._plan_draft_s = 0.0            # drafting seconds of the current plan (its longest draft)
         self._probe_s = 0.0                 # drafting seconds of the probe in flight (0: none)
         self._prober: int | None = None     # the request whose probe is in flight
+        # Whether a drafter session's opening takes the target's hardware (a drafter actor on the target's
+        # CPU node, or in its process): then it costs the whole batch its seconds; otherwise only the
+        # waiting request's share of the batch (orchestrator/ray_runtime.py sets it from the placement).
+        self.openings_share_target = True
 
     # ------------------------------------------------------------ requests
     def pooled(self, group: str) -> tuple[AcceptanceEstimate, AcceptanceEstimate]:
@@ -395,7 +399,8 @@ class GoodputScheduler:
         pays for the opening (the drafter's prefill of its prompt, `ModeGuard.opening_s`): on this
         machine an opening takes ~0.7 s of the two cores the target shares, and a four-request wave of
         64-token requests that opened every session for drafts that gained 10-20% lost 11-14% to plain
-        decoding (docs/scheduler.md)."""
+        decoding (docs/scheduler.md). A drafter on hardware of its own costs the batch only the waiting
+        request's share (`openings_share_target`)."""
         rows_other = round(self._other_rows)
 
         def plan(drafting: list[int]) -> tuple[list[int], float]:
@@ -411,11 +416,11 @@ class GoodputScheduler:
 
         everyone = list(range(len(policies)))
         ks, goodput = plan(everyone)
-        opening_s = self.guard.opening_s()
+        rows = len(policies) + rows_other
+        opening_s = self.guard.opening_s() / (1 if self.openings_share_target else rows)
         unopened = [i for i in everyone if ks[i] and policies[i].drafter_unopened]
         if not unopened or not opening_s:
             return ks, goodput
-        rows = len(policies) + rows_other
         plain = rows / self.cost.predict(rows, rows)
         saved_per_token = 1.0 / plain - 1.0 / goodput if goodput > plain else 0.0    # machine seconds
         keep = [i for i in everyone if i not in unopened or policies[i].remaining * saved_per_token > opening_s]

@@ -284,6 +284,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         scheduler = GoodputScheduler(StepCostModel.fitted(
             (b, b * t, rep.verify_step([Row(t, 128)] * b)) for b, t in STEP_COST_SHAPES),
             guard=ModeGuard(clock=lambda: sim.now))     # its measurements on simulated time
+        scheduler.openings_share_target = rep.drafter_shared or rep.shared_bus
         verifier.observers.append(scheduler.observe_forward)
         verifier.wait_hints.append(scheduler.draft_wait_s)
     policies: dict[int, GoodputDraftLength] = {}

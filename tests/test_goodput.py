@@ -145,12 +145,13 @@ def test_zero_length_requests_probe_now_and_then_one_at_a_time():
     assert scheduler.draft_wait_s() == 0
 
 
-def opening_plan(cost_prior, accept, remaining, opening_s, requests, gate=True, waited_s=None):
+def opening_plan(cost_prior, accept, remaining, opening_s, requests, gate=True, waited_s=None, shared=True):
     """Draft lengths of `requests` stepping requests whose drafter sessions are not open yet (each may
     still emit `remaining` tokens), with an opening measured at `opening_s` seconds of the drafter (a
     request waited `waited_s` for it: the same unless it opened ahead), and the probe each takes at k = 0
     (probe_every 0: due at once)."""
     scheduler = GoodputScheduler(cost=StepCostModel(prior=cost_prior), probe_every=0, min_gain=0.0)
+    scheduler.openings_share_target = shared
     scheduler.guard.observe_setup(opening_s if waited_s is None else waited_s, opening_s)
     policies = [GoodputDraftLength(scheduler, k_max=6) for _ in range(requests)]
     for p in policies:
@@ -176,6 +177,8 @@ def test_a_drafter_session_opens_only_where_the_gain_left_pays_for_it():
     # An opening made ahead (beside the target's prefill) took the drafter as long, the request only waited
     # less: it is weighed by the drafter's seconds (weighed by the wait, it would open all four).
     assert not any(opening_plan(compute_prior, 0.5, 60, 0.7, 4, waited_s=0.0))
+    # A drafter on hardware of its own: the opening delays only the waiting request, a quarter of the batch.
+    assert all(opening_plan(compute_prior, 0.5, 60, 0.7, 4, shared=False))
 
 
 def test_draft_cost_separates_the_fixed_part_from_the_per_token_part():
