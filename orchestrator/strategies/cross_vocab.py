@@ -49,7 +49,8 @@ class CrossVocabStrategy(StrategyConfig):
             raise ConfigError(f"{where}: models.target.source {target.source} has no tokenizer; cross-vocabulary "
                               "drafting spells the target's tokens as text")
         key = f"{where}: target_tokenizer"
-        if _resolved(key, self.target_tokenizer, target.dtype) != _resolved(key, target.source, target.dtype):
+        named_dir = _resolved(key, self.target_tokenizer, target.dtype).resolve()
+        if named_dir != _resolved("models.target.source", target.source, target.dtype).resolve():
             named, _ = _tokenizer_at(key, self.target_tokenizer, target.dtype)      # other files: compare them
             if why := tokenizer_difference(named, target_tokenizer):
                 raise ConfigError(f"{key} {self.target_tokenizer} is not the tokenizer of models.target.source "
