@@ -418,7 +418,7 @@ class GoodputScheduler:
         ks, goodput = plan(everyone)
         rows = len(policies) + rows_other
         opening_s = self.guard.opening_s() / (1 if self.openings_share_target else rows)
-        unopened = [i for i in everyone if ks[i] and policies[i].drafter_unopened]
+        unopened = {i for i in everyone if ks[i] and policies[i].drafter_unopened}
         if not unopened or not opening_s:
             return ks, goodput
         plain = rows / self.cost.predict(rows, rows)
