@@ -249,7 +249,7 @@ def cmd_bench(args) -> int:
     prompts = []
     for i, path in enumerate(args.data):
         limit = limits[i] if len(limits) > 1 else limits[0]
-        prompts += load_prompts(path, None if limit is None else args.skip + limit)[args.skip:]
+        prompts += load_prompts(path, limit, args.skip)
     built = build_engines(cfg, only=selected(args, cfg, demo=False))
     state_logs = {}
     if args.log_draft_states:
@@ -265,7 +265,7 @@ def cmd_bench(args) -> int:
     for i, path in enumerate(args.warmup_data or []):
         # The next prompts of the file after the measured ones (same round-robin over categories): disjoint.
         skip = args.skip + len(load_prompts(path, limits[i] if len(limits) > 1 else limits[0])) if path in args.data else 0
-        warmup += load_prompts(path, skip + args.warmup_limit)[skip:]
+        warmup += load_prompts(path, args.warmup_limit, skip)
     result = run_bench(built, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True),
                        warmup=warmup, warmup_strategies=args.warmup_strategies)
     result["warmup"] = {"prompts": [p.id for p in warmup], "strategies": args.warmup_strategies}
@@ -295,6 +295,14 @@ def cmd_train_draft_length(args) -> int:
     return 0
 
 
+def _table_prompts(parser) -> None:
+    """Options of the commands that build a table from the target's outputs on a prompt set."""
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first N prompts of each file (those a bench --limit N measures)")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="prompts decoded at a time, their forwards batched (1: one after another)")
+
+
 def cmd_mag_table(args) -> int:
     from orchestrator.bench import load_prompts
     from orchestrator.build import build_engines
@@ -303,9 +311,10 @@ def cmd_mag_table(args) -> int:
     from workers.mag import save_table
 
     cfg = load_config(args.cluster)
-    prompts = [p for path in args.data for p in load_prompts(path, args.limit)]
+    prompts = [p for path in args.data for p in load_prompts(path, args.limit, args.skip)]
     built = build_engines(cfg, only=[])          # the target alone
-    outputs = generate_outputs(built, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True))
+    outputs = generate_outputs(built, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True),
+                               concurrency=args.concurrency)
     table = table_from_outputs(outputs)
     save_table(table, args.out, meta={"target": cfg.models.target.source, "prompts": len(prompts),
                                       "tokens": sum(map(len, outputs)), "data": args.data})
@@ -337,7 +346,7 @@ def cmd_build_vocab_table(args) -> int:
     from workers.vocab_trim import save_frequency_table
 
     table = build_vocab_table(args.model, args.dtype, args.prompts, args.limit, args.max_new_tokens,
-                              log=lambda s: print(s, flush=True))
+                              log=lambda s: print(s, flush=True), skip=args.skip, concurrency=args.concurrency)
     save_frequency_table(table, args.out)
     print(f"wrote {args.out}: {len(table)} distinct tokens from {table.meta['tokens']} generated tokens")
     return 0
@@ -383,6 +392,7 @@ def main(argv=None) -> int:
     mag.add_argument("--data", action="append", required=True, help="jsonl prompt file (repeatable)")
     mag.add_argument("--limit", type=int, default=None, help="prompts per data file")
     mag.add_argument("--max-new-tokens", type=int, default=256)
+    _table_prompts(mag)
     mag.add_argument("--out", required=True, help="table path (.pt), e.g. mag_tables/qwen2.5-coder-1.5b.pt")
     mag.set_defaults(func=cmd_mag_table)
     corpus = sub.add_parser("build-corpus", help="Hierarchy Drafting's static corpus from a prompt set (docs/hierarchy.md)")
@@ -405,6 +415,7 @@ def main(argv=None) -> int:
     vocab.add_argument("--out", required=True, help="table path (.pt), named by a strategy's draft_vocab.table")
     vocab.add_argument("--limit", type=int, default=None, help="prompts per file")
     vocab.add_argument("--max-new-tokens", type=int, default=128)
+    _table_prompts(vocab)
     vocab.set_defaults(func=cmd_build_vocab_table)
     serve = sub.add_parser("serve", help="serve the gRPC front door until SIGINT/SIGTERM")
     _common(serve)

@@ -33,8 +33,10 @@ class Prompt:
     chat: bool        # Spec-Bench turns go through the chat template; HumanEval is a raw completion
 
 
-def load_prompts(path: str | Path, limit: int | None) -> list[Prompt]:
-    """Read HumanEval or Spec-Bench jsonl; `limit` prompts spread round-robin over categories."""
+def load_prompts(path: str | Path, limit: int | None, skip: int = 0) -> list[Prompt]:
+    """Read HumanEval or Spec-Bench jsonl; `limit` prompts spread round-robin over categories, after the
+    first `skip` of that order (the prompts `limit=skip` picks: e.g. a table built from other prompts
+    than the ones benched)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     by_cat: dict[str, list[Prompt]] = defaultdict(list)
     for r in rows:
@@ -47,11 +49,12 @@ def load_prompts(path: str | Path, limit: int | None) -> list[Prompt]:
             raise ValueError(f"{path}: row has neither task_id nor turns: {sorted(r)}")
     queues = [list(v) for v in by_cat.values()]
     picked: list[Prompt] = []
-    while any(queues) and (limit is None or len(picked) < limit):
+    wanted = None if limit is None else skip + limit
+    while any(queues) and (wanted is None or len(picked) < wanted):
         for q in queues:
-            if q and (limit is None or len(picked) < limit):
+            if q and (wanted is None or len(picked) < wanted):
                 picked.append(q.pop(0))
-    return picked
+    return picked[skip:]
 
 
 def encode(tokenizer, prompt: Prompt) -> list[int]:

@@ -192,7 +192,9 @@ def test_greedy_frequency_mode_equals_plain(target_model, prompts, tmp_path, mon
 
 def test_build_vocab_table_command_counts_the_targets_outputs(tmp_path, capsys):
     """launch.py build-vocab-table on a tiny target: the table holds the counts of the target's own
-    greedy outputs (prompts excluded), and a frequency strategy loads it."""
+    greedy outputs (prompts excluded) on the prompts after the skipped ones, decoded two at a time
+    through the global verifier (float32: the same outputs as one at a time), and a frequency strategy
+    loads it."""
     import launch
     from orchestrator.bench import encode, load_prompts
     from tests.conftest import tiny_model
@@ -209,13 +211,15 @@ def test_build_vocab_table_command_counts_the_targets_outputs(tmp_path, capsys):
     ]) + "\n")
     out = tmp_path / "tables" / "tiny.pt"
     assert launch.main(["build-vocab-table", "--prompts", str(prompts), "--model", str(model_dir),
-                        "--dtype", "float32", "--out", str(out), "--max-new-tokens", "12"]) == 0
+                        "--dtype", "float32", "--out", str(out), "--max-new-tokens", "12",
+                        "--skip", "1", "--concurrency", "2"]) == 0
     assert "wrote" in capsys.readouterr().out
     model, tokenizer = load_for_decoding(str(model_dir), "float32", torch.device("cpu"))
     plain = SpeculativeEngine(ModelRunner(model))
-    counts = Counter(t for p in load_prompts(prompts, None)
-                     for t in plain.generate(encode(tokenizer, p), 12).tokens)
+    kept = load_prompts(prompts, None, skip=1)         # round-robin over categories: t/0, 1, t/1
+    assert [p.id for p in kept] == ["spec_bench/1", "t/1"]
+    counts = Counter(t for p in kept for t in plain.generate(encode(tokenizer, p), 12).tokens)
     table = load_frequency_table(out)
     assert dict(zip(table.ids.tolist(), table.counts.tolist())) == dict(counts)
-    assert table.meta["tokens"] == 36 and table.meta["prompts"] == 3
+    assert table.meta["tokens"] == 24 and table.meta["prompts"] == 2 and table.meta["skip"] == 1
     assert frequency_strategy(str(out), 8).unavailable() is None
