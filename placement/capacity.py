@@ -527,7 +527,7 @@ def sweep(replicas: dict, workload: Workload, pool_devices: int | None = None, r
             n_rep = 1
         if isinstance(arr, ClosedLoopArrivals):
             for c in arr.concurrency:
-                per_level = max(c, arr.min_requests) if arr.min_requests else None
+                per_level = max(c * arr.requests_per_client, arr.min_requests) if arr.min_requests else None
                 a = Arrivals("closed", requests or per_level or arr.requests or c * arr.requests_per_client,
                              concurrency=c,
                              stagger_s=CLIENT_STAGGER_S)

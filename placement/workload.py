@@ -81,8 +81,9 @@ class ClosedLoopArrivals(_Strict):
         "Requests in all at every level, sent by the c clients as each finishes (overrides "
         "requests_per_client; as scripts/capacity_validation.py sends its prompts)"))
     min_requests: int | None = Field(None, ge=1, description=(
-        "Requests at a level: max(concurrency, min_requests) (overrides the two above; as "
-        "scripts/serving_bench.py --min-requests sends them, so p99 has more than one sample at low levels)"))
+        "Requests at a level: max(concurrency x requests_per_client, min_requests) (overrides `requests`; "
+        "as scripts/serving_bench.py --min-requests and --requests-per-client send them, so p99 has more "
+        "than one sample at low levels)"))
 
 
 Arrivals = Annotated[Union[PoissonArrivals, ClosedLoopArrivals], Field(discriminator="kind")]

@@ -115,7 +115,7 @@ def measure_wave(client: Client, verifier, name: str, requests: list, concurrenc
 
 def prompt_pool(files: list[str], skip: int, needed: int) -> list[Prompt]:
     """Prompts from every file, interleaved file by file, after the first `skip` of each."""
-    per_file = [load_prompts(f, skip + needed)[skip:] for f in files]
+    per_file = [load_prompts(f, needed, skip) for f in files]
     pool = [p for group in zip(*per_file) for p in group]
     if len(pool) < needed:
         raise SystemExit(f"only {len(pool)} prompts in {files} after skipping {skip} per file; {needed} needed")
@@ -133,7 +133,12 @@ def main() -> None:
                     help="prompt files for the throughput runs (interleaved)")
     ap.add_argument("--skip", type=int, default=0, help="leave out the first N prompts of each file (calibration's)")
     ap.add_argument("--min-requests", type=int, default=8,
-                    help="requests per level: max(concurrency, this), so p99 has more than one sample")
+                    help="requests per level: max(concurrency x --requests-per-client, this), so p99 has more "
+                         "than one sample")
+    ap.add_argument("--requests-per-client", type=int, default=1,
+                    help="at least this many requests per client: with 1, a level of c >= --min-requests is "
+                         "one wave that ends with its slowest request; with 2, a client whose request "
+                         "ended early sends the next, closer to a server's steady state")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -164,14 +169,15 @@ def main() -> None:
                     print(f"| {name} | {ia:.2f} | {rb:.2f} | {rb / ia:.3f} |", flush=True)
             del local
 
-        pool = prompt_pool(args.data, args.skip, max(max(args.concurrency), args.min_requests))
+        per_level = {c: max(c * args.requests_per_client, args.min_requests) for c in args.concurrency}
+        pool = prompt_pool(args.data, args.skip, max(per_level.values()))
         out["prompts"] = [p.id for p in pool]
         print("\n| strategy | concurrency | requests | tokens | wall s | tokens/s | latency p50 s | p99 s "
               "| mean verify batch |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         with Client(address, timeout=3600) as client:
             for c in args.concurrency:                 # strategies side by side at each level: same drift
                 for name in args.strategies:
-                    n = max(c, args.min_requests)
+                    n = per_level[c]
                     row = measure_wave(client, box["service"].verifier, name, [as_request(p) for p in pool[:n]],
                                        c, args.max_new_tokens)
                     scheduler = getattr(box["service"].built, "scheduler", None)

@@ -498,3 +498,20 @@ def test_simulated_goodput_scheduler_never_loses_to_plain_decoding():
     assert run(goodput, 1) > 1.3 * run(plain, 1) and run(goodput, 4) > 1.05 * run(plain, 4)
     for c in (8, 16):       # drafting no longer pays: within what its model leaves out (batches that split)
         assert run(goodput, c) >= 0.95 * run(plain, c), c
+
+
+def test_closed_loop_levels_send_the_serving_benchs_request_counts(monkeypatch):
+    """A closed-loop level sends what scripts/serving_bench.py sends: max(c x requests_per_client,
+    min_requests) requests (local-serving-2pc.yaml: two per client; local-serving.yaml: one)."""
+    from types import SimpleNamespace
+
+    import placement.capacity as capacity
+
+    sent = []
+    monkeypatch.setattr(capacity, "simulate_repeated",
+                        lambda rep, arrivals, *a, **k: sent.append(arrivals.requests) or "result")
+    for name, expected in (("local-serving-2pc", [8, 8, 8, 16, 32, 64]), ("local-serving", [8, 8, 8, 8, 16, 32])):
+        sent.clear()
+        capacity.sweep({("plain", "one"): SimpleNamespace(devices=1)},
+                       load_workload(ROOT / "cluster_configs" / "workloads" / f"{name}.yaml"))
+        assert sent == expected, name
