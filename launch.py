@@ -257,6 +257,10 @@ def cmd_bench(args) -> int:
         state_logs = log_draft_states(built.engines)
     if args.no_hf or args.hf_peers is not None:
         peers = [] if args.no_hf else args.hf_peers
+        if "universal_assisted" in peers and not cfg.bench.hf_universal_assistant:
+            print(f"error: --hf-peers universal_assisted needs bench.hf_universal_assistant in {args.cluster} "
+                  "(a models.drafters key whose tokenizer differs from the target's)", file=sys.stderr)
+            return 2
         cfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"hf_peers": peers})})
         built.config = cfg
     print(f"{len(prompts)} prompts, methods: {', '.join(built.engines)} + HF {cfg.bench.hf_peers}", flush=True)
@@ -370,7 +374,8 @@ def main(argv=None) -> int:
     bench.add_argument("--warmup-limit", type=int, default=4, help="warm-up prompts per --warmup-data file")
     bench.add_argument("--warmup-strategies", nargs="*", default=None,
                        help="strategies that warm up (default: all of ours)")
-    bench.add_argument("--hf-peers", nargs="*", choices=["plain", "assisted", "prompt_lookup"], default=None,
+    bench.add_argument("--hf-peers", nargs="*", choices=["plain", "assisted", "prompt_lookup", "universal_assisted"],
+                       default=None,
                        help="override bench.hf_peers (which HF generate() rows to measure)")
     bench.add_argument("--skip", type=int, default=0,
                        help="skip the first N prompts of each --data file (same order), e.g. to log on others")

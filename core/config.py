@@ -139,10 +139,14 @@ class RuntimeConfig(Strict):
 
 
 class BenchConfig(Strict):
-    hf_peers: list[Literal["plain", "assisted", "prompt_lookup"]] = Field(
+    hf_peers: list[Literal["plain", "assisted", "prompt_lookup", "universal_assisted"]] = Field(
         default_factory=lambda: ["plain", "assisted", "prompt_lookup"],
-        description="Hugging Face generate() rows measured in the same run")
+        description="Hugging Face generate() rows measured in the same run (universal_assisted: needs "
+                    "hf_universal_assistant)")
     hf_assistant: str | None = Field(None, description="models.drafters key used for HF assisted generation")
+    hf_universal_assistant: str | None = Field(
+        None, description="models.drafters key (a model with another tokenizer than the target's) for HF's "
+                          "universal assisted generation: generate(assistant_model, tokenizer, assistant_tokenizer)")
     hf_prompt_lookup_tokens: int = Field(10, ge=1, description="prompt_lookup_num_tokens for the HF peer row")
 
 

@@ -78,6 +78,10 @@ def _hf_runner(built: Built, kind: str, max_new: int):
         kwargs["assistant_model"] = built.drafter_models[name]
     elif kind == "prompt_lookup":
         kwargs["prompt_lookup_num_tokens"] = built.config.bench.hf_prompt_lookup_tokens
+    elif kind == "universal_assisted":     # a drafter with its own tokenizer: HF re-tokenises the text
+        spec = built.config.models.drafters[built.config.bench.hf_universal_assistant]
+        assistant, assistant_tokenizer = load_for_decoding(spec.source, spec.dtype, built.device)
+        kwargs.update(assistant_model=assistant, tokenizer=tok, assistant_tokenizer=assistant_tokenizer)
 
     def run(ids: list[int]):
         x = torch.tensor([ids], device=built.device)

@@ -41,8 +41,13 @@ class EngineConfig(Strict):
                 if key not in self.models.drafters:
                     raise ValueError(f"strategies.{i}.{where}: {key!r} is not a key of models.drafters "
                                      f"({sorted(self.models.drafters)})")
-        if self.bench.hf_assistant and self.bench.hf_assistant not in self.models.drafters:
-            raise ValueError(f"bench.hf_assistant: {self.bench.hf_assistant!r} is not a key of models.drafters")
+        for field in ("hf_assistant", "hf_universal_assistant"):
+            key = getattr(self.bench, field)
+            if key and key not in self.models.drafters:
+                raise ValueError(f"bench.{field}: {key!r} is not a key of models.drafters")
+        if "universal_assisted" in self.bench.hf_peers and not self.bench.hf_universal_assistant:
+            raise ValueError("bench.hf_peers: universal_assisted needs bench.hf_universal_assistant "
+                             "(a models.drafters key)")
         if self.server.default_strategy != "plain" and self.server.default_strategy not in names:
             raise ValueError(f"server.default_strategy: {self.server.default_strategy!r} is not a configured strategy")
         pools = {p.name for p in self.node_pools}
@@ -72,8 +77,10 @@ class EngineConfig(Strict):
         for i, name in enumerate(self.main_job.strategies or []):
             if name not in names and name != "plain":
                 raise ValueError(f"main_job.strategies.{i}: {name!r} is not a configured strategy ({names})")
-        if self.bench.hf_assistant and self.models.drafters[self.bench.hf_assistant].quantize != "none":
-            raise ValueError("bench.hf_assistant: HF generate() needs an unquantized drafter")
+        for field in ("hf_assistant", "hf_universal_assistant"):
+            key = getattr(self.bench, field)
+            if key and self.models.drafters[key].quantize != "none":
+                raise ValueError(f"bench.{field}: HF generate() needs an unquantized drafter")
         return self
 
     def strategy(self, name: str):

@@ -12,34 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.bench import _engine_run, _hf_runner, encode, environment, load_prompts, markdown, summarise  # noqa: E402
 from orchestrator.build import build_engines  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-from workers.loading import load_for_decoding  # noqa: E402
-
-
-def hf_universal_assisted(built, strategy: str, max_new: int):
-    """run(ids) for HF's universal assisted generation with the drafter model of `strategy` (a cross_vocab one)."""
-    spec = built.config.models.drafters[built.config.strategy(strategy).drafter]
-    assistant, assistant_tokenizer = load_for_decoding(spec.source, spec.dtype, built.device)
-    tok = built.tokenizer
-    kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                  assistant_model=assistant, tokenizer=tok, assistant_tokenizer=assistant_tokenizer)
-
-    def run(ids: list[int]):
-        x = torch.tensor([ids], device=built.device)
-        t0 = time.perf_counter()
-        out = built.target_model.generate(x, attention_mask=torch.ones_like(x), **kwargs)
-        return out[0, len(ids):].tolist(), time.perf_counter() - t0, None
-    return run
 
 
 def main(argv=None) -> dict:
@@ -57,7 +37,10 @@ def main(argv=None) -> dict:
     methods = {name: (lambda e: lambda ids: _engine_run(e, ids, args.max_new_tokens))(engine)
                for name, engine in built.engines.items()}
     methods["hf-plain"] = _hf_runner(built, "plain", args.max_new_tokens)
-    methods["hf-uag"] = hf_universal_assisted(built, args.cross_vocab, args.max_new_tokens)
+    drafter = built.config.strategy(args.cross_vocab).drafter       # UAG drafts with the same model
+    built.config = built.config.model_copy(update={"bench": built.config.bench.model_copy(
+        update={"hf_universal_assistant": drafter})})
+    methods["hf-uag"] = _hf_runner(built, "universal_assisted", args.max_new_tokens)
     prompts = [(p, encode(built.tokenizer, p)) for p in load_prompts(args.data, args.limit)]
     for run in methods.values():             # one-off costs (allocator, kernels) are no method's
         run(prompts[0][1][:32])

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.config import ConfigError
 from orchestrator.config import load_config
@@ -11,7 +12,7 @@ from orchestrator.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "ci-tiny.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "ci-tiny.yaml", "local-gemma-xv.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "cluster_configs" / name)
     assert cfg.models.target.source
@@ -93,3 +94,41 @@ def test_strategy_registry_kinds_match_and_fields_are_described():
     for kind, model in KINDS.items():
         assert get_args(model.model_fields["kind"].annotation) == (kind,)
         assert [n for n, f in model.model_fields.items() if not f.description and n != "kind"] == [], kind
+
+
+def test_hf_universal_assisted_peer_needs_a_drafter_key(tmp_path):
+    """bench.hf_peers universal_assisted (HF's universal assisted generation) names its model by a
+    models.drafters key; without one, or with a wrong one, the error names the key and the file."""
+    head = "models: {target: {source: x}, drafters: {small: {source: y}}}\n"
+    with pytest.raises(ConfigError, match="bench.hf_universal_assistant") as e:
+        load_config(write(tmp_path, head + "bench: {hf_peers: [universal_assisted]}\n"))
+    assert "c.yaml" in str(e.value)
+    with pytest.raises(ConfigError, match="bench.hf_universal_assistant: 'other'"):
+        load_config(write(tmp_path, head + "bench: {hf_peers: [universal_assisted], hf_universal_assistant: other}\n"))
+    cfg = load_config(write(tmp_path, head + "bench: {hf_peers: [universal_assisted], hf_universal_assistant: small}\n"))
+    assert cfg.bench.hf_universal_assistant == "small"
+
+
+def test_hf_universal_assisted_runner_hands_hf_both_tokenizers(monkeypatch):
+    """The peer row calls the target's generate() with the assistant model and both tokenizers (what
+    HF needs to re-tokenise between vocabularies)."""
+    from types import SimpleNamespace
+
+    import orchestrator.bench as bench
+
+    loaded = (object(), "assistant-tokenizer")
+    monkeypatch.setattr(bench, "load_for_decoding", lambda source, dtype, device: loaded)
+    seen = {}
+
+    class Target:
+        def generate(self, x, **kwargs):
+            seen.update(kwargs)
+            return torch.cat([x, torch.tensor([[7, 8]])], dim=1)
+
+    cfg = load_config(ROOT / "cluster_configs" / "local.yaml")
+    built = SimpleNamespace(target_model=Target(), tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=1),
+                            config=cfg, device=torch.device("cpu"), drafter_models={})
+    tokens, _, _ = bench._hf_runner(built, "universal_assisted", 2)([3, 4, 5])
+    assert tokens == [7, 8]
+    assert seen["assistant_model"] is loaded[0] and seen["assistant_tokenizer"] == "assistant-tokenizer"
+    assert seen["tokenizer"] is built.tokenizer and seen["do_sample"] is False

