@@ -37,10 +37,14 @@ def compare(points, measured_files: list[str], categories: list[str] | None = No
     (`throughput` rows), or a bench JSON (`records`: one request at a time, so concurrency 1;
     mean of per-request tokens/s over `categories`)."""
     measured = {}
+    waves: dict[tuple, list[dict]] = {}
     for f in measured_files:
         data = json.loads(Path(f).read_text())
-        for m in data.get("throughput", []):
-            measured[(m["strategy"], m["concurrency"])] = m
+        for m in data.get("throughput", []):       # repeated waves (serving_bench --repeats): their mean
+            waves.setdefault((m["strategy"], m["concurrency"]), []).append(m)
+    for key, ms in waves.items():
+        measured[key] = {"tokens_per_s": sum(m["tokens_per_s"] for m in ms) / len(ms),
+                         "mean_verify_batch": sum(m["mean_verify_batch"] for m in ms) / len(ms)}
         for name, recs in data.get("records", {}).items():
             rs = [r for r in recs if not categories or r["category"] in categories]
             if rs:

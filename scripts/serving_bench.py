@@ -139,6 +139,9 @@ def main() -> None:
                     help="at least this many requests per client: with 1, a level of c >= --min-requests is "
                          "one wave that ends with its slowest request; with 2, a client whose request "
                          "ended early sends the next, closer to a server's steady state")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="waves per strategy and level, the strategies' order alternating: on a shared machine "
+                         "a wave's forwards vary by several percent, so one wave each compares noise at high load")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -176,7 +179,10 @@ def main() -> None:
               "| mean verify batch |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         with Client(address, timeout=3600) as client:
             for c in args.concurrency:                 # strategies side by side at each level: same drift
-                for name in args.strategies:
+                # Repeats alternate the order (A B, B A, ...): neither strategy always runs first after a level change.
+                order = [list(args.strategies) if r % 2 == 0 else list(reversed(args.strategies))
+                         for r in range(args.repeats)]
+                for repeat, name in ((r, name) for r, names in enumerate(order) for name in names):
                     n = per_level[c]
                     row = measure_wave(client, box["service"].verifier, name, [as_request(p) for p in pool[:n]],
                                        c, args.max_new_tokens)
@@ -186,6 +192,7 @@ def main() -> None:
                         row["scheduler_guard"] = {"mode": g.mode, "windows": g.windows, "rates": g.rates,
                                                   "setup_s_per_token": g.setup_s_per_token,
                                                   "held_back": scheduler.stats.speculation_held_back}
+                    row["repeat"] = repeat
                     out["throughput"].append(row)
                     print(f"| {name} | {c} | {row['requests']} | {row['tokens']} | {row['wall_s']:.1f} | "
                           f"{row['tokens_per_s']:.2f} | {row['latency_p50_s']:.2f} | {row['latency_p99_s']:.2f} "

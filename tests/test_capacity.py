@@ -515,3 +515,20 @@ def test_closed_loop_levels_send_the_serving_benchs_request_counts(monkeypatch):
         capacity.sweep({("plain", "one"): SimpleNamespace(devices=1)},
                        load_workload(ROOT / "cluster_configs" / "workloads" / f"{name}.yaml"))
         assert sent == expected, name
+
+
+def test_predictions_are_compared_with_the_mean_of_repeated_waves(tmp_path):
+    """serving_bench --repeats measures each level several times; the simulator's error is against their
+    mean (the last wave alone, as a dict keyed by level kept it, compared with one of them)."""
+    from types import SimpleNamespace
+
+    from orchestrator.capacity_cli import compare
+
+    waves = [{"strategy": "plain", "concurrency": 8, "tokens_per_s": tps, "mean_verify_batch": 7.0, "repeat": r}
+             for r, tps in enumerate((30.0, 34.0))]
+    path = tmp_path / "serving.json"
+    path.write_text(json.dumps({"throughput": waves}))
+    point = SimpleNamespace(strategy="plain", level=8, placement="config:local", throughput=33.0,
+                            result=SimpleNamespace(mean_verify_batch=8.0))
+    _, rows = compare([point], [str(path)])
+    assert rows[0]["measured"] == pytest.approx(32.0) and rows[0]["error"] == pytest.approx(33.0 / 32.0 - 1)
