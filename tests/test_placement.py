@@ -239,3 +239,12 @@ def test_dry_run_reports_a_missing_drafter_placement_without_starting_anything(t
     assert ok.returncode == 0, ok.stderr
     assert "strategies: plain, sd-0.5b-int8-adaptive, sd-0.5b-int8-hybrid" in ok.stdout
     assert "qwen-0.5b-int8+qwen-0.5b" in ok.stdout
+
+
+def test_every_embedded_model_has_a_shape_to_place_it_by():
+    """A model added to workers/model_store.EMBEDDED must be sized for placement too (without a shape,
+    every config naming it fails to plan: 'no config.json to size it from')."""
+    from placement.plan import EMBEDDED_SHAPES
+    from workers.model_store import EMBEDDED
+
+    assert set(EMBEDDED) == set(EMBEDDED_SHAPES)
