@@ -42,14 +42,14 @@ def compare(points, measured_files: list[str], categories: list[str] | None = No
         data = json.loads(Path(f).read_text())
         for m in data.get("throughput", []):       # repeated waves (serving_bench --repeats): their mean
             waves.setdefault((m["strategy"], m["concurrency"]), []).append(m)
-    for key, ms in waves.items():
-        measured[key] = {"tokens_per_s": sum(m["tokens_per_s"] for m in ms) / len(ms),
-                         "mean_verify_batch": sum(m["mean_verify_batch"] for m in ms) / len(ms)}
         for name, recs in data.get("records", {}).items():
             rs = [r for r in recs if not categories or r["category"] in categories]
             if rs:
                 measured[(name, 1)] = {"tokens_per_s": sum(r["tokens_per_s"] for r in rs) / len(rs),
                                        "mean_verify_batch": 1.0}
+    for key, ms in waves.items():
+        measured[key] = {"tokens_per_s": sum(m["tokens_per_s"] for m in ms) / len(ms),
+                         "mean_verify_batch": sum(m["mean_verify_batch"] for m in ms) / len(ms)}
     rows, lines = [], ["| strategy | concurrency | predicted tok/s | measured tok/s | error | predicted batch | measured batch |",
                        "|---|---:|---:|---:|---:|---:|---:|"]
     for p in points:

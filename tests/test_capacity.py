@@ -528,7 +528,15 @@ def test_predictions_are_compared_with_the_mean_of_repeated_waves(tmp_path):
              for r, tps in enumerate((30.0, 34.0))]
     path = tmp_path / "serving.json"
     path.write_text(json.dumps({"throughput": waves}))
+    # a bench JSON beside it (one request at a time: concurrency 1), read whichever file comes first
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"records": {"plain": [{"category": "humaneval", "tokens_per_s": 6.0},
+                                                       {"category": "qa", "tokens_per_s": 8.0}]}}))
     point = SimpleNamespace(strategy="plain", level=8, placement="config:local", throughput=33.0,
                             result=SimpleNamespace(mean_verify_batch=8.0))
-    _, rows = compare([point], [str(path)])
-    assert rows[0]["measured"] == pytest.approx(32.0) and rows[0]["error"] == pytest.approx(33.0 / 32.0 - 1)
+    alone = SimpleNamespace(strategy="plain", level=1, placement="config:local", throughput=7.7,
+                            result=SimpleNamespace(mean_verify_batch=1.0))
+    for files in ([path, bench], [bench, path]):
+        _, rows = compare([point, alone], [str(f) for f in files])
+        assert rows[0]["measured"] == pytest.approx(32.0) and rows[0]["error"] == pytest.approx(33.0 / 32.0 - 1)
+        assert rows[1]["measured"] == pytest.approx(7.0), files
