@@ -24,7 +24,7 @@ def generate_outputs(built: Built, prompts: list[Prompt], max_new_tokens: int, l
                      concurrency: int = 1) -> list[list[int]]:
     """Greedy outputs of the target, one per prompt, in prompt order. concurrency > 1 decodes that many
     prompts at a time through one global verifier (batched forwards: on a 2-core CPU 8 requests make
-    about 5x the tokens per second of one). A batched bf16 forward can flip a near-tie that a
+    about 4x the tokens per second of one: 30 against ~7 tokens/s, docs/vocab_trim.md). A batched bf16 forward can flip a near-tie that a
     one-row forward would not, so a few outputs may part from one-at-a-time decoding there: still the
     target's own text, which is what these tables count."""
     plain = built.engines["plain"]
