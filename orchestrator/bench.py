@@ -203,6 +203,8 @@ def summarise(records: dict[str, list[dict]]) -> dict:
                 "mean_accepted_tokens": (sum(r["step_tokens"] for r in rs) / steps) if steps else None,
                 "acceptance_rate": (sum(r["accepted"] for r in rs) / max(1, sum(r["drafted"] for r in rs)))
                 if steps else None,
+                # tokens drafted per verification step, the steps with an empty draft included
+                "mean_draft_length": (sum(r["drafted"] for r in rs) / steps) if steps else None,
                 "outputs_equal_plain": sum(r["equals_plain"] for r in rs),
                 "bf16_near_ties": sum(abs(r.get("divergence_logit_gap", 1e9)) <= NEAR_TIE_LOGITS for r in rs),
                 "cost_speedup": _cost_speedup(rs),
@@ -231,13 +233,15 @@ def _cost_speedup(rs: list[dict]) -> float | None:
 
 def markdown(table: list[dict]) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = ["| scope | method | prompts | tokens/s | vs plain | vs HF plain | mean accepted | acceptance | = plain "
+    lines = ["| scope | method | prompts | tokens/s | vs plain | vs HF plain | mean accepted | mean draft length "
+             "| acceptance | = plain "
              "| cost speedup | TTFT s | drafter idle | target idle | mean budget |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         lines.append(f"| {r['scope']} | {r['method']} | {r['prompts']} | {r['tokens_per_s']:.2f} | "
                      f"{fmt(r['speedup_vs_plain'], '.2f')}x | {fmt(r['speedup_vs_hf_plain'], '.2f')}x | "
-                     f"{fmt(r['mean_accepted_tokens'], '.2f')} | {fmt(r['acceptance_rate'], '.2f')} | "
+                     f"{fmt(r['mean_accepted_tokens'], '.2f')} | {fmt(r.get('mean_draft_length'), '.2f')} | "
+                     f"{fmt(r['acceptance_rate'], '.2f')} | "
                      f"{r['outputs_equal_plain']}/{r['prompts']}"
                      + (f" + {r['bf16_near_ties']} near-tie" if r.get("bf16_near_ties") else "")
                      + f" | {fmt(r.get('cost_speedup'), '.2f')} | "

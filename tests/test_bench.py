@@ -32,6 +32,17 @@ def test_near_ties_are_counted_apart_from_mismatches():
     assert "| 1/3 + 1 near-tie |" in markdown([row])
 
 
+def test_mean_draft_length_counts_empty_drafts_as_steps():
+    """Drafted tokens per verification step: a step whose draft was empty (k = 0, a lookup miss) counts."""
+    def rec(steps, drafted):
+        return {"id": "p", "category": "c", "tokens_per_s": 1.0, "equals_plain": True, "steps": steps,
+                "step_tokens": steps, "drafted": drafted, "accepted": 0}
+    records = {"plain": [_rec(True)], "spec": [rec(4, 8), rec(6, 2)]}
+    row = next(r for r in summarise(records)["table"] if r["scope"] == "overall" and r["method"] == "spec")
+    assert row["mean_draft_length"] == 1.0                     # 10 tokens over 10 steps, not 10 / 2 prompts
+    assert "| 1.00 | 1.00 | 0.00 |" in markdown([row])          # mean accepted, draft length, acceptance
+
+
 def test_warmup_runs_only_the_named_strategies_on_other_prompts(target_model):
     """A warm-up pass decodes its prompts with the named strategies only, before anything is measured;
     an unknown name is refused."""
