@@ -24,6 +24,20 @@ def tiny_model(family: str, seed: int, layers: int = 2, hidden: int = 64):
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+    elif family == "gemma3":
+        # Gemma 3's layer shapes: sandwich norms, query/key norms, sliding-window layers (a window of 4
+        # tokens, so the prompts cross it) beside a full-attention one, a rotary embedding per layer type;
+        # an attention scale other than 1/sqrt(head_dim) and capped final logits, as Gemma models may have.
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **common, head_dim=hidden // 4, query_pre_attn_scalar=24, sliding_window=4, final_logit_softcapping=5.0,
+            layer_types=(["sliding_attention"] * (layers - 1) + ["full_attention"])[:layers],
+            tie_word_embeddings=True))
+        with torch.no_grad():           # Gemma's norms scale by (1 + w): random w makes them differ from 1
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.3)
     else:
         raise ValueError(family)
     # Random init gives near-uniform logits; scale the head so the distributions are peaked

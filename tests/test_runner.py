@@ -198,3 +198,56 @@ def test_an_unwritable_kernel_cache_still_measures(target_model, tmp_path, monke
     monkeypatch.setenv("SPECORCH_CACHE", str(blocker / "cache"))       # under a file: cannot be made
     runner = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16))
     assert runner.kernels.measured and runner.kernels.linear
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    from tests.conftest import tiny_model
+    return tiny_model("gemma3", seed=0, layers=3)
+
+
+def test_gemma3_matches_hf_across_its_sliding_window(gemma3, prompts):
+    """Gemma 3 (a drafter with a third tokenizer, docs/cross_vocab.md): prefill, chain, one-token steps,
+    a tree and a packed batch equal HF's forward in float32, the prompts crossing the sliding window
+    (4 tokens here). Broken versions fail: without the window mask, the post-attention and post-MLP
+    norms, or the sliding layers' own rotary embedding."""
+    runner = ModelRunner(gemma3)
+    assert runner._sliding == [True, True, False] and runner.sandwich_norms
+    ids = prompts[1]                                             # 25 tokens
+    ref = hf_logits(gemma3, ids)
+    cache = runner.new_cache(1, capacity=8)
+    got = [runner.forward(cache, torch.tensor([ids[:10]]))[0], runner.forward(cache, torch.tensor([ids[10:20]]))[0]]
+    got += [runner.forward(cache, torch.tensor([[t]]))[0] for t in ids[20:]]
+    torch.testing.assert_close(torch.cat(got), ref, rtol=1e-5, atol=1e-5)
+    # a tree over a prefix: each node's logits are those of its root-to-node chain
+    prefix, root, tokens, parents = ids[:12], ids[12], [40, ids[13], 41], [-1, -1, 1]
+    cache = runner.new_cache(1, 64)
+    runner.forward(cache, torch.tensor([prefix]))
+    mask, depths = tree_attention(parents, "cpu")
+    tree = runner.forward(cache, torch.tensor([[root] + tokens]), depths=depths[None], tree_mask=mask[None])[0]
+    for node, chain in ((0, [40]), (1, [ids[13]]), (2, [ids[13], 41])):
+        torch.testing.assert_close(tree[node + 1], hf_logits(gemma3, prefix + [root] + chain)[-1], rtol=1e-5,
+                                   atol=1e-5)
+    # a packed batch of two sequences, each after its own prefix
+    caches = [runner.new_cache(1, 64), runner.new_cache(1, 64)]
+    for c, p in zip(caches, prompts[1:]):
+        runner.forward(c, torch.tensor([p[:-3]]))
+    outs = runner.forward_many([(c, torch.tensor([p[-3:]]), None, None, None) for c, p in zip(caches, prompts[1:])])
+    for out, p in zip(outs, prompts[1:]):
+        torch.testing.assert_close(out[0], hf_logits(gemma3, p)[-3:], rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_drafting_for_gemma3_equals_plain_decoding(gemma3, prompts):
+    from core.draft_length import FixedDraftLength
+    from orchestrator.engine import SpeculativeEngine
+    from tests.conftest import tiny_model
+    from tests.drafting import assert_drafted
+    from workers.drafters import DraftModelDrafter
+
+    target = ModelRunner(gemma3)
+    drafter = DraftModelDrafter(ModelRunner(tiny_model("gemma3", seed=1, layers=2)))
+    for p in prompts:
+        plain = SpeculativeEngine(target).generate(p, 24).tokens
+        run = SpeculativeEngine(target, drafter, lambda: FixedDraftLength(4)).generate(p, 24)
+        assert run.tokens == plain
+    assert_drafted([run])

@@ -19,6 +19,7 @@ the first input of the next forward.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from workers.kernels import KernelChoice, attention, choose_for, int8_matmul, matmul
 
-SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral", "qwen3"}
+SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral", "qwen3", "gemma3_text"}
 
 
 def _linear(x: torch.Tensor, layer: torch.nn.Linear, kernel: str = "linear", int8_kernel: str = "int8pack"
@@ -69,8 +70,9 @@ class _Step:
     batch_idx: torch.Tensor    # [batch, 1]
     uniform: bool              # every row starts at the same slot
     position_ids: torch.Tensor  # [batch, T]
-    cos: torch.Tensor | None = None  # [batch, 1, T, head_dim], set once the input is embedded
-    sin: torch.Tensor | None = None
+    sliding_mask: torch.Tensor | None = None   # [batch, 1, T, end]: the mask of sliding-window layers
+    # layer type -> (cos, sin) each [batch, 1, T, head_dim], set once the input is embedded (ModelRunner._rope)
+    rope: dict | None = None
 
 
 @dataclass
@@ -122,7 +124,7 @@ class KVCache:
 
 
 class ModelRunner:
-    """Runs a decoder-only HF causal LM (Llama / Qwen2 / Mistral / Qwen3 family)."""
+    """Runs a decoder-only HF causal LM (Llama / Qwen2 / Mistral / Qwen3 family, Gemma 3 text)."""
 
     def __init__(self, model, device: str | torch.device | None = None, layer_range: tuple[int, int] | None = None):
         """layer_range (start, end): run only these decoder layers, a pipeline stage. The first
@@ -161,6 +163,20 @@ class ModelRunner:
         self.num_layers = len(self.layers)
         self.max_positions = getattr(self.config, "max_position_embeddings", 1 << 20)
         self.has_qk_norm = hasattr(attn0, "q_norm")
+        # Gemma 3: norms after attention and after the MLP too, sliding-window layers with a rotary
+        # embedding of their own (the rotary module takes the layer type), final logits soft-capped.
+        self.sandwich_norms = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * total)[start:end]
+        window = getattr(self.config, "sliding_window", None)
+        self.sliding_window = window
+        self._sliding = [t == "sliding_attention" and window is not None for t in types]
+        by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self._rope_key = types if by_type else [None] * len(types)
+        self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
+        if getattr(self.config, "attn_logit_softcapping", None) is not None:
+            raise ValueError("attention logit soft-capping (Gemma 2) is not supported by ModelRunner")
+        if getattr(self.config, "use_bidirectional_attention", False):
+            raise ValueError("bidirectional attention (an embedding model) is not supported by ModelRunner")
         self.kernels: KernelChoice = choose_for(self)     # measured here, on this machine's CPU
 
     def _kernel(self, x: torch.Tensor, head: bool = False) -> tuple[str, str]:
@@ -217,8 +233,7 @@ class ModelRunner:
         ctx = self._step(cache, batch, t, depths, tree_mask)
         # A later pipeline stage receives hidden states [batch, T, hidden] instead of ids.
         hidden = self.embed(input_ids) if self.first_stage else input_ids.to(self.dtype)
-        cos, sin = self.rotary(hidden, ctx.position_ids)                  # [batch, T, head_dim]
-        ctx.cos, ctx.sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        ctx.rope = self._rope(hidden, ctx.position_ids)
         if layer_groups is None:
             for li in range(self.num_layers):
                 hidden = hidden + self._attention(li, hidden, ctx)
@@ -235,7 +250,22 @@ class ModelRunner:
         hidden = self.norm(hidden)
         if hidden_out is not None:       # a drafter's features for its draft-length predictor (workers/draft_states.py)
             hidden_out.append(hidden)
-        return _linear(hidden, lm_head if lm_head is not None else self.lm_head, *self._kernel(hidden, head=True)).float()
+        return self._logits(hidden, lm_head if lm_head is not None else self.lm_head)
+
+    def _logits(self, x: torch.Tensor, head) -> torch.Tensor:
+        """The output head over normed hidden states x [..., hidden] -> float32 logits [..., vocab]."""
+        logits = _linear(x, head, *self._kernel(x, head=True)).float()
+        if self.logit_softcap is not None:            # Gemma: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
+        """cos, sin [batch, 1, T, head_dim] of positions [batch, T], per layer type (None: one for all)."""
+        out = {}
+        for key in set(self._rope_key):
+            cos, sin = self.rotary(hidden, positions) if key is None else self.rotary(hidden, positions, key)
+            out[key] = (cos.unsqueeze(1), sin.unsqueeze(1))
+        return out
 
     def _step(self, cache: KVCache, batch: int, t: int, depths, tree_mask) -> _Step:
         """Positions, cache slots and the attention mask of T new tokens per row."""
@@ -263,8 +293,14 @@ class ModelRunner:
             tree_mask, 2, rel.clamp(0, window + t - 1).expand(batch, t, end)
         ) & in_new
         mask = (prefix_ok | new_ok).unsqueeze(1)                          # [batch, 1, T, end]
+        sliding = None
+        if any(self._sliding):
+            # HF's sliding window: key position > query position - window. Keys are compared by their
+            # slot, which is their position for committed tokens and chains; only a tree token's slot
+            # exceeds its position, which matters for trees deeper than the window (512 for Gemma 3).
+            sliding = mask & (kv_idx.view(1, 1, 1, end) > position_ids.view(batch, 1, t, 1) - self.sliding_window)
         return _Step(cache, mask, starts, end, t, slots, torch.arange(batch, device=dev).view(batch, 1),
-                     all(s == starts[0] for s in starts), position_ids)
+                     all(s == starts[0] for s in starts), position_ids, sliding)
 
     @torch.inference_mode()
     def forward_many(self, requests: list[tuple]) -> list[torch.Tensor]:
@@ -296,16 +332,16 @@ class ModelRunner:
         packed = torch.cat([r[1][0] for r in requests]).unsqueeze(0)        # [1, N] ids or [1, N, hidden]
         hidden = self.embed(packed) if self.first_stage else packed.to(self.dtype)
         positions = torch.cat([ctx.position_ids for ctx in ctxs], dim=1)   # [1, N]
-        cos, sin = self.rotary(hidden, positions)                          # [1, N, head_dim]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                      # [1, 1, N, head_dim]
+        rope = self._rope(hidden, positions)                               # cos, sin [1, 1, N, head_dim]
         spans = list(zip(bounds[:-1], bounds[1:]))
         for li in range(self.num_layers):
             q, k, v = self._qkv(li, hidden)                                # [1, heads, N, hd]
+            cos, sin = rope[self._rope_key[li]]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             out = torch.cat([self._attend_rotated(li, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], ctx)
                              for ctx, (a, b) in zip(ctxs, spans)], dim=2)  # [1, heads, N, hd]
-            hidden = hidden + self._o_proj(li, out.transpose(1, 2).reshape(1, bounds[-1], -1))
+            hidden = hidden + self._attn_out(li, out.transpose(1, 2).reshape(1, bounds[-1], -1))
             hidden = hidden + self._mlp(li, hidden)
         results = self._split_outputs(requests, hidden, spans)
         for ctx, n in zip(ctxs, lengths):      # only now: a failed forward leaves every cache as it was
@@ -328,7 +364,7 @@ class ModelRunner:
             members = [i for i, h in enumerate(heads) if h is head]
             idx = torch.cat([picks[i] for i in members])
             x = self.norm(hidden[:, idx])                                   # [1, rows, hidden]
-            logits = _linear(x, head, *self._kernel(x, head=True)).float()[0]               # [rows, vocab]
+            logits = self._logits(x, head)[0]                               # [rows, vocab]
             start = 0
             for i in members:
                 n = int(picks[i].numel())
@@ -353,7 +389,12 @@ class ModelRunner:
         """Layer li's attention block on `hidden` (norm -> qkv -> rope -> KV write -> sdpa -> o_proj)."""
         batch, t = hidden.shape[:2]
         out = self._attend(li, *self._qkv(li, hidden), ctx)               # [batch, heads, T, hd]
-        return self._o_proj(li, out.transpose(1, 2).reshape(batch, t, -1))
+        return self._attn_out(li, out.transpose(1, 2).reshape(batch, t, -1))
+
+    def _attn_out(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """What layer li's attention adds to the residual stream; x [batch, T, heads * hd]."""
+        out = self._o_proj(li, x)
+        return self.layers[li].post_attention_layernorm(out) if self.sandwich_norms else out
 
     def _o_proj(self, li: int, x: torch.Tensor) -> torch.Tensor:
         """Layer li's attention output projection; x [batch, T, heads * hd]. (Tensor-parallel
@@ -362,8 +403,9 @@ class ModelRunner:
 
     def _attend(self, li: int, q, k, v, ctx: "_Step") -> torch.Tensor:
         """Rotary, KV write into ctx.cache, attention over the cache. q/k/v [batch, heads, T, hd]."""
-        q = q * ctx.cos + _rotate_half(q) * ctx.sin
-        k = k * ctx.cos + _rotate_half(k) * ctx.sin
+        cos, sin = ctx.rope[self._rope_key[li]]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
         return self._attend_rotated(li, q, k, v, ctx)
 
     def _attend_rotated(self, li: int, q, k, v, ctx: "_Step") -> torch.Tensor:
@@ -377,13 +419,20 @@ class ModelRunner:
         else:
             kc[ctx.batch_idx, :, ctx.slots] = k.transpose(1, 2)
             vc[ctx.batch_idx, :, ctx.slots] = v.transpose(1, 2)
-        return attention(q, kc[:, :, :ctx.end], vc[:, :, :ctx.end], ctx.mask, attn.scaling,
+        mask = ctx.sliding_mask if self._sliding[li] else ctx.mask
+        return attention(q, kc[:, :, :ctx.end], vc[:, :, :ctx.end], mask, attn.scaling,
                          self.num_kv_heads != self.num_heads, self.kernels.attention_fp32)  # [batch, heads, T, hd]
 
     def _mlp(self, li: int, hidden: torch.Tensor) -> torch.Tensor:
-        layer, kernel = self.layers[li], self._kernel(hidden)
-        x = layer.post_attention_layernorm(hidden)
-        mlp = layer.mlp
+        """What layer li's MLP block adds to the residual stream (hidden [batch, T, hidden])."""
+        layer = self.layers[li]
+        if self.sandwich_norms:
+            return layer.post_feedforward_layernorm(self._mlp_proj(li, layer.pre_feedforward_layernorm(hidden)))
+        return self._mlp_proj(li, layer.post_attention_layernorm(hidden))
+
+    def _mlp_proj(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer li's gated MLP on normed x. (Tensor-parallel ranks sum partial results.)"""
+        mlp, kernel = self.layers[li].mlp, self._kernel(x)
         x = mlp.act_fn(_linear(x, mlp.gate_proj, *kernel)) * _linear(x, mlp.up_proj, *kernel)
         return _linear(x, mlp.down_proj, *kernel)
 

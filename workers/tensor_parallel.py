@@ -77,5 +77,5 @@ class TensorParallelRunner(ModelRunner):
     def _o_proj(self, li: int, x: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(super()._o_proj(li, x))
 
-    def _mlp(self, li: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(super()._mlp(li, hidden))
+    def _mlp_proj(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(super()._mlp_proj(li, x))
