@@ -233,6 +233,10 @@ class ServerSection(Strict):
         "The global verifier waits for requests of its last two batches that are between steps, up to "
         "this fraction of the last forward's time (at least 5 ms); like vLLM's scheduler_delay_factor. "
         "It re-merges batches that split when per-request host work outlasts a fixed wait"))
+    verify_cohorts: bool = Field(True, description=(
+        "With a `goodput` strategy whose drafter runs on hardware of its own: let the scheduler verify the "
+        "batch as two alternating cohorts, one drafting while the other verifies, where it predicts more "
+        "goodput than lockstep (docs/scheduler.md)"))
     profile_step_cost: bool = Field(True, description=(
         "With a `goodput` strategy configured: time a few batched decode-step shapes of the target when the "
         "server starts, as the goodput scheduler's first cost model (it is corrected online either way)"))

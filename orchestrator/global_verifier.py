@@ -13,6 +13,10 @@ a memory-bound decode step pays for.
 Long prompts (prefill) run in batches of their own, so a 2,000-token prompt
 does not pad a batch of one-token steps. A forward that raises is retried
 request by request, so one bad request fails alone.
+
+While a split hint says so (the goodput scheduler's plan, with a drafter on
+hardware of its own), decode steps are verified as two alternating cohorts
+(core/cohorts.py): one cohort's requests draft while the other's verify.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.cohorts import Cohorts
 from workers import monitoring
 from workers.runner import KVCache, ModelRunner
 
@@ -88,6 +93,10 @@ class GlobalVerifier:
         # Called before gathering a batch; each returns seconds worth waiting for requests still drafting
         # (the goodput scheduler's plan: GoodputScheduler.draft_wait_s). The longest wait counts.
         self.wait_hints: list = []
+        # Called before gathering a batch of decode steps; any True = verify two alternating cohorts
+        # (GoodputScheduler.split_cohorts).
+        self.split_hints: list = []
+        self.cohorts = Cohorts()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []        # taken from the queue but kept for the next batch
         self._closing = threading.Lock()
@@ -128,12 +137,26 @@ class GlobalVerifier:
             if first is None:
                 return None
             pending = [first]
-        expected = min(len(set().union(*self._recent)), self.max_batch)
+        recent = set().union(*self._recent)
+        expected = min(len(recent), self.max_batch)
+        cohort = None                                 # None: every request; else that cohort's only
+        if not pending[0].long and any(h() for h in self.split_hints):
+            for owner in recent:                      # entering the split: the recent requests, halved
+                self.cohorts.of(owner)
+            cohort = self.cohorts.of(id(pending[0].cache))
+            expected = min(self.cohorts.expected(cohort, recent), self.max_batch)
+
+        def wanted(it: _Item) -> bool:                # joins the batch being gathered
+            return it.long == pending[0].long and (cohort is None or self.cohorts.of(id(it.cache)) == cohort)
+
+        def counted(it: _Item) -> bool:               # toward `expected` (in lockstep: anything queued)
+            return cohort is None or wanted(it)
         hint = max((h() for h in self.wait_hints), default=0.0)
         deadline = time.perf_counter() + max(self.gather_s, self.gather_fraction * self._last_forward_s, hint)
+        gathered = sum(map(counted, pending))
         while True:                                   # everything queued now, or soon
             try:
-                if len(pending) < expected:
+                if gathered < expected:
                     item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
                 else:
                     item = self._queue.get_nowait()
@@ -143,11 +166,12 @@ class GlobalVerifier:
                 self._queue.put(None)
                 break
             pending.append(item)
-        kind = pending[0].long
-        batch = [it for it in pending if it.long == kind][: self.max_batch]
+            gathered += counted(item)
+        batch = [it for it in pending if wanted(it)][: self.max_batch]
         chosen = {id(it) for it in batch}
         self._held = [it for it in pending if id(it) not in chosen]
         self._recent.append({id(it.cache) for it in batch})
+        self.cohorts.ran(id(it.cache) for it in batch)
         return batch
 
     def _loop(self) -> None:

@@ -23,6 +23,10 @@ for a linear T) win on paper when acceptance differs, but a request that drafts 
 and the batch splits; in the simulator that cost more than the lengths gained (1.02x plain decoding
 at 2 requests against 1.37x with one length).
 
+With a drafter on hardware of its own, the plan may also split the batch into two cohorts verified in
+alternation, one drafting while the other verifies (core/cohorts.py, `choose_cohort_lengths`): a cycle of
+max(2 T(n/2), 2 D) instead of T(n) + D, chosen where it predicts more goodput than lockstep.
+
 k = 0 for all is plain decoding and is kept unless drafting is predicted to beat it by `min_gain`.
 Only draft lengths change, never a verification rule: the output is lossless whatever the scheduler
 decides. Pure Python over floats; no Ray, no gRPC, no torch.
@@ -195,6 +199,32 @@ def _uniform_lengths(accepts, k_max, step_s, draft_token_s, other_rows, min_gain
     return best_ks, best
 
 
+def choose_cohort_lengths(accepts: list[list[float]], k_max: list[int], step_s, draft_token_s: float,
+                          other_rows: int = 0, min_gain: float = 0.0,
+                          draft_fixed_s: float = 0.0) -> tuple[list[int], float]:
+    """The best uniform plan when the batch is verified as two alternating cohorts (core/cohorts.py), each
+    drafting while the other verifies. Target and drafter each serve both cohorts once per cycle, so a
+    cycle takes max(2 T(rows/2, tokens/2), 2 D(L)) and emits every request's expected tokens once.
+    Arguments as choose_draft_lengths (uniform); the draft cost is taken per cohort at the fitted rate (a
+    batched draft step costs about the same for half the requests). Returns (draft length per request,
+    predicted goodput); ([0, ...], 0.0) where no plan beats plain decoding in lockstep by min_gain, or
+    fewer than two requests make cohorts."""
+    n = len(accepts)
+    rows = n + other_rows
+    if rows < 2 or n == 0:
+        return [0] * n, 0.0
+    plain = rows / step_s(rows, rows)
+    best_ks, best = [0] * n, 0.0
+    for longest in range(1, max(k_max, default=0) + 1):
+        ks = [min(longest, k) for k in k_max]
+        out = other_rows + sum(expected_tokens(a, k) for a, k in zip(accepts, ks))
+        cycle = 2 * max(step_s(rows / 2, (rows + sum(ks)) / 2), draft_fixed_s + draft_token_s * longest)
+        value = out / cycle
+        if value > best * (1 + 1e-9) and value > plain * (1 + min_gain):
+            best_ks, best = ks, value
+    return best_ks, best
+
+
 class DraftCostModel:
     """Seconds to draft k tokens: fixed + per_token * k, fitted online (least squares with decay).
 
@@ -276,6 +306,7 @@ class SchedulerStats:
     predicted_goodput: float = 0.0
     forwards: int = 0
     speculation_held_back: bool = False     # the model's plan drafts; the guard measured drafting losing
+    split_cohorts: bool = False             # the plan verifies two alternating cohorts (core/cohorts.py)
     measured_goodput: float = 0.0           # tokens/s the guard measured for the mode now running
 
 
@@ -285,13 +316,17 @@ class GoodputScheduler:
     forward through `observe_forward` (orchestrator/global_verifier.py's observers)."""
 
     def __init__(self, cost: StepCostModel | None = None, probe_every: int = 16, min_gain: float = 0.1,
-                 uniform: bool = True, guard: ModeGuard | None = None, max_probe_every: int = 256):
+                 uniform: bool = True, guard: ModeGuard | None = None, max_probe_every: int = 256,
+                 cohorts: bool = True):
         """uniform: one draft length for all drafting requests (module doc). guard: the measured check on
         the model's plans (orchestrator/goodput_guard.py), used once a verifier reports forwards; None =
         a default ModeGuard on the wall clock. Probes back off from probe_every to max_probe_every
-        forwards while they do not turn the plan to drafting."""
+        forwards while they do not turn the plan to drafting. cohorts: plans may split the batch into two
+        alternating cohorts where the drafter does not share the target's hardware (module doc)."""
         self.cost = cost or StepCostModel()
         self.uniform = uniform
+        self.cohorts = cohorts
+        self._split = False                 # the current plan verifies two alternating cohorts
         self.probe_every = probe_every
         self.max_probe_every = max(max_probe_every, probe_every)
         self._probe_interval = probe_every
@@ -311,6 +346,7 @@ class GoodputScheduler:
         # in the simulator; docs/scheduler.md).
         self.draft_cost = DraftCostModel()
         self._other_rows = 0.0              # decayed mean of rows that did not come from our requests
+        self._last_rows = 0                 # rows of the verifier's last decode forward
         # Pooled acceptance per strategy (model drafts, free drafts): the prior of its new requests.
         self._pooled: dict[str, tuple[AcceptanceEstimate, AcceptanceEstimate]] = {}
         self.forward_source = False         # True once a verifier reports forwards
@@ -318,10 +354,11 @@ class GoodputScheduler:
         self._plan_draft_s = 0.0            # drafting seconds of the current plan (its longest draft)
         self._probe_s = 0.0                 # drafting seconds of the probe in flight (0: none)
         self._prober: int | None = None     # the request whose probe is in flight
-        # Whether a drafter session's opening takes the target's hardware (a drafter actor on the target's
-        # CPU node, or in its process): then it costs the whole batch its seconds; otherwise only the
-        # waiting request's share of the batch (orchestrator/ray_runtime.py sets it from the placement).
-        self.openings_share_target = True
+        # Whether the drafter runs on the target's hardware (a drafter actor on the target's CPU node, or in
+        # its process; orchestrator/ray_runtime.py sets it from the placement). Then a drafter session's
+        # opening costs the whole batch its seconds (otherwise only the waiting request's share), and
+        # drafting beside verification only trades one for the other: no cohorts.
+        self.drafter_shares_target = True
 
     # ------------------------------------------------------------ requests
     def pooled(self, group: str) -> tuple[AcceptanceEstimate, AcceptanceEstimate]:
@@ -362,7 +399,7 @@ class GoodputScheduler:
         # four requests became 1.02x). They count as ours in the verifier's batches all the same.
         ids = [i for i, p in self._requests.items() if p.stepping]
         policies = [self._requests[i] for i in ids]
-        ks, goodput = self._model_plan(policies)
+        ks, goodput, split = self._model_plan(policies)
         if any(ks):
             self._probe_interval = self.probe_every     # drafting pays again: probes at the base rate
         # Free drafts (context lookup): no drafter time, their own acceptance and length bound, and per
@@ -381,6 +418,8 @@ class GoodputScheduler:
             ks, free_ks = [0] * len(ks), [0] * len(free_ks)
         self.stats.speculation_held_back = self._held_back
         self.stats.measured_goodput = self.guard.measured_rate(load)
+        self._split = split and any(ks)
+        self.stats.split_cohorts = self._split
         self._plan = dict(zip(ids, ks))
         self._plan_draft_s = self.draft_cost.seconds(max(ks, default=0))
         self._free_plan = dict(zip(ids, free_ks))
@@ -390,43 +429,49 @@ class GoodputScheduler:
         s.last_draft_lengths = ks
         s.mean_draft_length = sum(ks) / len(ks) if ks else 0.0
         rows = len(ks) + round(self._other_rows)
-        s.predicted_step_s = self.cost.predict(rows, rows + sum(ks))
+        s.predicted_step_s = (self.cost.predict(rows / 2, (rows + sum(ks)) / 2) if self._split
+                              else self.cost.predict(rows, rows + sum(ks)))
         s.predicted_goodput = goodput
 
-    def _model_plan(self, policies: list["GoodputDraftLength"]) -> tuple[list[int], float]:
-        """Model draft lengths of the stepping requests, and the predicted goodput. A request whose
+    def _model_plan(self, policies: list["GoodputDraftLength"]) -> tuple[list[int], float, bool]:
+        """Model draft lengths of the stepping requests, the predicted goodput, and whether the plan splits
+        the batch into cohorts. A request whose
         drafter session has not opened yet drafts only where the plan's gain over what it may still emit
         pays for the opening (the drafter's prefill of its prompt, `ModeGuard.opening_s`): on this
         machine an opening takes ~0.7 s of the two cores the target shares, and a four-request wave of
         64-token requests that opened every session for drafts that gained 10-20% lost 11-14% to plain
         decoding (docs/scheduler.md). A drafter on hardware of its own costs the batch only the waiting
-        request's share (`openings_share_target`)."""
+        request's share (`drafter_shares_target`)."""
         rows_other = round(self._other_rows)
 
-        def plan(drafting: list[int]) -> tuple[list[int], float]:
+        def plan(drafting: list[int]) -> tuple[list[int], float, bool]:
             sub = [policies[i] for i in drafting]
-            ks, goodput = choose_draft_lengths([p.acceptance.rates() for p in sub], [p.k_max for p in sub],
-                                               self.cost.predict, self.draft_cost.per_token_s,
-                                               rows_other + len(policies) - len(sub), self.min_gain,
-                                               self.uniform, self.draft_cost.fixed_s)
+            args = ([p.acceptance.rates() for p in sub], [p.k_max for p in sub], self.cost.predict,
+                    self.draft_cost.per_token_s, rows_other + len(policies) - len(sub), self.min_gain)
+            ks, goodput = choose_draft_lengths(*args, self.uniform, self.draft_cost.fixed_s)
+            split = False
+            if self.cohorts and not self.drafter_shares_target:
+                split_ks, split_goodput = choose_cohort_lengths(*args, self.draft_cost.fixed_s)
+                if split_goodput > goodput:
+                    ks, goodput, split = split_ks, split_goodput, True
             full = [0] * len(policies)
             for i, k in zip(drafting, ks):
                 full[i] = k
-            return full, goodput
+            return full, goodput, split
 
         everyone = list(range(len(policies)))
-        ks, goodput = plan(everyone)
+        ks, goodput, split = plan(everyone)
         rows = len(policies) + rows_other
-        opening_s = self.guard.opening_s() / (1 if self.openings_share_target else rows)
+        opening_s = self.guard.opening_s() / (1 if self.drafter_shares_target else rows)
         unopened = {i for i in everyone if ks[i] and policies[i].drafter_unopened}
         if not unopened or not opening_s:
-            return ks, goodput
+            return ks, goodput, split
         plain = rows / self.cost.predict(rows, rows)
         saved_per_token = 1.0 / plain - 1.0 / goodput if goodput > plain else 0.0    # machine seconds
         keep = [i for i in everyone if i not in unopened or policies[i].remaining * saved_per_token > opening_s]
         if len(keep) == len(everyone):
-            return ks, goodput
-        return plan(keep) if keep else ([0] * len(policies), plain)
+            return ks, goodput, split
+        return plan(keep) if keep else ([0] * len(policies), plain, False)
 
     def speculating(self, rid: int) -> bool:
         """Whether a new request should open its drafter session ahead of its first draft
@@ -441,6 +486,11 @@ class GoodputScheduler:
             if self.forward_source:
                 return self.guard.speculating(1)
             return True
+
+    def split_cohorts(self) -> bool:
+        """Whether the verifier should verify two alternating cohorts (GlobalVerifier.split_hints)."""
+        with self._lock:
+            return self._split
 
     def draft_wait_s(self) -> float:
         """How long the verifier should wait for this plan's drafting requests (GlobalVerifier.wait_hints):
@@ -481,9 +531,12 @@ class GoodputScheduler:
                 return
             self.cost.observe(rows, tokens, seconds)
             self._since_probe += 1
-            self._other_rows = 0.9 * self._other_rows + 0.1 * max(rows - len(self._requests), 0)
+            # Split in cohorts, a forward holds about half the live requests: the last two hold them all.
+            seen = rows + self._last_rows if self._split else rows
+            self._last_rows = rows
+            self._other_rows = 0.9 * self._other_rows + 0.1 * max(seen - len(self._requests), 0)
             mine = len(self._requests)
-            if mine == 0 or rows > mine or self._other_rows > 0.5:
+            if mine == 0 or seen > mine or self._other_rows > 0.5:
                 # Other strategies' requests share the verifier: their tokens are not counted here, so
                 # no window is measured while they are in the batches.
                 self.guard.interrupt()

@@ -410,8 +410,9 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         return [next(s for s in plan.shards if s.name == rank_name(st, r)) for r in range(st.own_actors())]
 
     ctx = RayContext(config, target, vocab, threads, timeout, remote_drafter, own_shards, options, actors)
-    # An opening (a drafter's prefill) costs the target's time only where a drafter shares its cores.
-    built.scheduler.openings_share_target = any(plan.shares_target_cores(k) for st in chosen
+    # An opening (a drafter's prefill) costs the target's time only where a drafter shares its cores, and
+    # only a drafter on hardware of its own can draft for one cohort while the target verifies the other.
+    built.scheduler.drafter_shares_target = any(plan.shares_target_cores(k) for st in chosen
                                                 for k in st.actor_drafters())
     for st in chosen:
         # an engine of its own (DuoDecoding: pipelined, with its own CPU drafter actor), else its drafter:

@@ -398,7 +398,7 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
             shared = node == "shared"
             out[(m.name, "local" if shared else "local+drafter-node")] = Replica(
                 m, verify_m, max_batch=cfg.server.max_verify_batch, batch_wait_s=GATHER_S,
-                gather_fraction=cfg.server.verify_gather_factor,
+                gather_fraction=cfg.server.verify_gather_factor, verify_cohorts=cfg.server.verify_cohorts,
                 draft_step=(lambda rows, s=tok_s: s * grow(len(rows)) / grow(1)) if tok_s else None,
                 # Not profiled: the drafter's prompt prefill, taken to grow with tokens like the target's
                 # forward (one drafter forward x target(prompt tokens) / target(1 token)).

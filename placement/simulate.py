@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from core.cohorts import Cohorts
 from orchestrator.goodput import STEP_COST_SHAPES, GoodputDraftLength, GoodputScheduler, StepCostModel
 from orchestrator.goodput_guard import ModeGuard
 from placement.roofline import Row
@@ -143,6 +144,8 @@ class BatchServer:
         self.busy_s = 0.0
         self.observers: list = []                   # called (rows, tokens, seconds) per verify batch
         self.wait_hints: list = []                  # as GlobalVerifier.wait_hints: seconds worth waiting
+        self.split_hints: list = []                 # as GlobalVerifier.split_hints: two alternating cohorts
+        self.cohorts = Cohorts()
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)
@@ -154,6 +157,12 @@ class BatchServer:
         kind = self.queue[0].kind
         same = [j for j in self.queue if j.kind == kind]
         expected = min(len(set().union(*self.recent)), self.max_batch)
+        if kind == "verify" and any(h() for h in self.split_hints):     # the first job's cohort only
+            for owner in sorted(set().union(*self.recent)):             # entering the split: halve them
+                self.cohorts.of(owner)
+            cohort = self.cohorts.of(self.queue[0].owner)
+            same = [j for j in same if self.cohorts.of(j.owner) == cohort]
+            expected = min(self.cohorts.expected(cohort, set().union(*self.recent)), self.max_batch)
         if self.waiting and not waited and len(same) < expected:
             return                                    # still gathering
         # Wait briefly for requests that are between steps when fewer are queued than recently ran.
@@ -170,6 +179,7 @@ class BatchServer:
             self.queue.remove(j)
             j.started = self.sim.now
         self.recent = (self.recent + [{j.owner for j in batch}])[-2:]
+        self.cohorts.ran(j.owner for j in batch)
         self.batches.setdefault(kind, []).append(len(batch))
         duration = max(j.forwards for j in batch) * (batch[0].step or self.step)([j.row for j in batch])
         self.last_duration = duration
@@ -207,6 +217,7 @@ class Replica:
     max_batch: int = 16
     batch_wait_s: float = 0.0                  # the gathering's least wait (BatchServer)
     gather_fraction: float = 0.0               # ... and its share of the last batch's seconds (server config)
+    verify_cohorts: bool = True                # the goodput scheduler may split the batch (server config)
     draft_step: StepFn | None = None           # one drafter forward of these rows
     draft_prefill_step: StepFn | None = None   # the drafter's prefill of the prompt (None: not modelled);
                                                # the engine runs it after the first token, before step 1
@@ -295,9 +306,11 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         scheduler = GoodputScheduler(StepCostModel.fitted(
             (b, b * t, rep.verify_step([Row(t, 128)] * b)) for b, t in STEP_COST_SHAPES),
             guard=ModeGuard(clock=lambda: sim.now))     # its measurements on simulated time
-        scheduler.openings_share_target = rep.drafter_shared or rep.shared_bus
+        scheduler.drafter_shares_target = rep.drafter_shared or rep.shared_bus
         verifier.observers.append(scheduler.observe_forward)
         verifier.wait_hints.append(scheduler.draft_wait_s)
+        scheduler.cohorts = rep.verify_cohorts
+        verifier.split_hints.append(scheduler.split_cohorts)
     policies: dict[int, GoodputDraftLength] = {}
     done: list[Request] = []
     emissions: list[tuple[float, int]] = []     # (time, tokens emitted)

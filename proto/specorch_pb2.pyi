@@ -163,7 +163,7 @@ class GetStatsResponse(_message.Message):
     def __init__(self, strategies: _Optional[_Iterable[_Union[StrategyStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., default_strategy: _Optional[str] = ..., requests_rejected: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerStats, _Mapping]] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("decisions", "last_draft_lengths", "mean_draft_length", "predicted_step_s", "measured_step_s", "predicted_goodput", "forwards", "speculation_held_back", "measured_goodput")
+    __slots__ = ("decisions", "last_draft_lengths", "mean_draft_length", "predicted_step_s", "measured_step_s", "predicted_goodput", "forwards", "speculation_held_back", "measured_goodput", "split_cohorts")
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     LAST_DRAFT_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     MEAN_DRAFT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class SchedulerStats(_message.Message):
     FORWARDS_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_HELD_BACK_FIELD_NUMBER: _ClassVar[int]
     MEASURED_GOODPUT_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_COHORTS_FIELD_NUMBER: _ClassVar[int]
     decisions: int
     last_draft_lengths: _containers.RepeatedScalarFieldContainer[int]
     mean_draft_length: float
@@ -182,4 +183,5 @@ class SchedulerStats(_message.Message):
     forwards: int
     speculation_held_back: bool
     measured_goodput: float
-    def __init__(self, decisions: _Optional[int] = ..., last_draft_lengths: _Optional[_Iterable[int]] = ..., mean_draft_length: _Optional[float] = ..., predicted_step_s: _Optional[float] = ..., measured_step_s: _Optional[float] = ..., predicted_goodput: _Optional[float] = ..., forwards: _Optional[int] = ..., speculation_held_back: _Optional[bool] = ..., measured_goodput: _Optional[float] = ...) -> None: ...
+    split_cohorts: bool
+    def __init__(self, decisions: _Optional[int] = ..., last_draft_lengths: _Optional[_Iterable[int]] = ..., mean_draft_length: _Optional[float] = ..., predicted_step_s: _Optional[float] = ..., measured_step_s: _Optional[float] = ..., predicted_goodput: _Optional[float] = ..., forwards: _Optional[int] = ..., speculation_held_back: _Optional[bool] = ..., measured_goodput: _Optional[float] = ..., split_cohorts: _Optional[bool] = ...) -> None: ...

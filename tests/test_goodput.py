@@ -151,7 +151,7 @@ def opening_plan(cost_prior, accept, remaining, opening_s, requests, gate=True, 
     request waited `waited_s` for it: the same unless it opened ahead), and the probe each takes at k = 0
     (probe_every 0: due at once)."""
     scheduler = GoodputScheduler(cost=StepCostModel(prior=cost_prior), probe_every=0, min_gain=0.0)
-    scheduler.openings_share_target = shared
+    scheduler.drafter_shares_target = shared
     scheduler.guard.observe_setup(opening_s if waited_s is None else waited_s, opening_s)
     policies = [GoodputDraftLength(scheduler, k_max=6) for _ in range(requests)]
     for p in policies:

@@ -78,6 +78,8 @@ class _Metrics:
                                             "Emitted tokens per second measured in the mode now running")
         self.sched_held_back = Gauge("specorch_scheduler_speculation_held_back",
                                      "1 while drafting is held back because it measured slower at this load")
+        self.sched_split = Gauge("specorch_scheduler_split_cohorts",
+                                 "1 while the verifier verifies two alternating cohorts (one drafts, one verifies)")
         self.busy = Counter("specorch_worker_busy_seconds", "Seconds a worker spent computing (idle = wall - busy)",
                             tag_keys=("worker", "role"))
 
@@ -151,6 +153,7 @@ def record_scheduler(stats) -> None:
         m.sched_goodput.set(stats.predicted_goodput)
         m.sched_measured_goodput.set(stats.measured_goodput)
         m.sched_held_back.set(1.0 if stats.speculation_held_back else 0.0)
+        m.sched_split.set(1.0 if stats.split_cohorts else 0.0)
 
 
 class BusyTimer:

@@ -91,6 +91,8 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             self.engines = {name: e.with_target(self.verifier) for name, e in built.engines.items()}
             self.verifier.observers.append(built.scheduler.observe_forward)
             self.verifier.wait_hints.append(built.scheduler.draft_wait_s)
+            built.scheduler.cohorts = self.cfg.verify_cohorts
+            self.verifier.split_hints.append(built.scheduler.split_cohorts)
             self.verifier.observers.append(lambda *_: monitoring.record_scheduler(built.scheduler.stats))
         if self.cfg.profile_step_cost and any(getattr(getattr(s, "draft_length", None), "policy", "") == "goodput"
                                               for s in built.config.strategies if s.name in built.engines):
@@ -301,7 +303,7 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             mean_draft_length=sched.mean_draft_length, predicted_step_s=sched.predicted_step_s,
             measured_step_s=sched.measured_step_s, predicted_goodput=sched.predicted_goodput,
             forwards=sched.forwards, speculation_held_back=sched.speculation_held_back,
-            measured_goodput=sched.measured_goodput))
+            measured_goodput=sched.measured_goodput, split_cohorts=sched.split_cohorts))
         return out
 
 

@@ -1,0 +1,56 @@
+"""Two cohorts of a verifier's decode requests, verified in alternation (issue 16; docs/scheduler.md).
+
+In lockstep every live request verifies in one batched forward, then every one drafts, so a drafter on
+hardware of its own and the target take turns idling: a cycle of T(n) + D(n). Split in two cohorts, one
+cohort drafts while the other verifies (DuoDecoding's overlap, applied to a whole batch): a cycle of
+max(2 T(n/2), 2 D(n/2)), since each of target and drafter serves both cohorts once per cycle. That pays
+where the target's forward is compute-bound (T(n/2) well under T(n)) and drafting takes long enough to
+hide (between the forward's fixed part and T(n)); where forwards stream weights, T(n/2) ~ T(n) and the
+split pays two forwards for one. Whether to split is the goodput scheduler's call (orchestrator/goodput.py
+`choose_cohort_lengths`); this module only keeps the membership.
+
+Each request (a batch `owner`: the global verifier uses its KV cache) joins the smaller cohort when first
+seen and keeps it (the verifier registers the requests of its recent batches as it enters the split, so
+they are halved); newcomers refill the smaller cohort, but requests that leave without newcomers can
+leave the two uneven. An owner not seen for `forget_after` batches is forgotten (its request ended). Pure Python: the global verifier and the simulator's verifier
+(placement/simulate.py) gather with it alike.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+
+class Cohorts:
+    def __init__(self, forget_after: int = 8):
+        self.forget_after = forget_after
+        self._member: dict[Hashable, list[int]] = {}     # owner -> [cohort, number of the last batch it ran in]
+        self._batches = 0
+
+    def of(self, owner: Hashable) -> int:
+        """The owner's cohort (0 or 1); a new owner joins the smaller one."""
+        entry = self._member.get(owner)
+        if entry is None:
+            sizes = [0, 0]
+            for cohort, _ in self._member.values():
+                sizes[cohort] += 1
+            entry = self._member[owner] = [0 if sizes[0] <= sizes[1] else 1, self._batches]
+        return entry[0]
+
+    def expected(self, cohort: int, recent: Iterable[Hashable]) -> int:
+        """How many of the recently batched owners belong to `cohort` (the ones worth waiting for)."""
+        return sum(1 for owner in recent if owner in self._member and self._member[owner][0] == cohort)
+
+    def ran(self, owners: Iterable[Hashable]) -> None:
+        """A batch ran with these owners; owners absent for `forget_after` batches are forgotten."""
+        self._batches += 1
+        for owner in owners:
+            if owner in self._member:
+                self._member[owner][1] = self._batches
+        for owner in [o for o, (_, last) in self._member.items() if self._batches - last > self.forget_after]:
+            del self._member[owner]
+
+    def sizes(self) -> tuple[int, int]:
+        counts = [0, 0]
+        for cohort, _ in self._member.values():
+            counts[cohort] += 1
+        return counts[0], counts[1]
