@@ -79,6 +79,7 @@ class RowCostForward(ModelRunner):
     fixed_s, per_row_s = 0.0, 0.0
 
     def forward_many(self, requests):
+        self.batches = getattr(self, "batches", []) + [frozenset(id(r[0]) for r in requests)]   # whose caches
         time.sleep(self.fixed_s + self.per_row_s * len(requests))
         return super().forward_many(requests)
 
@@ -87,7 +88,8 @@ def run_requests(target_model, split: bool, u: float, requests: int = 8, steps: 
     """Requests that draft (a batched drafter on hardware of its own: 8u a draft, whatever its rows) and
     verify (u + 2u a row) in turn, the verifier told to wait up to a draft's time for the requests still
     drafting (as GoodputScheduler.draft_wait_s does). Returns (seconds of the steps after `warmup`, the
-    verifier's mean rows over them, each request's logits)."""
+    verifier's mean rows over them, each request's logits, the requests (caches) of each batch after
+    `warmup`)."""
     target = RowCostForward(target_model)
     target.fixed_s, target.per_row_s = u, 2 * u
     drafter_model = RowCostForward(target_model)
@@ -116,7 +118,7 @@ def run_requests(target_model, split: bool, u: float, requests: int = 8, steps: 
         for t in threads:
             t.join()
         batches, rows = verifier.stats.batches - marks["stats"][0], verifier.stats.rows - marks["stats"][1]
-        return time.perf_counter() - marks["t0"], rows / batches, outputs
+        return time.perf_counter() - marks["t0"], rows / batches, outputs, target.batches[-batches:]
     finally:
         verifier.close()
         drafter.close()
@@ -124,14 +126,26 @@ def run_requests(target_model, split: bool, u: float, requests: int = 8, steps: 
 
 def test_split_verification_overlaps_drafting_and_answers_every_request_its_own_logits(target_model):
     """Eight requests, forwards of u + 2u a row (17u for all, 9u for a cohort), drafts of 8u: lockstep
-    takes 25u a step, two cohorts max(18u, 16u) = 18u (1.39x). Measured on sleeping threads, so the
-    margin asked is 1.15x; each request's logits are those of its own inputs either way. The broken
-    version (the verifier ignores the hint) runs lockstep and fails."""
-    u = time_unit()
-    lock_s, lock_rows, lock_out = run_requests(target_model, False, u)
-    split_s, split_rows, split_out = run_requests(target_model, True, u)
-    assert lock_rows > 6 and split_rows < 5, (lock_rows, split_rows)
-    assert lock_s > 1.15 * split_s, (lock_s, split_s, u)
+    takes 25u a step, two cohorts max(18u, 16u) = 18u (1.39x). Measured on sleeping threads (u >= 10 ms:
+    in the full suite, u = 5 ms made 1.06x once, the tiny model's real forwards then weighing more), so
+    the margin asked is 1.15x; each request's logits are those of its own inputs either way. The broken
+    version (the verifier ignores the hint) runs lockstep and fails: one retry is allowed for a timing
+    disturbed by the machine, none would help the broken version (1.0x every time)."""
+    tries = []
+    for _ in range(2):
+        u = time_unit(floor=0.01, cap=0.02)     # the real forwards' few milliseconds of CPU stay small beside it
+        lock_s, lock_rows, lock_out, _ = run_requests(target_model, False, u)
+        split_s, split_rows, split_out, split_batches = run_requests(target_model, True, u)
+        # Lockstep: all eight a batch. Split: two fixed cohorts of four, alternating batch by batch (a
+        # verifier that merely stops waiting lets requests drift into batches of varying members: it
+        # overlaps too, 1.18x in one run here, but not as planned).
+        cohorts = set(split_batches)
+        assert lock_rows > 7 and len(cohorts) == 2 and {len(c) for c in cohorts} == {4}, (lock_rows, cohorts)
+        assert all(a != b for a, b in zip(split_batches, split_batches[1:])), "the cohorts did not alternate"
+        tries.append((lock_s, split_s, u))
+        if lock_s > 1.15 * split_s:
+            break
+    assert lock_s > 1.15 * split_s, tries
     for a, b in zip(lock_out, split_out):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y)
