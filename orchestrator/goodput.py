@@ -435,12 +435,11 @@ class GoodputScheduler:
 
     def _model_plan(self, policies: list["GoodputDraftLength"]) -> tuple[list[int], float, bool]:
         """Model draft lengths of the stepping requests, the predicted goodput, and whether the plan splits
-        the batch into cohorts. A request whose
-        drafter session has not opened yet drafts only where the plan's gain over what it may still emit
-        pays for the opening (the drafter's prefill of its prompt, `ModeGuard.opening_s`): on this
-        machine an opening takes ~0.7 s of the two cores the target shares, and a four-request wave of
-        64-token requests that opened every session for drafts that gained 10-20% lost 11-14% to plain
-        decoding (docs/scheduler.md). A drafter on hardware of its own costs the batch only the waiting
+        the batch into cohorts. A request whose drafter session has not opened yet drafts only where the
+        plan's gain over what it may still emit pays for the opening (the drafter's prefill of its prompt,
+        `ModeGuard.opening_s`): on this machine an opening takes ~0.7 s of the two cores the target shares,
+        and a four-request wave of 64-token requests that opened every session for drafts that gained
+        10-20% lost 11-14% to plain decoding (docs/scheduler.md). A drafter on hardware of its own costs the batch only the waiting
         request's share (`drafter_shares_target`)."""
         rows_other = round(self._other_rows)
 
