@@ -439,8 +439,8 @@ class GoodputScheduler:
         plan's gain over what it may still emit pays for the opening (the drafter's prefill of its prompt,
         `ModeGuard.opening_s`): on this machine an opening takes ~0.7 s of the two cores the target shares,
         and a four-request wave of 64-token requests that opened every session for drafts that gained
-        10-20% lost 11-14% to plain decoding (docs/scheduler.md). A drafter on hardware of its own costs the batch only the waiting
-        request's share (`drafter_shares_target`)."""
+        10-20% lost 11-14% to plain decoding (docs/scheduler.md). A drafter on hardware of its own costs the
+        batch only the waiting request's share (`drafter_shares_target`)."""
         rows_other = round(self._other_rows)
 
         def plan(drafting: list[int]) -> tuple[list[int], float, bool]:
