@@ -30,10 +30,8 @@ class Cohorts:
         """The owner's cohort (0 or 1); a new owner joins the smaller one."""
         entry = self._member.get(owner)
         if entry is None:
-            sizes = [0, 0]
-            for cohort, _ in self._member.values():
-                sizes[cohort] += 1
-            entry = self._member[owner] = [0 if sizes[0] <= sizes[1] else 1, self._batches]
+            first, second = self.sizes()
+            entry = self._member[owner] = [0 if first <= second else 1, self._batches]
         return entry[0]
 
     def expected(self, cohort: int, recent: Iterable[Hashable]) -> int:

@@ -24,9 +24,9 @@ def generate_outputs(built: Built, prompts: list[Prompt], max_new_tokens: int, l
                      concurrency: int = 1) -> list[list[int]]:
     """Greedy outputs of the target, one per prompt, in prompt order. concurrency > 1 decodes that many
     prompts at a time through one global verifier (batched forwards: on a 2-core CPU 8 requests make
-    about 4x the tokens per second of one: 30 against ~7 tokens/s, docs/vocab_trim.md). A batched bf16 forward can flip a near-tie that a
-    one-row forward would not, so a few outputs may part from one-at-a-time decoding there: still the
-    target's own text, which is what these tables count."""
+    about 4x the tokens per second of one: 30 against ~7 tokens/s, docs/vocab_trim.md). A batched bf16
+    forward can flip a near-tie that a one-row forward would not, so a few outputs may part from
+    one-at-a-time decoding there: still the target's own text, which is what these tables count."""
     plain = built.engines["plain"]
     verifier = GlobalVerifier(built.target, max_batch=concurrency) if concurrency > 1 else None
     engine = plain.with_target(verifier) if verifier else plain
