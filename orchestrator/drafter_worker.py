@@ -12,6 +12,7 @@ from core.sampling import SamplingParams, make_generator
 from orchestrator.config import StrategyAdapter
 from orchestrator.global_verifier import GlobalVerifier
 from workers.actors import LostRequestState
+from workers.core_lease import CoreLease
 from workers.drafters import Draft
 from workers.loading import load_for_decoding, pick_device
 from workers.monitoring import BusyTimer
@@ -31,16 +32,22 @@ class DrafterWorker:
     """
 
     def __init__(self, drafter_specs: dict[str, dict], strategies: list[dict], device: str = "auto",
-                 threads: int | None = None, batch_drafting: bool = False, max_batch: int = 16):
-        """drafter_specs: models.drafters key -> its ModelSpec (as a dict), every model this actor loads."""
+                 threads: int | None = None, batch_drafting: bool = False, max_batch: int = 16,
+                 core_lease: str | None = None):
+        """drafter_specs: models.drafters key -> its ModelSpec (as a dict), every model this actor loads.
+        core_lease: the path of the lease file of CPU cores shared with a target shard (workers/core_lease.py):
+        every forward of this actor's models then takes turns with the target's."""
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         runners: dict[str, ModelRunner] = {}
+        lease = CoreLease(core_lease) if core_lease else None     # one per process: its models share the cores too
         for key, raw in drafter_specs.items():
             spec = ModelSpec.model_validate(raw)
             model, _ = load_for_decoding(spec.source, spec.dtype, self.device, spec.quantize, with_tokenizer=False)
             runners[key] = ModelRunner(model, self.device)
+            if lease is not None:
+                runners[key].lease = lease
         parsed = [StrategyAdapter.validate_python(s) for s in strategies]
         # Draft-model drafters only call forward(); EasySpec drives the layers itself and keeps the runner.
         self.batchers = {key: GlobalVerifier(r, max_batch=max_batch, name="draft-batcher" if len(runners) == 1

@@ -19,6 +19,8 @@ falls back to target-only steps, output unchanged).
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 import threading
 import time
 import uuid
@@ -261,11 +263,15 @@ class RayRuntime:
     placement_group: object
     actors: dict[str, object]          # actor name -> handle
     dashboard_url: str | None
+    lease_files: tuple[str, ...] = ()  # core leases' files (workers/core_lease.py), removed at shutdown
 
     def shutdown(self) -> None:
         for handle in self.actors.values():
             ray.kill(handle)
         ray.util.remove_placement_group(self.placement_group)
+        for path in self.lease_files:       # those on this node; another node's stay in its temp directory
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def start_ray(config: EngineConfig, namespace: str = "specorch") -> str | None:
@@ -332,6 +338,10 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
 
     threads = config.runtime.threads
     call_timeout = config.cluster.actor_call_timeout_s
+    # One lease file per node whose cores a target shard and a drafter actor share (workers/core_lease.py).
+    run_id = uuid.uuid4().hex[:12]
+    leases = {node: os.path.join(tempfile.gettempdir(), f"specorch-cores-{run_id}-{node[0]}-{node[1]}.lock")
+              for node in plan.shared_cpu_nodes()} if config.runtime.core_lease else {}
     t = config.models.target
     run = check_strategies(config, only, log=None)   # check_plan's strategy checks (launch.py ran them before Ray)
     chosen = run.strategies
@@ -342,7 +352,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
     for s in targets:
         actors[s.name] = ray.remote(TargetShard).options(**options(s)).remote(
             t.source, t.dtype, tuple(s.layers), "cuda" if s.device == "gpu" else "cpu", threads or s.cpus,
-            s.tp_rank, s.tp_size)
+            s.tp_rank, s.tp_size, leases.get((s.pool, s.node)) if s.device == "cpu" else None)
     stages: list[list] = []                  # per pipeline stage, its tensor-parallel ranks in order
     for s in targets:
         if s.tp_rank == 0:
@@ -379,7 +389,8 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
         actors[s.name] = ray.remote(DrafterWorker).options(
             **options(s), max_concurrency=config.server.concurrency if batching else 1).remote(
             {k: config.models.drafters[k].model_dump() for k in loads}, [st.model_dump() for st in uses],
-            "cuda" if s.device == "gpu" else "cpu", threads or s.cpus, batching, config.server.max_verify_batch)
+            "cuda" if s.device == "gpu" else "cpu", threads or s.cpus, batching, config.server.max_verify_batch,
+            leases.get((s.pool, s.node)) if s.device == "cpu" else None)
         for k in loads:
             drafter_actors.setdefault(k, []).append(actors[s.name])
 
@@ -422,7 +433,7 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
             engine = SpeculativeEngine(target, st.ray_drafter(ctx), policy_factory(st.draft_length, built.scheduler, st.name),
                                        eos_token_ids=eos, name=st.name)
         built.engines[st.name] = engine
-    return built, RayRuntime(plan, pg, actors, None)
+    return built, RayRuntime(plan, pg, actors, None, tuple(leases.values()))
 
 
 def _tokenizer_and_meta(source: str, dtype: str):

@@ -95,6 +95,13 @@ class Plan:
         return any(s.role == "drafter" and drafter_key in (s.model, *s.colocated) and s.device == "cpu"
                    and (s.pool, s.node) in cpu_nodes for s in self.shards)
 
+    def shared_cpu_nodes(self) -> set[tuple[str, int]]:
+        """(pool, node) of every node whose CPU cores run a target shard and a drafter actor: there their
+        forwards take turns (runtime.core_lease, workers/core_lease.py). Tensor-parallel target ranks are
+        left out (their all-reduces would wait on the lease)."""
+        targets = {(s.pool, s.node) for s in self.shards if s.role == "target" and s.device == "cpu" and s.tp_size == 1}
+        return {(s.pool, s.node) for s in self.shards if s.role == "drafter" and s.device == "cpu"} & targets
+
     def bundles(self) -> list[dict[str, float]]:
         """One Ray placement-group bundle per shard (pool pinned by a custom resource)."""
         out = []

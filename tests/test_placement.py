@@ -43,6 +43,9 @@ def test_a_drafter_on_the_targets_cpu_node_shares_its_cores():
     a100 = plan_placement(load_config(ROOT / "cluster_configs/8xA100.yaml"))          # CPU drafter, GPU target
     assert not hetero.shares_target_cores("qwen-0.5b") and not a100.shares_target_cores("qwen-0.5b")
     assert not a100.shares_target_cores("qwen-1.5b")
+    # and where their forwards take turns (runtime.core_lease): the one local node, no node of the others
+    assert local.shared_cpu_nodes() == {("local", 0)}
+    assert hetero.shared_cpu_nodes() == set() and a100.shared_cpu_nodes() == set()
 
 
 def base(**placement) -> dict:

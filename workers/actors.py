@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from workers.core_lease import CoreLease
 from workers.loading import load_for_decoding, pick_device
 from workers.monitoring import BusyTimer
 from workers.runner import KVCache, ModelRunner
@@ -33,9 +34,11 @@ class TargetShard:
     """A pipeline stage of the target: layers [start, end), plus per-request KV caches."""
 
     def __init__(self, source: str, dtype: str, layer_range: tuple[int, int] | None, device: str = "auto",
-                 threads: int | None = None, tp_rank: int = 0, tp_size: int = 1):
+                 threads: int | None = None, tp_rank: int = 0, tp_size: int = 1, core_lease: str | None = None):
         """tp_size > 1: this actor is rank tp_rank of the stage's tensor-parallel group
-        (workers/tensor_parallel.py); join_stages() forms the group before the first forward."""
+        (workers/tensor_parallel.py); join_stages() forms the group before the first forward.
+        core_lease: the path of the lease file of the CPU cores this actor shares with a drafter actor
+        (workers/core_lease.py); not for tensor-parallel ranks, whose all-reduces would wait on it."""
         _threads(threads)
         self.device = pick_device(device)
         model, _ = load_for_decoding(source, dtype, self.device, with_tokenizer=False)
@@ -45,6 +48,8 @@ class TargetShard:
             self.runner = TensorParallelRunner(model, self.device, layer_range, tp_rank, tp_size)
         else:
             self.runner = ModelRunner(model, self.device, layer_range)
+            if core_lease:
+                self.runner.lease = CoreLease(core_lease)
         self.tp_rank = tp_rank
         start, end = self.runner.layer_range
         layers = model.model.layers

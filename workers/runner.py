@@ -19,6 +19,7 @@ the first input of the next forward.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workers.core_lease import NO_LEASE
 from workers.kernels import KernelChoice, attention, choose_for, int8_matmul, matmul
 
 SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral", "qwen3", "gemma3_text"}
@@ -123,8 +125,20 @@ class KVCache:
                 store[i] = grown
 
 
+def _leased(method):
+    """Runs the forward holding the runner's core lease (workers/core_lease.py; a no-op by default)."""
+    @functools.wraps(method)
+    def leased(self, *args, **kwargs):
+        with self.lease:
+            return method(self, *args, **kwargs)
+    return leased
+
+
 class ModelRunner:
     """Runs a decoder-only HF causal LM (Llama / Qwen2 / Mistral / Qwen3 family, Gemma 3 text)."""
+
+    # Set to a CoreLease where this runner's process shares CPU cores with another model's (placement).
+    lease = NO_LEASE
 
     def __init__(self, model, device: str | torch.device | None = None, layer_range: tuple[int, int] | None = None):
         """layer_range (start, end): run only these decoder layers, a pipeline stage. The first
@@ -202,6 +216,7 @@ class ModelRunner:
         return len(self._live_caches)
 
     # ---------------------------------------------------------------- forward
+    @_leased
     @torch.inference_mode()
     def forward(
         self,
@@ -302,6 +317,7 @@ class ModelRunner:
         return _Step(cache, mask, starts, end, t, slots, torch.arange(batch, device=dev).view(batch, 1),
                      all(s == starts[0] for s in starts), position_ids, sliding)
 
+    @_leased
     @torch.inference_mode()
     def forward_many(self, requests: list[tuple]) -> list[torch.Tensor]:
         """One forward for several independent sequences, each with its own batch-1 cache.

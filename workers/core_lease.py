@@ -1,0 +1,71 @@
+"""One forward at a time on CPU cores that several model processes share.
+
+On one CPU node the target's actor and a drafter actor each run torch with as many threads as the
+node has cores (their own forwards are fastest so). Whenever their forwards overlap, the two thread
+pools oversubscribe the cores and each spins in the other's way: measured here (2 cores, a 1.5B bf16
+target forward of 4 rows beside a 0.5B int8 drafter forward, 2 threads each) the target's forward
+took 2.77 s instead of 0.114 s and the drafter's 1.85 s instead of 0.024 s. Taking turns costs the
+sum of the two (0.131 s and 0.034 s measured, the rest of each turn being the other's). Overlap
+happens in serving as soon as two requests are in flight: one drafts while the other verifies, or
+a new request's prefill lands in the middle of drafting.
+
+`CoreLease(path)` is that turn-taking: an exclusive `flock` on a file every process of the node
+opens (the placement gives them the same path), re-entrant within a process (a forward inside a
+forward_many) and shared by its threads (a drafter actor serving calls in parallel threads would
+oversubscribe the cores by itself). `NO_LEASE` is the no-op for hardware of its own.
+"""
+from __future__ import annotations
+
+import fcntl
+import threading
+import time
+
+
+class CoreLease:
+    """Exclusive use of the node's cores for the duration of a `with` block."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._file = None
+        self.waited_s = 0.0          # total seconds spent waiting for another process's turn
+        self.turns = 0
+
+    def __enter__(self) -> "CoreLease":
+        t0 = time.perf_counter()
+        self._lock.acquire()
+        if self._depth == 0:
+            if self._file is None:       # opened lazily: a lease pickled into an actor opens its own file
+                self._file = open(self.path, "a+")
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+            self.waited_s += time.perf_counter() - t0
+            self.turns += 1
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._lock.release()
+
+    def __getstate__(self) -> dict:      # travels to an actor as its path; the file is opened there
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+
+class _NoLease:
+    waited_s = 0.0
+    turns = 0
+
+    def __enter__(self) -> "_NoLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+NO_LEASE = _NoLease()
