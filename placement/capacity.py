@@ -327,6 +327,13 @@ def _drafter_threads(cfg: EngineConfig, strategy_name: str, drafter: str | None)
     return cfg.runtime.threads or (pl.cpus if pl else 1)
 
 
+def _takes_turns(cfg: EngineConfig, strategy_name: str) -> bool:
+    """Whether this strategy drafts in a drafter actor, whose forwards take turns with the target's on a
+    shared node (runtime.core_lease; orchestrator/ray_runtime.py): not a drafter process of its own."""
+    st = next((s for s in cfg.strategies if s.name == strategy_name), None)
+    return st is None or st.drafter_threads() is None
+
+
 def _target_threads(cfg: EngineConfig) -> int:
     pool = next((p for p in cfg.node_pools if cfg.placement and p.name == cfg.placement.target.pool), None)
     return cfg.runtime.threads or (pool.cpus if pool else 1)
@@ -406,6 +413,8 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
                 drafter_servers=replicas, drafter_max_batch=drafter_batch,
                 transfer_s=RAY_HOP_S if m.draft_forwards() > 0 and not in_process else 0.0,
                 host_s=host_s, shared_bus=shared, verify_shared_slowdown=slow_t, draft_shared_slowdown=slow_d,
+                # a drafter actor's forwards take turns with the target's (a DuoDecoding drafter process's do not)
+                shared_turns=cfg.runtime.core_lease and _takes_turns(cfg, m.name),
                 devices=1 if shared else 2, concurrency=cfg.server.concurrency)
     return out
 

@@ -5,7 +5,8 @@ global verifier batches every queued request's forward, up to max_batch), the dr
 (each a server; on the local machine one actor drafting one request at a time). On a CPU
 node the drafter and the verifier share the cores and one memory bus (`SharedNode`): while both
 run, each runs `shared_slowdown` times slower than alone (the factor comes from the node's cores,
-each side's threads and bandwidth: placement/capacity.py `cpu_contention`).
+each side's threads and bandwidth: placement/capacity.py `cpu_contention`), or, where their forwards
+take turns (runtime.core_lease, the default for a drafter actor), one waits for the other.
 A request: arrives -> prefill on the verifier (first token) -> steps until its output length:
 draft (drafter, or nothing) -> transfer -> verify (verifier) -> host work (a delay) -> emit
 `sample_emitted(alpha, gamma)` tokens. DuoDecoding submits the next draft together with the
@@ -89,14 +90,21 @@ class SharedNode:
     `shared_slowdown` of its solo speed (compute and memory bus shared; see capacity.cpu_contention).
     Finish times are rescheduled on every start and finish; a superseded finish event is ignored."""
 
-    def __init__(self, sim: Sim):
+    def __init__(self, sim: Sim, turns: bool = False):
+        """turns: the servers' forwards take turns (runtime.core_lease, workers/core_lease.py): a job that
+        finds another running waits for it (first come, first served) and then runs at its solo speed."""
         self.sim = sim
+        self.turns = turns
         self.active: dict[int, list] = {}       # server id -> [remaining solo s, last update s, version, done, slowdown]
+        self.waiting: list[tuple] = []          # turns: (server, work, done) waiting for the running job
 
     def _rate_divisor(self, job: list) -> float:
         return job[4] if len(self.active) > 1 else 1.0
 
     def run(self, server: "BatchServer", work: float, done: Callable[[], None]) -> None:
+        if self.turns and self.active:
+            self.waiting.append((server, work, done))
+            return
         self._progress()
         self.active[id(server)] = [work, self.sim.now, 0, done, server.shared_slowdown]
         self._reschedule()
@@ -119,6 +127,8 @@ class SharedNode:
         self._progress()
         del self.active[key]
         self._reschedule()
+        if self.turns and self.waiting:
+            self.run(*self.waiting.pop(0))
         job[3]()
 
 
@@ -229,6 +239,7 @@ class Replica:
     shared_bus: bool = False                   # drafters and verifier share one CPU node (cores + memory bus)
     verify_shared_slowdown: float = 2.0        # shared node: the verifier's solo time x this while a drafter runs
     draft_shared_slowdown: float = 2.0         # shared node: a drafter's solo time x this while the verifier runs
+    shared_turns: bool = False                 # shared node: their forwards take turns instead (runtime.core_lease)
     devices: float = 1.0                       # devices held, for device-hours
     # Requests decoding at once (server.concurrency); later arrivals wait for a slot before their prefill,
     # as the server's admission queue holds them. None: max_batch. Without the limit a queue past
@@ -283,7 +294,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     rng = random.Random(seed)
     sim = Sim()
     s = rep.strategy
-    bus = SharedNode(sim) if rep.shared_bus else None
+    bus = SharedNode(sim, rep.shared_turns) if rep.shared_bus else None
     verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier", bus,
                            rep.verify_shared_slowdown, rep.gather_fraction)
     drafters = []

@@ -1,6 +1,7 @@
 """Capacity simulator (pure): roofline, Leviathan's formula, the event simulation, workload files, the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import statistics
@@ -182,6 +183,22 @@ def test_shared_node_slows_each_side_by_its_own_factor_while_both_run():
     assert ends2 == [("b", pytest.approx(0.5)), ("a", pytest.approx(1.25))]
 
 
+def test_shared_node_forwards_take_turns_with_the_core_lease():
+    # runtime.core_lease: a job that finds the other server's running waits for it, then runs at full speed.
+    from placement.simulate import BatchServer, Job, SharedNode, Sim
+
+    sim, ends = Sim(), []
+    bus = SharedNode(sim, turns=True)
+    a = BatchServer(sim, lambda rows: 1.0, 1, bus=bus, shared_slowdown=6.0)
+    b = BatchServer(sim, lambda rows: 0.5, 1, bus=bus, shared_slowdown=6.0)
+    a.submit(Job("verify", Row(1, 0), 1, lambda: ends.append(("a", sim.now))))
+    b.submit(Job("draft", Row(1, 0), 1, lambda: ends.append(("b", sim.now))))
+    a.submit(Job("verify", Row(1, 0), 1, lambda: ends.append(("a2", sim.now))))
+    sim.run()
+    # a runs 0-1 s; b waited and runs 1-1.5 s; a's second job waited behind b (first come): 1.5-2.5 s.
+    assert ends == [("a", pytest.approx(1.0)), ("b", pytest.approx(1.5)), ("a2", pytest.approx(2.5))]
+
+
 def _share(**kw):
     from placement.capacity import CpuNodeShare
     base = dict(cores=2, target_threads=2, drafter_threads=2, bus_gbs=20.0, target_gbs=10.0, drafter_gbs=5.0)
@@ -226,6 +243,8 @@ def test_drafter_on_a_separate_node_has_no_contention_and_is_faster_under_load()
                           drafter_nodes=("shared", "separate"))
     shared, separate = reps[("sd-0.5b-int8-hybrid", "local")], reps[("sd-0.5b-int8-hybrid", "local+drafter-node")]
     assert shared.shared_bus and not separate.shared_bus
+    assert shared.shared_turns          # runtime.core_lease (default): the drafter actor's forwards take turns
+    shared = dataclasses.replace(shared, shared_turns=False)     # this test: the contention model without it
     assert (shared.verify_shared_slowdown, shared.draft_shared_slowdown) == pytest.approx((6.0, 6.0))  # 2+2 threads, 2 cores
     assert ("plain", "local+drafter-node") not in reps                  # nothing to place for plain
     wl = load_workload(ROOT / "cluster_configs/workloads/local-closed-loop.yaml")
