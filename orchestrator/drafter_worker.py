@@ -12,7 +12,7 @@ from core.sampling import SamplingParams, make_generator
 from orchestrator.config import StrategyAdapter
 from orchestrator.global_verifier import GlobalVerifier
 from workers.actors import LostRequestState
-from workers.core_lease import CoreLease
+from workers.core_lease import NO_LEASE, CoreLease
 from workers.drafters import Draft
 from workers.loading import load_for_decoding, pick_device
 from workers.monitoring import BusyTimer
@@ -41,13 +41,13 @@ class DrafterWorker:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         runners: dict[str, ModelRunner] = {}
-        lease = CoreLease(core_lease) if core_lease else None     # one per process: its models share the cores too
+        lease = CoreLease(core_lease) if core_lease else NO_LEASE   # one per process: its models share the cores too
         for key, raw in drafter_specs.items():
             spec = ModelSpec.model_validate(raw)
             model, _ = load_for_decoding(spec.source, spec.dtype, self.device, spec.quantize, with_tokenizer=False)
             runners[key] = ModelRunner(model, self.device)
-            if lease is not None:
-                runners[key].lease = lease
+            runners[key].lease = lease
+        self.runners_lease = lease
         parsed = [StrategyAdapter.validate_python(s) for s in strategies]
         # Draft-model drafters only call forward(); EasySpec drives the layers itself and keeps the runner.
         self.batchers = {key: GlobalVerifier(r, max_batch=max_batch, name="draft-batcher" if len(runners) == 1
@@ -101,6 +101,11 @@ class DrafterWorker:
         largest batch (empty without batching)."""
         batcher = self.batchers.get(key or self.first)
         return vars(batcher.stats) if batcher else {}
+
+    def core_lease(self) -> dict:
+        """The core lease's turns and seconds waited (runtime.core_lease; zeros without one)."""
+        lease = self.runners_lease
+        return {"turns": lease.turns, "waited_s": lease.waited_s}
 
     @staticmethod
     def _apply(session, updates) -> None:

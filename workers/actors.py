@@ -110,7 +110,7 @@ class TargetShard:
         return {"layers": self.runner.layer_range, "tp_rank": self.tp_rank, "device": str(self.device),
                 "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-                "requests": len(self.caches)}
+                "requests": len(self.caches), "lease_turns": self.runner.lease.turns}
 
     def vocab_size(self) -> int:
         return self.runner.vocab_size
