@@ -19,6 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 
+# Lockstep on shared cores (GlobalVerifier.wait_for_drafting; the simulator's verifier alike): a batch
+# waits for a drafting request up to DRAFT_WAIT_FACTOR x the recent longest draft, a maximum decayed by
+# DRAFT_DECAY per draft (so one long draft, a session's opening, does not set the wait for good).
+DRAFT_WAIT_FACTOR = 1.5
+DRAFT_DECAY = 0.95
+
 
 class Cohorts:
     def __init__(self, forget_after: int = 8):

@@ -241,6 +241,10 @@ class ServerSection(Strict):
         "With a `goodput` strategy whose drafter runs on hardware of its own: let the scheduler verify the "
         "batch as two alternating cohorts, one drafting while the other verifies, where it predicts more "
         "goodput than lockstep (docs/scheduler.md)"))
+    wait_for_drafting: Literal["auto", "on", "off"] = Field("auto", description=(
+        "The global verifier's batch of decode steps waits for the requests drafting now (each up to 1.5x "
+        "the recent longest draft): lockstep. auto = where a drafter shares the target's CPU cores (there "
+        "a forward beside drafting runs at the speed of both sharing the cores, and splits the batch)"))
     profile_step_cost: bool = Field(True, description=(
         "With a `goodput` strategy configured: time a few batched decode-step shapes of the target when the "
         "server starts, as the goodput scheduler's first cost model (it is corrected online either way)"))

@@ -9,7 +9,8 @@ like with like. Ray actors and the gRPC server call this; it imports neither.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -52,7 +53,7 @@ def _clip(draft: Draft, limit: int) -> Draft:
     if draft.parents is not None or len(draft) <= limit:
         return draft
     probs = draft.probs[:limit] if draft.probs is not None else None
-    return Draft(tokens=draft.tokens[:limit], probs=probs, source=draft.source)
+    return replace(draft, tokens=draft.tokens[:limit], probs=probs)     # keeps its source and setup seconds
 
 
 def _top_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,6 +139,8 @@ class SpeculativeEngine:
                 session = self._drop_drafter(session, stats, exc)
         stats.draft_s += time.perf_counter() - t_draft_start     # drafter prefill
         opened, model_drafted = session, 0     # for the cost model (core/cost.py)
+        # A global verifier is told while this request drafts (it may wait for it: GlobalVerifier.drafting).
+        drafting = getattr(self.target, "drafting", None)
         finish = "stop" if first in self.eos_token_ids else "length"
 
         try:
@@ -154,7 +157,9 @@ class SpeculativeEngine:
                 if session and remaining > 1 and (k > 0 or free != 0):
                     # k may be 0 (the policy's "decode normally"); a hybrid may still copy from the context.
                     try:
-                        draft = _clip(session.propose(k), remaining - 1)
+                        with drafting(cache) if drafting else nullcontext({}) as told:
+                            draft = _clip(session.propose(k), remaining - 1)
+                            told["setup_s"] = draft.setup_s
                         if free is not None and draft.source == "lookup":
                             draft = _clip(draft, free)
                     except Exception as exc:  # a failed drafter costs speed, never the request

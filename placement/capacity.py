@@ -415,6 +415,8 @@ def local_replicas(cfg: EngineConfig, profile: dict, models: list[StrategyModel]
                 host_s=host_s, shared_bus=shared, verify_shared_slowdown=slow_t, draft_shared_slowdown=slow_d,
                 # a drafter actor's forwards take turns with the target's (a DuoDecoding drafter process's do not)
                 shared_turns=cfg.runtime.core_lease and _takes_turns(cfg, m.name),
+                wait_for_drafting=cfg.server.wait_for_drafting == "on" or (
+                    cfg.server.wait_for_drafting == "auto" and shared and m.draft_forwards() > 0),
                 devices=1 if shared else 2, concurrency=cfg.server.concurrency)
     return out
 

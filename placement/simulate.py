@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.cohorts import Cohorts
+from core.cohorts import DRAFT_DECAY, DRAFT_WAIT_FACTOR, Cohorts
 from orchestrator.goodput import STEP_COST_SHAPES, GoodputDraftLength, GoodputScheduler, StepCostModel
 from orchestrator.goodput_guard import ModeGuard
 from placement.roofline import Row
@@ -156,6 +156,23 @@ class BatchServer:
         self.wait_hints: list = []                  # as GlobalVerifier.wait_hints: seconds worth waiting
         self.split_hints: list = []                 # as GlobalVerifier.split_hints: two alternating cohorts
         self.cohorts = Cohorts()
+        # As GlobalVerifier.wait_for_drafting: verify batches wait for requests drafting now (owner -> since).
+        self.wait_for_drafting = False
+        self.drafting: dict[int, float] = {}
+        self.longest_draft_s = 0.0
+
+    def draft_begins(self, owner: int) -> None:
+        self.drafting[owner] = self.sim.now
+
+    def draft_ends(self, owner: int, setup_s: float = 0.0) -> None:
+        """setup_s: seconds of the draft spent opening a drafter session (not counted, as served)."""
+        t0 = self.drafting.pop(owner, None)
+        if t0 is not None:
+            self.longest_draft_s = max(self.sim.now - t0 - setup_s, DRAFT_DECAY * self.longest_draft_s)
+
+    def _drafting_until(self) -> float:
+        allowance = DRAFT_WAIT_FACTOR * self.longest_draft_s + self.batch_wait_s
+        return max((t0 + allowance for t0 in self.drafting.values()), default=0.0)
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)
@@ -173,15 +190,17 @@ class BatchServer:
             cohort = self.cohorts.of(self.queue[0].owner)
             same = [j for j in same if self.cohorts.of(j.owner) == cohort]
             expected = min(self.cohorts.expected(cohort, set().union(*self.recent)), self.max_batch)
-        if self.waiting and not waited and len(same) < expected:
+        drafts_until = self._drafting_until() if kind == "verify" and self.wait_for_drafting else 0.0
+        if self.waiting and not waited and (len(same) < expected or drafts_until > self.sim.now):
             return                                    # still gathering
         # Wait briefly for requests that are between steps when fewer are queued than recently ran.
         wait = max(self.batch_wait_s, self.gather_fraction * self.last_duration,
                    max((h() for h in self.wait_hints), default=0.0) if kind == "verify" else 0.0)
-        if not waited and not self.waiting and wait > 0 and len(same) < expected:
+        if not waited and not self.waiting and (wait > 0 and len(same) < expected or drafts_until > self.sim.now):
             self.waiting = True
             self._wait_version += 1
-            self.sim.at(self.sim.now + wait, lambda v=self._wait_version: self._wake(v))
+            until = max(self.sim.now + wait if len(same) < expected else 0.0, drafts_until)
+            self.sim.at(until, lambda v=self._wait_version: self._wake(v))
             return
         self.waiting = False
         batch = same[: self.max_batch]
@@ -241,6 +260,7 @@ class Replica:
     draft_shared_slowdown: float = 2.0         # shared node: a drafter's solo time x this while the verifier runs
     shared_turns: bool = False                 # shared node: their forwards take turns instead (runtime.core_lease)
     devices: float = 1.0                       # devices held, for device-hours
+    wait_for_drafting: bool = False            # verify batches wait for drafting requests (server config)
     # Requests decoding at once (server.concurrency); later arrivals wait for a slot before their prefill,
     # as the server's admission queue holds them. None: max_batch. Without the limit a queue past
     # capacity starves decoding: every step waits behind the prefills of all earlier arrivals.
@@ -297,6 +317,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
     bus = SharedNode(sim, rep.shared_turns) if rep.shared_bus else None
     verifier = BatchServer(sim, rep.verify_step, rep.max_batch, rep.batch_wait_s, "verifier", bus,
                            rep.verify_shared_slowdown, rep.gather_fraction)
+    verifier.wait_for_drafting = rep.wait_for_drafting
     drafters = []
     if s.draft_forwards() > 0:
         if rep.draft_step is None:
@@ -432,7 +453,9 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
             return
 
         def to_verifier():
+            verifier.draft_ends(req.id)
             verifier.submit(Job("verify", verify_row, 1, after_verify, owner=req.id))
+        verifier.draft_begins(req.id)
         drafter_for(req).submit(draft_job(
             lambda: sim.at(sim.now + rep.transfer_s, to_verifier) if rep.transfer_s else to_verifier()))
 
@@ -445,6 +468,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
         emitted = sample_emitted(s.effective_alpha, k, rng)
         req.steps += 1
         started = [sim.now, sim.now]                 # step start, verify submission
+        setup = [0.0]                                # seconds of this step's draft spent on an opening
 
         def after_verify():
             policy.observe(k, emitted - 1, started[1] - started[0], sim.now - started[1])
@@ -452,11 +476,13 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
 
         def to_verifier():
             started[1] = sim.now
+            verifier.draft_ends(req.id, setup[0])
             verifier.submit(Job("verify", Row(k + 1, req.context), 1, after_verify, owner=req.id))
         forwards = s.draft_forwards() * k / s.gamma if drafters and s.gamma else 0.0
         if forwards <= 0:
             to_verifier()
             return
+        verifier.draft_begins(req.id)          # as the engine tells the global verifier (opening included)
 
         def draft():
             job = Job("draft", Row(1, req.context), forwards, lambda: drafted(job), rep.draft_step, req.id)
@@ -469,6 +495,7 @@ def simulate(rep: Replica, arrivals: Arrivals, prompt_len: Callable[[random.Rand
             # The first draft waits for what is left of the session's opening: a one-time cost the
             # scheduler's measured check spreads over requests (ModeGuard.observe_setup).
             def after_opening():
+                setup[0] = sim.now - started[0]
                 policy.observe_setup(sim.now - started[0], req.opening_s)
                 req.opening_s = None
                 started[0] = sim.now

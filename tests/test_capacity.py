@@ -1,6 +1,7 @@
 """Capacity simulator (pure): roofline, Leviathan's formula, the event simulation, workload files, the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import statistics
@@ -233,6 +234,27 @@ def _local_models_and_profile():
     return cfg, profile, [StrategyModel("plain", "plain"), hybrid]
 
 
+def test_simulated_verifier_waits_for_drafting_requests_on_a_shared_node():
+    """server.wait_for_drafting (auto: on a shared node): the simulated verifier, like the global verifier,
+    waits for requests drafting now, so a hybrid's requests (lookup hits skip the drafter) verify together
+    instead of one beside the other's drafting; off, they split and share the cores."""
+    import dataclasses
+
+    from placement.capacity import local_replicas
+
+    cfg, profile, models = _local_models_and_profile()
+    rep = local_replicas(cfg, profile, models, 0.0, {"sd-0.5b-int8-hybrid": 0.08})[("sd-0.5b-int8-hybrid", "local")]
+    assert rep.wait_for_drafting
+    off = dataclasses.replace(rep, wait_for_drafting=False)
+    a = Arrivals("closed", 16, concurrency=4)
+    p_len, o_len = (lambda r: 100), (lambda r: 64)
+    on_run, off_run = simulate(rep, a, p_len, o_len, seed=3), simulate(off, a, p_len, o_len, seed=3)
+    assert on_run.mean_verify_batch > off_run.mean_verify_batch + 0.5
+    assert on_run.throughput > 1.1 * off_run.throughput
+    plain = local_replicas(cfg, profile, models, 0.0, {})[("plain", "local")]
+    assert not plain.wait_for_drafting           # nothing drafts
+
+
 def test_drafter_on_a_separate_node_has_no_contention_and_is_faster_under_load():
     from placement.capacity import local_replicas
     from placement.workload import load_workload
@@ -251,8 +273,11 @@ def test_drafter_on_a_separate_node_has_no_contention_and_is_faster_under_load()
     wl = load_workload(ROOT / "cluster_configs/workloads/local-closed-loop.yaml")
     p_len, o_len = wl.sampler()
     a = Arrivals("closed", 8, concurrency=8)
-    slow, fast = simulate(shared, a, p_len, o_len, seed=1), simulate(separate, a, p_len, o_len, seed=1)
+    # the contention itself: the shared node's verifier not waiting for drafting requests (as the separate one)
+    unsynced = dataclasses.replace(shared, wait_for_drafting=False)
+    slow, fast = simulate(unsynced, a, p_len, o_len, seed=1), simulate(separate, a, p_len, o_len, seed=1)
     assert fast.throughput > 1.3 * slow.throughput
+    assert fast.throughput > simulate(shared, a, p_len, o_len, seed=1).throughput    # lockstep there (auto) too
     one = Arrivals("closed", 1, concurrency=1)     # one request: drafter and target alternate, nothing to share
     assert simulate(separate, one, p_len, o_len, seed=1).throughput == pytest.approx(
         simulate(shared, one, p_len, o_len, seed=1).throughput, rel=1e-9)

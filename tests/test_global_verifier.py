@@ -246,3 +246,86 @@ def test_a_forward_after_close_fails_at_once(target_model):
     thread.start()
     thread.join(10)
     assert outcome == ["global verifier stopped"], outcome or "still waiting after 10 s"
+
+
+@pytest.mark.parametrize("wait_for_drafting", [False, True])
+def test_decode_batches_wait_for_drafting_requests_where_told(target_model, wait_for_drafting):
+    """Lockstep on shared cores: one request drafts 3u before each step (told through `drafting`), the
+    other comes straight back. Told to wait for drafting, the verifier runs both in one forward each step;
+    without it, the second goes alone while the first drafts and the two stay out of step."""
+    u = time_unit()
+    runner = FixedForward(target_model)
+    runner.forward_s = 6 * u
+    verifier = GlobalVerifier(runner, max_batch=8, gather_s=0.005, gather_fraction=0.1)
+    verifier.wait_for_drafting = wait_for_drafting
+    try:
+        def run(drafts: bool):
+            cache = verifier.new_cache(1, capacity=64)
+            for step in range(10):
+                if drafts:
+                    with verifier.drafting(cache):
+                        time.sleep(3 * u)
+                verifier.forward(cache, torch.tensor([[1 + step]]))
+
+        threads = [threading.Thread(target=run, args=(d,)) for d in (True, False)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mean = verifier.stats.rows / verifier.stats.batches
+        assert (mean >= 1.8) if wait_for_drafting else (mean < 1.5), (mean, u)
+    finally:
+        verifier.close()
+
+
+def test_a_draft_far_longer_than_recent_ones_is_not_waited_out(target_model):
+    """The wait for a drafting request ends at 1.5x the recent longest draft (a session opening is not
+    waited out): after drafts of 2u, a draft of 40u holds the other request's forward back ~3u, not 40u."""
+    u = time_unit()
+    verifier = GlobalVerifier(FixedForward(target_model), max_batch=8, gather_s=0.005)
+    verifier.wait_for_drafting = True
+    FixedForward.forward_s = 0.0
+    try:
+        drafter_cache, other = verifier.new_cache(1, capacity=64), verifier.new_cache(1, capacity=64)
+        for _ in range(3):
+            with verifier.drafting(drafter_cache):
+                time.sleep(2 * u)
+        started = threading.Event()
+
+        def long_draft():
+            with verifier.drafting(drafter_cache):
+                started.set()
+                time.sleep(40 * u)
+
+        t = threading.Thread(target=long_draft)
+        t.start()
+        started.wait()
+        t0 = time.perf_counter()
+        verifier.forward(other, torch.tensor([[1]]))
+        waited = time.perf_counter() - t0
+        t.join()
+        assert 2 * u <= waited < 10 * u, (waited / u, u)
+    finally:
+        FixedForward.forward_s = 0.06
+        verifier.close()
+
+
+def test_the_engine_tells_the_verifier_while_it_drafts(target_model, draft_model, prompts):
+    """Every draft the engine asks for runs inside GlobalVerifier.drafting (what wait_for_drafting waits on)."""
+    verifier = GlobalVerifier(ModelRunner(target_model), max_batch=4)
+    told = []
+    real = verifier.drafting
+
+    def spy(cache):
+        told.append(id(cache))
+        return real(cache)
+
+    verifier.drafting = spy
+    try:
+        run = SpeculativeEngine(verifier, DraftModelDrafter(ModelRunner(draft_model)),
+                                lambda: FixedDraftLength(3)).generate(prompts[0], 16)
+        drafted_steps = sum(1 for k in run.stats.draft_lengths if k > 0)   # the last step asks for none
+        assert drafted_steps > 0 and len(told) == drafted_steps and len(set(told)) == 1
+        assert not verifier._drafting                 # nobody left registered
+    finally:
+        verifier.close()

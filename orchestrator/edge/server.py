@@ -93,6 +93,8 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             self.verifier.wait_hints.append(built.scheduler.draft_wait_s)
             built.scheduler.cohorts = self.cfg.verify_cohorts
             self.verifier.split_hints.append(built.scheduler.split_cohorts)
+            self.verifier.wait_for_drafting = self.cfg.wait_for_drafting == "on" or (
+                self.cfg.wait_for_drafting == "auto" and built.scheduler.drafter_shares_target)
             self.verifier.observers.append(lambda *_: monitoring.record_scheduler(built.scheduler.stats))
         if self.cfg.profile_step_cost and any(getattr(getattr(s, "draft_length", None), "policy", "") == "goodput"
                                               for s in built.config.strategies if s.name in built.engines):
