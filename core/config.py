@@ -136,10 +136,11 @@ class ModelsConfig(Strict):
 class RuntimeConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default)")
-    core_lease: bool = Field(False, description=(
+    core_lease: bool = Field(True, description=(
         "Where a drafter actor runs on the CPU cores of a node that also runs a target shard, their forwards "
         "take turns (workers/core_lease.py) instead of overlapping (overlapping, their thread pools "
-        "oversubscribe the cores). Off by default: served here it measured slower (docs/scheduler.md)"))
+        "oversubscribe the cores). Pays with server.wait_for_drafting (lockstep), loses without it "
+        "(docs/scheduler.md)"))
 
 
 class BenchConfig(Strict):

@@ -264,10 +264,11 @@ def test_drafter_on_a_separate_node_has_no_contention_and_is_faster_under_load()
                           drafter_nodes=("shared", "separate"))
     shared, separate = reps[("sd-0.5b-int8-hybrid", "local")], reps[("sd-0.5b-int8-hybrid", "local+drafter-node")]
     assert shared.shared_bus and not separate.shared_bus
-    assert not shared.shared_turns      # runtime.core_lease off (default): the contention model
-    leased = local_replicas(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"core_lease": True})}),
-                            profile, models, 0.0, {"sd-0.5b-int8-hybrid": 0.08})[("sd-0.5b-int8-hybrid", "local")]
-    assert leased.shared_turns          # on: the drafter actor's forwards take turns with the verifier's
+    assert shared.shared_turns          # runtime.core_lease (default): the drafter actor's forwards take turns
+    unleased = local_replicas(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"core_lease": False})}),
+                              profile, models, 0.0, {"sd-0.5b-int8-hybrid": 0.08})[("sd-0.5b-int8-hybrid", "local")]
+    assert not unleased.shared_turns    # off: the contention model
+    shared = unleased                   # this test: contention on a shared node against none on a node of its own
     assert (shared.verify_shared_slowdown, shared.draft_shared_slowdown) == pytest.approx((6.0, 6.0))  # 2+2 threads, 2 cores
     assert ("plain", "local+drafter-node") not in reps                  # nothing to place for plain
     wl = load_workload(ROOT / "cluster_configs/workloads/local-closed-loop.yaml")

@@ -9,13 +9,13 @@ sum of the two (0.131 s and 0.034 s measured, the rest of each turn being the ot
 happens in serving as soon as two requests are in flight: one drafts while the other verifies, or
 a new request's prefill lands in the middle of drafting.
 
-Off by default (`runtime.core_lease`): served on that machine (2 requests per client, 64 tokens) the
-lease made drafting slower, not faster: the hybrid 11.3 tok/s against 12.4 without it at two clients
-and 13.6 against 15.1 at four, the goodput strategy 14.3 against 15.9 and 19.8 against 22.0. In serving
-the two sides overlap in bursts (a draft of a few forwards beside one verification), where sharing the
-cores costs far less than in the sustained case (a target forward 0.23 s against 0.13 s alone, a draft
-forward 0.08 s against 0.024 s), and waiting out every forward of the other side makes a draft of k
-tokens wait for up to k of the target's forwards.
+It pays only together with lockstep (`server.wait_for_drafting`: the verifier waits for the requests
+drafting now). Alone, served on that machine (2 requests per client, 64 tokens) the lease made drafting
+slower: requests out of step draft while others verify, and a draft of k tokens waits for up to k of
+the target's forwards (the hybrid 11.3 tok/s against 12.4 without it at two clients, 13.6 against 15.1
+at four). In lockstep what is left to overlap is little (a new request's prefill, a session's
+opening), and taking turns there made the hybrid 15.5 tok/s against 14.6 at two clients and 21.0
+against 19.6 at four (one run each; docs/scheduler.md). `runtime.core_lease` (default on).
 
 `CoreLease(path)` is that turn-taking: an exclusive `flock` on a file every process of the node
 opens (the placement gives them the same path), re-entrant within a process (a forward inside a
