@@ -11,8 +11,8 @@ split pays two forwards for one. Whether to split is the goodput scheduler's cal
 
 Each request (a batch `owner`: the global verifier uses its KV cache) joins the smaller cohort when first
 seen and keeps it (the verifier registers the requests of its recent batches as it enters the split, so
-they are halved); newcomers refill the smaller cohort, but requests that leave without newcomers can
-leave the two uneven. An owner not seen for `forget_after` batches is forgotten (its request ended). Pure Python: the global verifier and the simulator's verifier
+they are halved); newcomers refill the smaller cohort, and where requests leave without newcomers
+the larger cohort's just-verified requests move over. An owner not seen for `forget_after` batches is forgotten (its request ended). Pure Python: the global verifier and the simulator's verifier
 (placement/simulate.py) gather with it alike.
 """
 from __future__ import annotations
@@ -45,13 +45,22 @@ class Cohorts:
         return sum(1 for owner in recent if owner in self._member and self._member[owner][0] == cohort)
 
     def ran(self, owners: Iterable[Hashable]) -> None:
-        """A batch ran with these owners; owners absent for `forget_after` batches are forgotten."""
+        """A batch ran with these owners; owners absent for `forget_after` batches are forgotten, and
+        where that leaves the cohorts more than one apart, owners of the larger one that just ran move
+        to the smaller (each has just been verified, so it drafts now and joins its new cohort's next
+        batch: half a cycle late, once)."""
         self._batches += 1
+        owners = list(owners)
         for owner in owners:
             if owner in self._member:
                 self._member[owner][1] = self._batches
         for owner in [o for o, (_, last) in self._member.items() if self._batches - last > self.forget_after]:
             del self._member[owner]
+        first, second = self.sizes()
+        larger = 0 if first > second else 1
+        movable = [o for o in owners if o in self._member and self._member[o][0] == larger]
+        for owner in movable[: abs(first - second) // 2]:
+            self._member[owner][0] = 1 - larger
 
     def sizes(self) -> tuple[int, int]:
         counts = [0, 0]

@@ -244,7 +244,7 @@ class ServerSection(Strict):
         "goodput than lockstep (docs/scheduler.md)"))
     wait_for_drafting: Literal["auto", "on", "off"] = Field("auto", description=(
         "The global verifier's batch of decode steps waits for the requests drafting now (each up to 1.5x "
-        "the recent longest draft): lockstep. auto = where a drafter shares the target's CPU cores (there "
+        "the recent longest draft + 5 ms): lockstep. auto = where a drafter shares the target's CPU cores (there "
         "a forward beside drafting runs at the speed of both sharing the cores, and splits the batch)"))
     profile_step_cost: bool = Field(True, description=(
         "With a `goodput` strategy configured: time a few batched decode-step shapes of the target when the "

@@ -159,7 +159,7 @@ class SpeculativeEngine:
                     try:
                         with drafting(cache) if drafting else nullcontext({}) as told:
                             draft = _clip(session.propose(k), remaining - 1)
-                            told["setup_s"] = draft.setup_s
+                            told.update(setup_s=draft.setup_s, timed=draft.source != "lookup")
                         if free is not None and draft.source == "lookup":
                             draft = _clip(draft, free)
                     except Exception as exc:  # a failed drafter costs speed, never the request

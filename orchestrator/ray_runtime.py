@@ -323,14 +323,18 @@ def place(config: EngineConfig, plan: Plan, only: list[str] | None = None,
     """Create the placement group, start the shard and drafter actors, and build engines over them."""
     pg = create_placement_group(plan, name=f"{name}-{config.name}")
     actors: dict[str, object] = {}
+    # One lease file per node whose cores a target shard and a drafter actor share (workers/core_lease.py).
+    run_id = uuid.uuid4().hex[:12]
+    leases = {node: os.path.join(tempfile.gettempdir(), f"specorch-cores-{run_id}-{node[0]}-{node[1]}.lock")
+              for node in plan.shared_cpu_nodes()} if config.runtime.core_lease else {}
     try:
-        return _place(config, plan, only, pg, actors)
+        return _place(config, plan, only, pg, actors, leases)
     except BaseException:
-        RayRuntime(plan, pg, actors, None).shutdown()     # nothing half-started stays behind
+        RayRuntime(plan, pg, actors, None, tuple(leases.values())).shutdown()   # nothing half-started stays
         raise
 
 
-def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Built, RayRuntime]:
+def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict, leases: dict) -> tuple[Built, RayRuntime]:
     def options(shard) -> dict:   # the actor's name, resources and bundle
         return dict(name=shard.name, num_cpus=shard.cpus, num_gpus=shard.gpus,
                     max_restarts=config.cluster.actor_max_restarts,
@@ -338,10 +342,6 @@ def _place(config: EngineConfig, plan: Plan, only, pg, actors: dict) -> tuple[Bu
 
     threads = config.runtime.threads
     call_timeout = config.cluster.actor_call_timeout_s
-    # One lease file per node whose cores a target shard and a drafter actor share (workers/core_lease.py).
-    run_id = uuid.uuid4().hex[:12]
-    leases = {node: os.path.join(tempfile.gettempdir(), f"specorch-cores-{run_id}-{node[0]}-{node[1]}.lock")
-              for node in plan.shared_cpu_nodes()} if config.runtime.core_lease else {}
     t = config.models.target
     run = check_strategies(config, only, log=None)   # check_plan's strategy checks (launch.py ran them before Ray)
     chosen = run.strategies

@@ -190,7 +190,8 @@ class BatchServer:
             cohort = self.cohorts.of(self.queue[0].owner)
             same = [j for j in same if self.cohorts.of(j.owner) == cohort]
             expected = min(self.cohorts.expected(cohort, set().union(*self.recent)), self.max_batch)
-        drafts_until = self._drafting_until() if kind == "verify" and self.wait_for_drafting else 0.0
+        drafts_until = (self._drafting_until() if kind == "verify" and self.wait_for_drafting
+                        and len(same) < self.max_batch else 0.0)
         if self.waiting and not waited and (len(same) < expected or drafts_until > self.sim.now):
             return                                    # still gathering
         # Wait briefly for requests that are between steps when fewer are queued than recently ran.

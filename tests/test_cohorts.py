@@ -34,9 +34,19 @@ def test_members_join_the_smaller_cohort_keep_it_and_are_forgotten_when_gone():
     assert [c.of(o) for o in "dcba"] == [1, 0, 1, 0]            # sticky
     assert c.expected(0, {"a", "b", "c", "x"}) == 2             # a and c; x is nobody's
     for _ in range(3):                                          # b and d stop coming
-        c.ran({"a", "c"})
-    assert c.sizes() == (2, 0)
-    assert c.of("e") == 1 and c.of("f") == 1                    # newcomers refill the emptied cohort
+        c.ran(["a", "c"])
+    assert c.sizes() == (1, 1)                                  # one of a, c (just verified) moved over
+    assert {c.of("a"), c.of("c")} == {0, 1}
+    assert c.of("e") == 0 and c.of("f") == 1                    # newcomers join the smaller, then alternate
+    for _ in range(3):                                          # a, c and f leave: nobody to move
+        c.ran(["e"])
+    assert c.sizes() == (1, 0)
+    g = Cohorts(forget_after=1)                                 # 5 against 1 after leaving: two move
+    for o in "abcdefghij":
+        g.of(o)                                                 # 0: a c e g i, 1: b d f h j
+    for _ in range(2):
+        g.ran(list("acegib"))
+    assert g.sizes() == (3, 3) and g.of("b") == 1
 
 
 def test_cohorts_pay_where_drafting_is_slow_and_forwards_grow_with_tokens():

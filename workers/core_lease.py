@@ -18,13 +18,14 @@ opening), and taking turns there made the hybrid 15.5 tok/s against 14.6 at two 
 against 19.6 at four (one run each; docs/scheduler.md). `runtime.core_lease` (default on).
 
 `CoreLease(path)` is that turn-taking: an exclusive `flock` on a file every process of the node
-opens (the placement gives them the same path), re-entrant within a process (a forward inside a
-forward_many) and shared by its threads (a drafter actor serving calls in parallel threads would
-oversubscribe the cores by itself). `NO_LEASE` is the no-op for hardware of its own.
+opens (the placement gives them the same path), re-entrant within a process (a one-request
+forward_many runs forward) and shared by its threads (a drafter actor serving calls in parallel
+threads would oversubscribe the cores by itself). `NO_LEASE` is the no-op for hardware of its own.
 """
 from __future__ import annotations
 
 import fcntl
+import os
 import threading
 import time
 
@@ -37,16 +38,21 @@ class CoreLease:
         self._lock = threading.RLock()
         self._depth = 0
         self._file = None
-        self.waited_s = 0.0          # total seconds spent waiting for another process's turn
+        self.waited_s = 0.0          # total seconds waiting for the lease (another process's or thread's turn)
         self.turns = 0
 
     def __enter__(self) -> "CoreLease":
         t0 = time.perf_counter()
         self._lock.acquire()
         if self._depth == 0:
-            if self._file is None:       # opened lazily: a lease pickled into an actor opens its own file
-                self._file = open(self.path, "a+")
-            fcntl.flock(self._file, fcntl.LOCK_EX)
+            try:
+                if self._file is None:   # opened lazily: a lease pickled into an actor opens its own file
+                    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                    self._file = open(self.path, "a+")
+                fcntl.flock(self._file, fcntl.LOCK_EX)
+            except BaseException:
+                self._lock.release()     # the process's other threads must not wait on a lease never taken
+                raise
             self.waited_s += time.perf_counter() - t0
             self.turns += 1
         self._depth += 1
