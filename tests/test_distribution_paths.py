@@ -236,16 +236,18 @@ def test_in_process_paths_follow_the_target(in_process, exact, strategy):
     assert_follows_target(outs, stats, exact, f"in process, {strategy}")
 
 
-@pytest.mark.parametrize("cohorts", [False, True])
-def test_concurrent_requests_through_the_global_verifier_follow_the_target(in_process, exact, cohorts):
+@pytest.mark.parametrize("batching", ["lockstep", "cohorts", "wait_for_drafting"])
+def test_concurrent_requests_through_the_global_verifier_follow_the_target(in_process, exact, batching):
     """The server's path: four requests at a time, their target forwards batched by the global
-    verifier, their draft lengths chosen together by the goodput scheduler it feeds; and verified as two
-    alternating cohorts (core/cohorts.py), as the scheduler does with a drafter of its own."""
+    verifier, their draft lengths chosen together by the goodput scheduler it feeds; verified as two
+    alternating cohorts (core/cohorts.py), as the scheduler does with a drafter of its own; or with the
+    verifier waiting for drafting requests, as it does where a drafter shares the target's cores."""
     from orchestrator.global_verifier import GlobalVerifier
 
     verifier = GlobalVerifier(in_process.target, max_batch=4)
     verifier.observers.append(in_process.scheduler.observe_forward)
-    verifier.split_hints.append(lambda: cohorts)
+    verifier.split_hints.append(lambda: batching == "cohorts")
+    verifier.wait_for_drafting = batching == "wait_for_drafting"
     try:
         engine = in_process.engines["sd-goodput"].with_target(verifier)
         outs, stats = sample_outputs(engine, workers=4)

@@ -106,6 +106,16 @@ def time_unit(floor: float = 0.005, cap: float = 0.015) -> float:
     return min(cap, max(floor, max(late)))
 
 
+def mean_batch_of_threads(verifier: GlobalVerifier, run, args) -> float:
+    """Runs run(a) for each a in its own thread, all at once; the verifier's mean rows per forward."""
+    threads = [threading.Thread(target=run, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return verifier.stats.rows / verifier.stats.batches
+
+
 @pytest.mark.parametrize("gather_fraction,hint_units,merged", [(0.0, 0, False), (0.5, 0, True), (0.0, 9, True)])
 def test_requests_whose_host_work_outlasts_the_fixed_wait_are_re_merged(target_model, gather_fraction, hint_units,
                                                                         merged):
@@ -127,12 +137,7 @@ def test_requests_whose_host_work_outlasts_the_fixed_wait_are_re_merged(target_m
                 verifier.forward(cache, torch.tensor([[1 + step]]))
                 time.sleep((3 + 0.8 * i) * u)          # picking the token, streaming it: host work
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        mean = verifier.stats.rows / verifier.stats.batches
+        mean = mean_batch_of_threads(verifier, run, range(4))
         assert (mean >= 3.3) if merged else (mean < 3.0), (mean, u)
     finally:
         verifier.close()
@@ -267,12 +272,7 @@ def test_decode_batches_wait_for_drafting_requests_where_told(target_model, wait
                         time.sleep(3 * u)
                 verifier.forward(cache, torch.tensor([[1 + step]]))
 
-        threads = [threading.Thread(target=run, args=(d,)) for d in (True, False)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        mean = verifier.stats.rows / verifier.stats.batches
+        mean = mean_batch_of_threads(verifier, run, (True, False))
         # waiting: both in one forward from the second step (the first draft sets the wait), 20 rows in 11
         assert (mean >= 1.65) if wait_for_drafting else (mean < 1.5), (mean, u)
     finally:
