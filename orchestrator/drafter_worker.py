@@ -41,7 +41,9 @@ class DrafterWorker:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         runners: dict[str, ModelRunner] = {}
-        lease = CoreLease(core_lease) if core_lease else NO_LEASE   # one per process: its models share the cores too
+        self._busy = BusyTimer("drafter")
+        # one lease per process: its models share the cores too
+        lease = CoreLease(core_lease, on_wait=self._busy.waited) if core_lease else NO_LEASE
         for key, raw in drafter_specs.items():
             spec = ModelSpec.model_validate(raw)
             model, _ = load_for_decoding(spec.source, spec.dtype, self.device, spec.quantize, with_tokenizer=False)
@@ -61,7 +63,6 @@ class DrafterWorker:
         self.vocab = {key: r.vocab_size for key, r in runners.items()}
         self.first = next(iter(runners))
         self.sessions: dict = {}
-        self._busy = BusyTimer("drafter")
 
     def vocab_size(self, key: str | None = None) -> int:
         """The vocabulary size of drafter `key` (default: the first loaded)."""

@@ -100,3 +100,24 @@ def test_a_lease_travels_as_its_path(tmp_path):
     with lease:
         copy = pickle.loads(pickle.dumps(lease))
     assert copy.path == lease.path and copy.turns == 0
+
+
+def test_a_turn_that_waited_is_reported(tmp_path):
+    """on_wait (a worker's specorch_core_lease_wait_seconds) hears of a turn that waited for another's."""
+    waits = []
+    holder = CoreLease(str(tmp_path / "cores.lock"))
+    waiter = CoreLease(str(tmp_path / "cores.lock"), on_wait=waits.append)    # another process's, as it were
+    taken = threading.Event()
+
+    def hold():
+        with holder:
+            taken.set()
+            time.sleep(0.05)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    taken.wait()
+    with waiter:
+        pass
+    t.join()
+    assert len(waits) == 1 and waits[0] >= 0.03 and waiter.waited_s == waits[0]

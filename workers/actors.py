@@ -48,8 +48,6 @@ class TargetShard:
             self.runner = TensorParallelRunner(model, self.device, layer_range, tp_rank, tp_size)
         else:
             self.runner = ModelRunner(model, self.device, layer_range)
-            if core_lease:
-                self.runner.lease = CoreLease(core_lease)
         self.tp_rank = tp_rank
         start, end = self.runner.layer_range
         layers = model.model.layers
@@ -58,6 +56,8 @@ class TargetShard:
                 layers[i] = torch.nn.Module()
         self.caches: dict[str, KVCache] = {}
         self._busy = BusyTimer("target")
+        if core_lease and tp_size == 1:
+            self.runner.lease = CoreLease(core_lease, on_wait=self._busy.waited)
         # The last stage's float32 logits are the model dtype's values widened (the head runs in it),
         # so sending them back in that dtype is exact and halves the bytes for bf16/fp16 models.
         self.wire_dtype = self.runner.dtype

@@ -33,8 +33,10 @@ import time
 class CoreLease:
     """Exclusive use of the node's cores for the duration of a `with` block."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, on_wait=None):
+        """on_wait(seconds): called after each turn that had to wait (a worker's metric)."""
         self.path = path
+        self.on_wait = on_wait
         self._lock = threading.RLock()
         self._depth = 0
         self._file = None
@@ -53,8 +55,11 @@ class CoreLease:
             except BaseException:
                 self._lock.release()     # the process's other threads must not wait on a lease never taken
                 raise
-            self.waited_s += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.waited_s += waited
             self.turns += 1
+            if self.on_wait is not None and waited > 0:
+                self.on_wait(waited)
         self._depth += 1
         return self
 

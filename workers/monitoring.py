@@ -82,6 +82,9 @@ class _Metrics:
                                  "1 while the verifier verifies two alternating cohorts (one drafts, one verifies)")
         self.busy = Counter("specorch_worker_busy_seconds", "Seconds a worker spent computing (idle = wall - busy)",
                             tag_keys=("worker", "role"))
+        self.lease_wait = Counter("specorch_core_lease_wait_seconds",
+                                  "Seconds a worker's forwards waited for CPU cores it shares (runtime.core_lease)",
+                                  tag_keys=("worker", "role"))
 
 
 def metrics() -> _Metrics | None:
@@ -169,6 +172,13 @@ class BusyTimer:
             name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
             self.worker = name or f"{self.role}-in-process"
         return self.worker
+
+    @_never_raises
+    def waited(self, seconds: float) -> None:
+        """Seconds this worker waited for the core lease (workers/core_lease.py: its on_wait)."""
+        m = metrics()
+        if m is not None and seconds > 0:
+            m.lease_wait.inc(seconds, tags={"worker": self._name(), "role": self.role})
 
     @contextlib.contextmanager
     def busy(self):
