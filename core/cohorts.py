@@ -24,6 +24,46 @@ from collections.abc import Hashable, Iterable
 # DRAFT_DECAY per draft (so one long draft, a session's opening, does not set the wait for good).
 DRAFT_WAIT_FACTOR = 1.5
 DRAFT_DECAY = 0.95
+STALE_S = 1.0             # a draft ended this long ago whose forward never came: its request left
+
+
+class DraftingRequests:
+    """Who drafts now, and until when a batch should wait for them (see the constants above). A draft
+    that has ended still counts for `gather_s` until its forward arrives (`arrived`): its request is
+    building the forward's input. Times are the caller's clock (wall seconds, or simulated)."""
+
+    def __init__(self):
+        self._entries: dict[Hashable, list] = {}     # owner -> [draft began, draft ended or None]
+        self.longest_s = 0.0                          # the recent longest draft (decayed maximum)
+
+    def begin(self, owner: Hashable, now: float) -> None:
+        self._entries[owner] = [now, None]
+
+    def end(self, owner: Hashable, now: float, setup_s: float = 0.0, timed: bool = True) -> None:
+        """The draft is done. setup_s: its seconds spent opening a drafter session, and timed=False (a
+        context copy): neither counts toward the longest draft."""
+        entry = self._entries.get(owner)
+        if entry is None:
+            return
+        entry[1] = now
+        if timed:
+            self.longest_s = max(now - entry[0] - setup_s, DRAFT_DECAY * self.longest_s)
+
+    def arrived(self, owner: Hashable) -> None:
+        """The owner's forward has come (or its draft failed): nothing more to wait for."""
+        self._entries.pop(owner, None)
+
+    def until(self, now: float, gather_s: float, counts=lambda owner: True) -> float:
+        """When the last drafting owner for which counts(owner) is no longer worth waiting for: a draft
+        under way up to DRAFT_WAIT_FACTOR x the longest draft + gather_s, one just ended gather_s more."""
+        allowance = DRAFT_WAIT_FACTOR * self.longest_s + gather_s
+        last = 0.0
+        for owner, (began, ended) in list(self._entries.items()):
+            if ended is not None and now - ended > STALE_S:
+                self._entries.pop(owner, None)
+            elif counts(owner):
+                last = max(last, began + allowance if ended is None else ended + gather_s)
+        return last
 
 
 class Cohorts:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.cohorts import DRAFT_DECAY, DRAFT_WAIT_FACTOR, Cohorts
+from core.cohorts import Cohorts, DraftingRequests
 from workers import monitoring
 from workers.runner import KVCache, ModelRunner
 
@@ -106,15 +106,11 @@ class GlobalVerifier:
         # (GoodputScheduler.split_cohorts).
         self.split_hints: list = []
         self.cohorts = Cohorts()
-        # Requests drafting now (cache id -> when their draft began), told by the engines (`drafting`).
-        # With wait_for_drafting a batch of decode steps waits for them, each up to DRAFT_WAIT_FACTOR x
-        # the recent longest draft (a decayed maximum): a draft that runs far longer (a drafter session's
-        # opening) is not waited out.
+        # Requests drafting now, told by the engines (`drafting`). With wait_for_drafting a batch of
+        # decode steps waits for them, each within its allowance (core/cohorts.py DraftingRequests): a
+        # draft that runs far longer than recent ones (a drafter session's opening) is not waited out.
         self.wait_for_drafting = False
-        # cache id -> [draft began, draft ended or None]; an ended entry stays until its forward is queued
-        # (the engine builds its verification input in between), counted for gather_s after it ended.
-        self._drafting: dict[int, list] = {}
-        self._longest_draft_s = 0.0
+        self._drafting = DraftingRequests()             # by cache id
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []        # taken from the queue but kept for the next batch
         self._closing = threading.Lock()
@@ -132,7 +128,7 @@ class GlobalVerifier:
         if unsupported or num_new is not None or input_ids.shape[0] != 1 or cache.batch != 1:
             raise ValueError("GlobalVerifier.forward takes one sequence per call (batch-1 cache, no extra options)")
         item = _Item(cache, input_ids, depths, tree_mask, logits_rows, lm_head)
-        self._drafting.pop(id(cache), None)          # its draft, if any, has come
+        self._drafting.arrived(id(cache))            # its draft, if any, has come
         with self._closing:
             if self._closed:
                 raise RuntimeError("global verifier stopped")
@@ -148,28 +144,19 @@ class GlobalVerifier:
         False for a draft that is not the drafter's work (a context copy). Neither counts toward the
         recent longest draft (an opening is a one-time cost several drafts long, a copy takes
         microseconds), nor does a draft that failed (a drafter call that timed out)."""
-        key, t0, told = id(cache), time.perf_counter(), {"setup_s": 0.0, "timed": True}
-        entry = self._drafting[key] = [t0, None]
+        key, told = id(cache), {"setup_s": 0.0, "timed": True}
+        self._drafting.begin(key, time.perf_counter())
         try:
             yield told
         except BaseException:
-            self._drafting.pop(key, None)            # no forward follows a failed draft for sure
+            self._drafting.arrived(key)              # no forward follows a failed draft for sure
             raise
-        entry[1] = time.perf_counter()
-        if told["timed"]:
-            self._longest_draft_s = max(entry[1] - t0 - told["setup_s"], DRAFT_DECAY * self._longest_draft_s)
+        self._drafting.end(key, time.perf_counter(), told["setup_s"], told["timed"])
 
     def _drafting_until(self, cohort) -> float:
-        """When the last of the drafting requests (of `cohort`, if split) is no longer worth waiting for: a
-        draft under way up to DRAFT_WAIT_FACTOR x the recent longest, one just ended for gather_s more."""
-        allowance = DRAFT_WAIT_FACTOR * self._longest_draft_s + self.gather_s
-        until, now = 0.0, time.perf_counter()
-        for key, (t0, ended) in list(self._drafting.items()):
-            if ended is not None and now - ended > 1.0:        # its request left without verifying
-                self._drafting.pop(key, None)
-            elif cohort is None or self.cohorts.of(key) == cohort:
-                until = max(until, t0 + allowance if ended is None else ended + self.gather_s)
-        return until
+        """When the last of the drafting requests (of `cohort`, if split) is no longer worth waiting for."""
+        return self._drafting.until(time.perf_counter(), self.gather_s,
+                                    lambda key: cohort is None or self.cohorts.of(key) == cohort)
 
     def close(self) -> None:
         with self._closing:        # no forward is queued after the stop marker: none would be answered

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.cohorts import DRAFT_DECAY, DRAFT_WAIT_FACTOR, Cohorts
+from core.cohorts import Cohorts, DraftingRequests
 from orchestrator.goodput import STEP_COST_SHAPES, GoodputDraftLength, GoodputScheduler, StepCostModel
 from orchestrator.goodput_guard import ModeGuard
 from placement.roofline import Row
@@ -158,21 +158,19 @@ class BatchServer:
         self.cohorts = Cohorts()
         # As GlobalVerifier.wait_for_drafting: verify batches wait for requests drafting now (owner -> since).
         self.wait_for_drafting = False
-        self.drafting: dict[int, float] = {}
-        self.longest_draft_s = 0.0
+        self.drafting = DraftingRequests()
 
     def draft_begins(self, owner: int) -> None:
-        self.drafting[owner] = self.sim.now
+        self.drafting.begin(owner, self.sim.now)
 
     def draft_ends(self, owner: int, setup_s: float = 0.0) -> None:
-        """setup_s: seconds of the draft spent opening a drafter session (not counted, as served)."""
-        t0 = self.drafting.pop(owner, None)
-        if t0 is not None:
-            self.longest_draft_s = max(self.sim.now - t0 - setup_s, DRAFT_DECAY * self.longest_draft_s)
+        """The draft is done and its verification submitted at once. setup_s: seconds of the draft spent
+        opening a drafter session (not counted, as served)."""
+        self.drafting.end(owner, self.sim.now, setup_s)
+        self.drafting.arrived(owner)
 
     def _drafting_until(self) -> float:
-        allowance = DRAFT_WAIT_FACTOR * self.longest_draft_s + self.batch_wait_s
-        return max((t0 + allowance for t0 in self.drafting.values()), default=0.0)
+        return self.drafting.until(self.sim.now, self.batch_wait_s)
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)

@@ -196,3 +196,29 @@ def test_the_simulator_runs_the_same_split():
     plain, lockstep, split = simulated(False, strategy="plain"), simulated(False), simulated(True)
     assert split > 1.07 * lockstep and split > 1.05 * plain, (plain, lockstep, split)
     assert simulated(True, shared=True) == simulated(False, shared=True)
+
+
+def test_drafting_requests_are_waited_for_within_their_allowance():
+    from core.cohorts import DraftingRequests
+
+    d = DraftingRequests()
+    d.begin("a", 0.0)
+    d.end("a", 0.10)
+    d.arrived("a")
+    assert d.longest_s == pytest.approx(0.10)
+    d.begin("b", 1.0)
+    d.end("b", 1.9, setup_s=0.85)              # an opening: only its 0.05 s of drafting is a draft
+    d.begin("c", 2.0)
+    d.end("c", 2.001, timed=False)             # a context copy: not a draft of the drafter
+    assert d.longest_s == pytest.approx(0.095)   # a's 0.10 decayed once, by b's shorter draft; c not counted
+    d.arrived("b"), d.arrived("c")
+    d.begin("e", 3.0)
+    assert d.until(3.01, 0.005) == pytest.approx(3.0 + 1.5 * 0.095 + 0.005)    # under way: its allowance
+    assert d.until(3.01, 0.005, counts=lambda o: o != "e") == 0.0              # not of this cohort
+    d.end("e", 3.05)
+    assert d.until(3.051, 0.005) == pytest.approx(3.055)   # ended, its forward not come yet: gather_s more
+    d.arrived("e")
+    assert d.until(3.06, 0.005) == 0.0
+    d.begin("f", 4.0)
+    d.end("f", 4.01)
+    assert d.until(5.2, 0.005) == 0.0                      # its request left without verifying: dropped
