@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from orchestrator.engine import tree_attention
-from workers.kernels import LINEAR_KERNELS, ROW_BUCKETS, KernelChoice, bucket, fastest
+from workers.kernels import (LINEAR_KERNELS, ROW_BUCKETS, KernelChoice, bucket, dense_linears, fastest, timed_linears,
+                             wide_weight)
 from workers.runner import ModelRunner, _linear
 
 
@@ -116,7 +117,8 @@ def test_kernel_choice_takes_the_fastest_per_bucket():
     choice = KernelChoice(linear=fastest(timings), head={1: "weight_major"}, measured=True)
     assert choice.linear_kernel(1) == "linear_pair" and choice.linear_kernel(2) == "linear"
     assert choice.linear_kernel(1, head=True) == "weight_major"
-    assert choice.linear_kernel(10_000) == "linear"        # past the last bucket: a GEMM
+    assert choice.linear_kernel(10_000) == "linear"        # past the last bucket: the last one's choice
+    assert KernelChoice(linear={64: "widened"}).linear_kernel(300) == "widened"
     assert bucket(3, (1, 2, 4)) == 4 and bucket(5, (1, 2, 4)) is None
     derived = KernelChoice.from_timings({"linear": timings, "attention": {1: {"native": 0.2, "float32": 0.1}},
                                          "int8": {1: {"int8pack": 1.0, "dequant": 2.0},
@@ -125,6 +127,41 @@ def test_kernel_choice_takes_the_fastest_per_bucket():
     assert derived.int8_kernel(1) == "int8pack" and derived.int8_kernel(200) == "dequant"
     assert derived.int8_kernel(10_000) == "dequant"        # past the last bucket: the last one's choice
     assert not KernelChoice.from_timings({"attention": {1: {"native": 0.1, "float32": 0.2}}}).attention_fp32
+
+
+def test_float32_copies_are_made_only_where_chosen_and_fit_and_follow_a_sliced_weight(target_model, monkeypatch):
+    """`widened` computes on float32 copies: made when a bucket picks it, left out where they would not
+    fit in memory (the next fastest kernel instead), and remade for a weight replaced after the runner
+    was built (a tensor-parallel rank's slice)."""
+    from workers.kernels import widen_
+
+    timings = {"linear": {1: {"linear": 1.0, "widened": 2.0}, 16: {"linear": 3.0, "weight_major": 4.0, "widened": 1.0}}}
+    assert KernelChoice.from_timings(timings).linear == {1: "linear", 16: "widened"}
+    assert KernelChoice.from_timings(timings, widen=False).linear == {1: "linear", 16: "linear"}
+    monkeypatch.setenv("SPECORCH_KERNELS", "default")            # fixed kernels: nothing widened at load
+    runner = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16))
+    runner.kernels = KernelChoice(linear={1: "linear", 16: "linear"}, measured=True)
+    runner.widen()
+    assert all(wide_weight(m) is None for m in dense_linears(runner))
+    runner.kernels = KernelChoice(linear={1: "linear", 16: "widened"}, measured=True)
+    runner.widen()
+    layer = runner.layers[0].mlp.down_proj
+    assert wide_weight(layer).dtype == torch.float32 and torch.equal(wide_weight(layer), layer.weight.float())
+    layer.weight = torch.nn.Parameter(layer.weight.data[:, :8].clone(), requires_grad=False)
+    assert wide_weight(layer) is None                  # made from the old weight: not used
+    widen_([layer])
+    assert wide_weight(layer).shape == layer.weight.shape
+
+
+def test_kernels_are_timed_on_weights_streamed_from_memory(target_model):
+    """Several layers' weights per timed pass (up to STREAM_BYTES, at most 8 layers; a stage's few layers
+    cycled), not one weight again and again: a float32 weight timed on its own ran twice as fast as in
+    a forward."""
+    runner = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16))
+    timed = timed_linears(runner)
+    assert len(timed) == 4 * 8 and len({id(m) for m in timed}) == 4 * len(runner.layers)
+    stage = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16), layer_range=(0, 1))
+    assert [m.weight.shape for m in timed_linears(stage)] == [m.weight.shape for m in timed]
 
 
 def test_float32_keeps_hf_kernels_and_reduced_precision_is_measured(target_model):
@@ -147,6 +184,9 @@ def test_bf16_forward_many_with_each_kernel_is_close_to_float32(target_model, pr
     runner = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16))
     runner.kernels = KernelChoice(linear={b: kernel for b in ROW_BUCKETS}, head={b: kernel for b in ROW_BUCKETS},
                                   attention_fp32=upcast, measured=True)
+    runner.widen()
+    if kernel == "widened":                    # every layer and the head computes on its float32 copy
+        assert all(wide_weight(m) is not None for m in dense_linears(runner) + [runner.lm_head])
     reqs, refs = [], []
     for p in prompts[:3]:
         c, rc = runner.new_cache(1, 64), ref_runner.new_cache(1, 64)

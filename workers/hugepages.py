@@ -29,16 +29,18 @@ def _libc():
         return None
 
 
-def hugepage_copy(t: torch.Tensor, libc) -> torch.Tensor:
-    """A contiguous copy of `t` whose storage is 2 MiB aligned and madvised for huge pages."""
-    nbytes = t.numel() * t.element_size()
+def hugepage_copy(t: torch.Tensor, libc, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous copy of `t` (converted to dtype, if given) whose storage is 2 MiB aligned and madvised
+    for huge pages."""
+    dtype = dtype or t.dtype
+    nbytes = t.numel() * torch.empty(0, dtype=dtype).element_size()
     buf = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
     offset = (-buf.data_ptr()) % _HUGE
     aligned = (nbytes + _HUGE - 1) // _HUGE * _HUGE
     usable = min(aligned, buf.numel() - offset) // _HUGE * _HUGE
     if usable:
         libc.madvise(ctypes.c_void_p(buf.data_ptr() + offset), ctypes.c_size_t(usable), _MADV_HUGEPAGE)
-    out = buf[offset:offset + nbytes].view(t.dtype).view(t.shape)
+    out = buf[offset:offset + nbytes].view(dtype).view(t.shape)
     out.copy_(t)
     return out
 

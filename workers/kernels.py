@@ -32,15 +32,22 @@ import torch.nn.functional as F
 
 # weight_major: mv for one row, mm(W, x^T) for several (the weight as the long operand);
 # linear_pair: one row run as two (oneDNN's one-row path streamed a 470 MB output head at 25 GB/s
-# on the EPYC, its two-row GEMM at 34 GB/s).
-LINEAR_KERNELS = ("linear", "weight_major", "linear_pair")
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)          # above the last: `linear` (a GEMM, oneDNN's home ground)
+# on the EPYC, its two-row GEMM at 34 GB/s);
+# widened: weight_major on a float32 copy of the weight, made once when a runner picks it
+# (`widen_`). A CPU without native bf16 arithmetic (AVX2 only: an EPYC 7003) multiplies bf16 at a
+# rate that grows with the rows: a 1536 x 8960 bf16 layer took 3.2 ms at 1 row and 29 ms at 16,
+# its float32 copy 5.9 ms and 11 ms. Products of bf16 values are exact in float32, so it computes
+# the bf16 layer, only summed in another order (as any other kernel may).
+LINEAR_KERNELS = ("linear", "weight_major", "linear_pair", "widened")
+WIDE_ATTR = "weight_wide"       # a linear's float32 copy of its weight, and the weight it was made from
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)          # above the last: the last one's choice
 # int8 weight-only layers (workers/quantize.py): int8pack (torch._weight_int8pack_mm, a GEMV per row: its
 # time grows with the rows) or dequant (widen the weight, then one bf16 GEMM: a fixed cost, then cheap
 # rows). Measured here on one thread: 0.11 vs 1.26 ms at 1 row, 15.5 vs 7.2 ms at 300 (a prefill).
 INT8_KERNELS = ("int8pack", "dequant")
 INT8_BUCKETS = (1, 8, 32, 64, 128, 256)         # above the last: the last one's choice
-TABLE_VERSION = 3                               # part of a stored entry's key: a new rule measures again
+STREAM_BYTES = 128 << 20       # weights per timed pass: more than a CPU's caches hold
+TABLE_VERSION = 4                               # part of a stored entry's key: a new rule measures again
 MEASURE_ENV = "SPECORCH_KERNELS"                # "default": skip measuring, use the fixed defaults
 
 Timings = dict  # bucket -> {kernel: seconds}
@@ -74,15 +81,24 @@ class KernelChoice:
     measured: bool = False
 
     @classmethod
-    def from_timings(cls, timings: dict[str, Timings]) -> "KernelChoice":
+    def from_timings(cls, timings: dict[str, Timings], widen: bool = True, widen_head: bool = True
+                     ) -> "KernelChoice":
+        """widen / widen_head: whether the layers' / the output head's float32 copies may be made (they
+        fit in memory); where not, the fastest of the other kernels."""
+        def pick(part: str, allowed: bool) -> dict[int, str]:
+            t = timings.get(part, {})
+            return fastest(t if allowed else {b: {k: v for k, v in per.items() if k != "widened"}
+                                              for b, per in t.items()})
         att = timings.get("attention", {}).get(1)
-        return cls(linear=fastest(timings.get("linear", {})), head=fastest(timings.get("head", {})),
+        return cls(linear=pick("linear", widen), head=pick("head", widen_head),
                    int8=fastest(timings.get("int8", {})),
                    attention_fp32=bool(att) and att["float32"] < att["native"], timings=timings, measured=True)
 
     def linear_kernel(self, rows: int, head: bool = False) -> str:
+        """Past the last bucket, the last one's choice (a widened GEMM beat oneDNN's bf16 GEMM 4x at 64
+        rows on a CPU without bf16 arithmetic; elsewhere the last bucket picks `linear`)."""
         b = bucket(rows, ROW_BUCKETS)
-        return (self.head if head else self.linear).get(b, "linear") if b is not None else "linear"
+        return (self.head if head else self.linear).get(b if b is not None else ROW_BUCKETS[-1], "linear")
 
     def int8_kernel(self, rows: int) -> str:
         b = bucket(rows, INT8_BUCKETS)
@@ -100,12 +116,55 @@ class KernelChoice:
 
 
 def matmul(x2d: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor:
-    """x2d [rows, in] @ weight [out, in]^T -> [rows, out] with one of LINEAR_KERNELS."""
+    """x2d [rows, in] @ weight [out, in]^T -> [rows, out] with one of LINEAR_KERNELS ("widened": weight is
+    the float32 copy; the result comes back in x2d's dtype)."""
+    if kernel == "widened":
+        rows = x2d.shape[0]
+        if rows == 1:
+            return torch.mv(weight, x2d[0].float()).unsqueeze(0).to(x2d.dtype)
+        # Row counts padded to a multiple of 4: a float32 mm(W, x^T) of 5, 6 or 9 columns took 1.5x
+        # as long as one of 8, 12 or 16 on the EPYC 7003 (the GEMM's blocking).
+        cols = torch.zeros(x2d.shape[1], -(-rows // 4) * 4, dtype=torch.float32, device=x2d.device)
+        cols[:, :rows] = x2d.t()
+        return torch.mm(weight, cols)[:, :rows].t().to(x2d.dtype)
     if kernel == "weight_major":
         return torch.mv(weight, x2d[0]).unsqueeze(0) if x2d.shape[0] == 1 else torch.mm(weight, x2d.t()).t()
     if kernel == "linear_pair" and x2d.shape[0] == 1:
         return F.linear(x2d.expand(2, -1).contiguous(), weight)[:1]
     return F.linear(x2d, weight)
+
+
+def wide_weight(layer: torch.nn.Module) -> torch.Tensor | None:
+    """A linear's float32 copy of its weight, if made from the weight it has now (a tensor-parallel
+    rank slices its weights after its runner is built: workers/tensor_parallel.py)."""
+    made = getattr(layer, WIDE_ATTR, None)
+    return made[1] if made is not None and made[0] is layer.weight else None
+
+
+def widen_(layers) -> None:
+    """Give each linear a float32 copy of its weight (the `widened` kernel), unless it has one already."""
+    from workers.hugepages import _libc, hugepage_copy
+
+    libc = _libc()
+    for m in layers:
+        if wide_weight(m) is None:
+            w = m.weight.detach()
+            # Huge pages, as the model's own weights (workers/hugepages.py): a streamed copy on 4 KiB pages
+            # pays a TLB miss per page.
+            wide = hugepage_copy(w, libc, torch.float32) if libc is not None and w.device.type == "cpu" else w.float()
+            setattr(m, WIDE_ATTR, (m.weight, wide))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def int8_matmul(x2d: torch.Tensor, w8: torch.Tensor, scales: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -125,8 +184,13 @@ def attention(q, k, v, mask, scale: float, gqa: bool, upcast: bool) -> torch.Ten
 
 
 # ------------------------------------------------------------------ timing
-def _best_seconds(fn, reps: int) -> float:
+def _best_seconds(fn, reps: int, long_s: float = 0.05) -> float:
+    """Best of reps timed calls after a warm-up; one timed call where the warm-up took over long_s (a
+    pass that long averages its own noise, and timing a 1.5B model's weights at 64 rows took a minute)."""
+    t0 = time.perf_counter()
     fn()                                         # warm-up: first calls pay allocation and dispatch
+    if time.perf_counter() - t0 > long_s:
+        reps = 1
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -136,13 +200,14 @@ def _best_seconds(fn, reps: int) -> float:
 
 
 def time_candidates(buckets, operands, candidates, run, dtype, device, reps: int = 3) -> Timings:
-    """Seconds per bucket and candidate, summed over operands (a layer's weights): per bucket b,
-    run(x, operand, kernel) on an input x [b, operand's input width]. candidates(b) lists the kernels."""
+    """Seconds per bucket and candidate of one pass over operands (several layers' weights, streamed from
+    memory as a forward streams them: on the EPYC 7003 one float32 weight timed again and again ran at
+    twice the speed it ran at in a forward): per bucket b, run(x, operand, kernel) on an input x
+    [b, operand's input width]. candidates(b) lists the kernels."""
     timings = {}
     for rows in buckets if operands else ():
         xs = [torch.randn(rows, width, dtype=dtype, device=device) for width, _ in operands]
-        timings[rows] = {k: sum(_best_seconds(lambda x=x, op=op, k=k: run(x, op, k), reps)
-                                for x, (_, op) in zip(xs, operands))
+        timings[rows] = {k: _best_seconds(lambda k=k: [run(x, op, k) for x, (_, op) in zip(xs, operands)], reps)
                          for k in candidates(rows)}
     return timings
 
@@ -206,12 +271,13 @@ def choose_for(runner) -> KernelChoice:
     if os.environ.get(MEASURE_ENV, "measure") == "default":   # what the runner did before measuring
         return KernelChoice(linear={b: "weight_major" for b in ROW_BUCKETS},
                             head={b: "weight_major" for b in ROW_BUCKETS})
-    layer = runner.layers[0]
-    linears = (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj)
+    linears = timed_linears(runner)
     dense = [(m.weight.shape[1], m.weight) for m in linears if getattr(m, "weight_int8", None) is None]
     int8 = [(m.weight_int8.shape[1], m) for m in linears if getattr(m, "weight_int8", None) is not None]
     head = runner.lm_head if runner.last_stage and getattr(runner.lm_head, "weight_int8", None) is None else None
-    machine = [TABLE_VERSION, _cpu_name(), torch.__version__, torch.get_num_threads(), str(dtype)]
+    # The instruction set in the key too: "AMD EPYC" names CPUs with and without native bf16 arithmetic.
+    machine = [TABLE_VERSION, _cpu_name(), torch.backends.cpu.get_cpu_capability(), torch.__version__,
+               torch.get_num_threads(), str(dtype)]
     path = cache_root() / "kernels.json"
 
     def stored(part: str, shapes, time_now) -> Timings:
@@ -219,8 +285,16 @@ def choose_for(runner) -> KernelChoice:
         with torch.inference_mode():
             return _stored(key, time_now, path)
 
-    dense_kernels = lambda rows: LINEAR_KERNELS if rows == 1 else LINEAR_KERNELS[:2]  # noqa: E731 (pair: 1 row)
-    run_dense = lambda x, w, k: matmul(x, w, k)                                        # noqa: E731
+    multi_row = tuple(k for k in LINEAR_KERNELS if k != "linear_pair")
+    dense_kernels = lambda rows: LINEAR_KERNELS if rows == 1 else multi_row           # noqa: E731 (pair: 1 row)
+    wide: dict[int, torch.Tensor] = {}        # float32 copies of the timed weights, while timing
+
+    def run_dense(x, w, k):
+        if k == "widened":
+            if id(w) not in wide:
+                wide[id(w)] = w.float()
+            w = wide[id(w)]
+        return matmul(x, w, k)
     # Each part apart, so a pipeline stage with or without the output head shares the whole model's choice.
     timings = {
         "linear": stored("linear", [list(w.shape) for _, w in dense], lambda: time_candidates(
@@ -237,4 +311,37 @@ def choose_for(runner) -> KernelChoice:
         w = head.weight
         timings["head"] = stored("head", list(w.shape), lambda: time_candidates(
             ROW_BUCKETS, [(w.shape[1], w)], dense_kernels, run_dense, dtype, device, reps=2))
-    return KernelChoice.from_timings(timings)
+    wide.clear()
+    # Float32 copies only where they fit in half the memory available now (the layers', then the head's too).
+    free = available_memory()
+    layers_bytes = 4 * sum(m.weight.numel() for m in dense_linears(runner))
+    head_bytes = 4 * head.weight.numel() if head is not None else 0
+    return KernelChoice.from_timings(timings, widen=free is None or layers_bytes < free / 2,
+                                     widen_head=free is None or layers_bytes + head_bytes < free / 2)
+
+
+def timed_linears(runner) -> list[torch.nn.Module]:
+    """Four linears per layer (q, o, gate, down: the shapes of a decoder layer) of as many of the runner's
+    layers as make STREAM_BYTES (cycling through a pipeline stage's few layers; at most 8 layers)."""
+    out, size = [], 0
+    for li in range(8):
+        layer = runner.layers[li % len(runner.layers)]
+        for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
+            w = getattr(m, "weight_int8", None)
+            w = m.weight if w is None else w
+            out.append(m)
+            size += w.numel() * w.element_size()
+        if size >= STREAM_BYTES:
+            break
+    return out
+
+
+def dense_linears(runner) -> list[torch.nn.Module]:
+    """The runner's decoder layers' linears that are not int8 (what the `widened` kernel widens)."""
+    out = []
+    for layer in runner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if getattr(m, "weight_int8", None) is None:
+                out.append(m)
+    return out

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from workers.core_lease import NO_LEASE
-from workers.kernels import KernelChoice, attention, choose_for, int8_matmul, matmul
+from workers.kernels import (KernelChoice, attention, choose_for, dense_linears, int8_matmul, matmul, wide_weight,
+                             widen_)
 
 SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral", "qwen3", "gemma3_text"}
 
@@ -38,7 +39,8 @@ def _linear(x: torch.Tensor, layer: torch.nn.Linear, kernel: str = "linear", int
     """y = x W^T + b with the kernel chosen for this shape (workers/kernels.py LINEAR_KERNELS).
 
     On some CPUs `mv` / `mm(W, x^T)` stream decode-shaped weights at twice the bandwidth of
-    oneDNN's `linear`, on others not. int8 layers (workers/quantize.py) have one kernel.
+    oneDNN's `linear`, on others not; on a CPU without bf16 arithmetic a float32 copy wins from a
+    few rows on (`widened`). int8 layers (workers/quantize.py) have kernels of their own.
     """
     w8 = getattr(layer, "weight_int8", None)
     if w8 is not None:                                           # int8 drafter (workers/quantize.py)
@@ -46,9 +48,14 @@ def _linear(x: torch.Tensor, layer: torch.nn.Linear, kernel: str = "linear", int
         if layer.bias is not None:
             y = y + layer.bias
         return y.reshape(*x.shape[:-1], w8.shape[0])
+    weight = layer.weight
+    if kernel == "widened":
+        weight = wide_weight(layer)
+        if weight is None:               # not widened (a vocabulary-trimmed head): oneDNN's GEMM
+            kernel = "linear"
     if kernel == "linear":
         return layer(x)
-    y = matmul(x.reshape(-1, x.shape[-1]), layer.weight, kernel)   # [rows, out]
+    y = matmul(x.reshape(-1, x.shape[-1]), weight, kernel)   # [rows, out]
     if layer.bias is not None:
         y = y + layer.bias
     return y.reshape(*x.shape[:-1], layer.weight.shape[0])
@@ -139,6 +146,7 @@ class ModelRunner:
 
     # Set to a CoreLease where this runner's process shares CPU cores with another model's (placement).
     lease = NO_LEASE
+    widen_at_init = True      # a tensor-parallel rank widens after slicing its weights
 
     def __init__(self, model, device: str | torch.device | None = None, layer_range: tuple[int, int] | None = None):
         """layer_range (start, end): run only these decoder layers, a pipeline stage. The first
@@ -192,6 +200,16 @@ class ModelRunner:
         if getattr(self.config, "use_bidirectional_attention", False):
             raise ValueError("bidirectional attention (an embedding model) is not supported by ModelRunner")
         self.kernels: KernelChoice = choose_for(self)     # measured here, on this machine's CPU
+        if self.widen_at_init:
+            self.widen()
+
+    def widen(self) -> None:
+        """Make the float32 weight copies the chosen kernels use (`widened`, workers/kernels.py) where
+        missing or made from other weights (a tensor-parallel rank calls it again after slicing)."""
+        if "widened" in self.kernels.linear.values():
+            widen_(dense_linears(self))
+        if self.last_stage and "widened" in self.kernels.head.values() and hasattr(self.lm_head, "weight"):
+            widen_([self.lm_head])
 
     def _kernel(self, x: torch.Tensor, head: bool = False) -> tuple[str, str]:
         """The kernels (dense, int8) for the linears (or the output head) of input x [..., in]."""

@@ -61,9 +61,12 @@ class TensorParallelRunner(ModelRunner):
     """A ModelRunner over one rank's slice (see module doc); the process group must be joined
     before the first forward."""
 
+    widen_at_init = False
+
     def __init__(self, model, device, layer_range, rank: int, world: int, group=None):
         super().__init__(model, device, layer_range)
         shard_layers_(self.layers, self.config, rank, world)
+        self.widen()                      # float32 copies of the slices, not of the whole weights
         self.rank, self.world, self.group = rank, world, group
         self.num_heads //= world          # per rank; the grouped-query ratio is unchanged
         self.num_kv_heads //= world
