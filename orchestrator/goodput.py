@@ -37,7 +37,11 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
-from core.draft_length import DraftLengthPolicy
+from core.draft_length import DraftLengthPolicy, LinearCost
+
+# Seconds to draft k tokens, fixed + per token (core/draft_length.py LinearCost: a remote drafter's call
+# has a fixed part, the round trip and the catch-up forward; both parts include waiting for a busy drafter).
+DraftCostModel = LinearCost
 from orchestrator.goodput_guard import ModeGuard
 
 
@@ -225,37 +229,6 @@ def choose_cohort_lengths(accepts: list[list[float]], k_max: list[int], step_s, 
     return best_ks, best
 
 
-class DraftCostModel:
-    """Seconds to draft k tokens: fixed + per_token * k, fitted online (least squares with decay).
-
-    A remote drafter's call has a fixed part: the round trip and the catch-up forward over the tokens
-    accepted since its last draft. Dividing it among the tokens (seconds / k) makes short drafts look
-    dear, so a scheduler that has turned drafting down only probes with short drafts and never finds
-    out that longer ones pay. Both parts include waiting for a busy drafter."""
-
-    def __init__(self, decay: float = 0.9):
-        self.decay = decay
-        self._n = self._sk = self._skk = self._ss = self._sks = 0.0
-        self.fixed_s, self.per_token_s = 0.0, 0.0
-
-    def observe(self, k: int, seconds: float) -> None:
-        d = self.decay
-        self._n, self._sk, self._skk = d * self._n + 1, d * self._sk + k, d * self._skk + k * k
-        self._ss, self._sks = d * self._ss + seconds, d * self._sks + k * seconds
-        det = self._n * self._skk - self._sk ** 2
-        if det > 1e-9 * max(self._n * self._skk, 1e-12):
-            per_token = (self._n * self._sks - self._sk * self._ss) / det
-            fixed = (self._ss - per_token * self._sk) / self._n
-            if per_token > 0 and fixed >= 0:
-                self.fixed_s, self.per_token_s = fixed, per_token
-                return
-        # One draft length so far (or a fit with a negative part): all of it per token, the cautious split.
-        self.fixed_s, self.per_token_s = 0.0, self._ss / max(self._sk, 1e-12)
-
-    def seconds(self, k: int) -> float:
-        return self.fixed_s + self.per_token_s * k if k > 0 else 0.0
-
-
 @dataclass
 class AcceptanceEstimate:
     """Per-position acceptance, exponentially decayed counts shrunk toward a prior.
@@ -413,7 +386,10 @@ class GoodputScheduler:
         # The check's load counts every live request of ours, as its windows do (observe_forward): by the
         # planned rows alone, a request in its prefill moved the decision a bucket below its windows.
         load = len(self._requests) + self._other_rows
-        self._held_back = self.forward_source and not self.guard.allow_speculation(load, wants) and wants
+        rows = len(ks) + round(self._other_rows)
+        ratio = goodput * self.cost.predict(rows, rows) / rows if any(ks) else 0.0   # over plain decoding
+        self._held_back = (self.forward_source and not self.guard.allow_speculation(load, wants, ratio)
+                           and wants)
         if self._held_back:
             ks, free_ks = [0] * len(ks), [0] * len(free_ks)
         self.stats.speculation_held_back = self._held_back
@@ -428,7 +404,6 @@ class GoodputScheduler:
         s.decisions += 1
         s.last_draft_lengths = ks
         s.mean_draft_length = sum(ks) / len(ks) if ks else 0.0
-        rows = len(ks) + round(self._other_rows)
         s.predicted_step_s = (self.cost.predict(rows / 2, (rows + sum(ks)) / 2) if self._split
                               else self.cost.predict(rows, rows + sum(ks)))
         s.predicted_goodput = goodput

@@ -1,10 +1,63 @@
-from core.draft_length import AdaptiveDraftLength, expected_speedup
+import random
+
+import pytest
+
+from core.draft_length import AdaptiveDraftLength, LinearCost, expected_speedup
 
 
 def test_expected_speedup_formula():
     # Leviathan et al.: alpha=0.8, gamma=4, c=0 -> (1 - 0.8^5) / 0.2
     assert abs(expected_speedup(0.8, 4, 0.0) - (1 - 0.8 ** 5) / 0.2) < 1e-9
     assert expected_speedup(0.5, 0, 0.3) == 1.0
+    # A verification that costs 0.5 of a step more per token: 4 drafts verified in 3 steps' time.
+    assert abs(expected_speedup(0.8, 4, 0.0, 0.5) - (1 - 0.8 ** 5) / 0.2 / 3.0) < 1e-9
+
+
+def run_adaptive(verify_s, steps=60, alpha=0.8, seed=0):
+    """A request whose drafts are accepted token by token with probability alpha, drafting at 5 ms a token,
+    verifying n tokens in verify_s(n) seconds. Returns the draft lengths it chose."""
+    rng, policy, ks = random.Random(seed), AdaptiveDraftLength(k_init=4, k_max=10), []
+    for _ in range(steps):
+        k = policy.next_k()
+        ks.append(k)
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        policy.observe(k, accepted, draft_s=0.005 * k, verify_s=verify_s(k + 1))
+    return ks
+
+
+def test_adaptive_drafts_short_where_each_verified_token_costs_and_long_where_verification_is_flat():
+    """EPYC 7003 (no bf16 arithmetic): a one-token step 0.29 s, each further verified token 0.16 s. There
+    drafting 4 at acceptance 0.8 emits 3.4 tokens in 0.96 s against plain decoding's 3.4 in 0.99 s: no gain,
+    and long drafts lose. Flat verification (a GPU, or Leviathan's assumption) drafts long."""
+    steep = run_adaptive(lambda n: 0.29 + 0.16 * (n - 1))
+    flat = run_adaptive(lambda n: 0.29)
+    assert sum(steep[20:]) / 40 <= 2.0, steep
+    assert sum(flat[20:]) / 40 >= 7.0, flat
+
+
+def test_the_verification_slope_is_what_shortens_the_drafts(monkeypatch):
+    """The broken version (verification priced per step, Leviathan's flat assumption, whatever it costs
+    per token) drafts long on the steep machine too: what the test above rules out."""
+    import core.draft_length as dl
+
+    flat_only = dl.expected_speedup
+    monkeypatch.setattr(dl, "expected_speedup", lambda a, k, c, s=0.0: flat_only(a, k, c))
+    steep = run_adaptive(lambda n: 0.29 + 0.16 * (n - 1))
+    assert sum(steep[20:]) / 40 > 4.0, steep
+
+
+def test_linear_cost_separates_fixed_and_per_token_seconds_and_guesses_until_two_lengths():
+    per_token, flat = LinearCost(), LinearCost(all_per_token=False)
+    for cost in (per_token, flat):
+        cost.observe(4, 1.0)
+    assert (per_token.fixed_s, per_token.per_token_s) == (0.0, pytest.approx(0.25))
+    assert (flat.fixed_s, flat.per_token_s) == (pytest.approx(1.0), 0.0)
+    flat = LinearCost(all_per_token=False)
+    for n in (1, 4, 2, 6, 3):
+        flat.observe(n, 0.29 + 0.16 * (n - 1))
+    assert flat.fixed_s == pytest.approx(0.13) and flat.per_token_s == pytest.approx(0.16)
 
 
 def test_adaptive_grows_with_good_cheap_drafts_and_stops_with_bad_costly_ones():
