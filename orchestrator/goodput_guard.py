@@ -53,6 +53,8 @@ class _Bucket:
     since_other: int = 0          # forwards run in the winning mode since the other was last measured
     exploring: bool = False       # the losing mode is being measured now
     presumed: str = SPEC          # the winner once plain decoding is measured and drafting is not yet
+    predicted: float = 0.0        # the model's predicted goodput ratio, drafting / plain (EMA; 0: none)
+    judged: bool = False          # the corrected prediction has been weighed here (_judge)
 
     def winner(self, margin: float) -> str | None:
         if PLAIN not in self.rates:
@@ -80,6 +82,8 @@ class GuardStats:
     windows: int = 0
     rates: dict[int, dict[str, float]] = field(default_factory=dict)
     setup_s_per_token: float = 0.0      # drafter-session opening charged per drafted token (ModeGuard)
+    predicted: dict[int, float] = field(default_factory=dict)   # bucket -> the model's drafting/plain ratio
+    presumed_plain: list[int] = field(default_factory=list)     # buckets the corrected prediction held back
 
 
 class ModeGuard:
@@ -125,10 +129,18 @@ class ModeGuard:
             b.explore_every = max(lb.explore_every for lb in lost)
         return b
 
-    def allow_speculation(self, rows: float, model_wants: bool) -> bool:
-        """Whether the next forward's plan may draft. model_wants: the model's plan drafts."""
-        b = self._bucket(load_bucket(rows))
+    def allow_speculation(self, rows: float, model_wants: bool, predicted_ratio: float = 0.0) -> bool:
+        """Whether the next forward's plan may draft. model_wants: the model's plan drafts;
+        predicted_ratio: its predicted goodput over plain decoding's (0: not given)."""
+        key = load_bucket(rows)
+        b = self._bucket(key)
+        if model_wants and predicted_ratio > 0:
+            b.predicted = predicted_ratio if not b.predicted else 0.8 * b.predicted + 0.2 * predicted_ratio
+            self.stats.predicted[key] = b.predicted
         winner = b.winner(self.margin)
+        if winner == SPEC and SPEC not in b.rates and not b.judged:
+            self._judge(key, b)
+            winner = b.winner(self.margin)
         if not model_wants:
             mode = PLAIN
         elif winner is None:                  # no plain baseline at this load yet: measure it first
@@ -140,6 +152,27 @@ class ModeGuard:
         self._mode = mode
         self.stats.mode = mode
         return mode == SPEC
+
+    def _judge(self, key: int, b: _Bucket) -> None:
+        """Before drafting is first measured at a load (its plain baseline is): where a lower load was
+        measured in both modes, the model's predicted ratio here is corrected by how far off the model
+        was there (measured ratio / predicted ratio: what the model leaves out, a drafter slowed by the
+        batch, openings, split batches, scales the step time), and a corrected ratio short of the margin
+        presumes drafting loses, as a measured loss would (the next measurement after twice the base
+        interval). Exploring is what it saves: a wave of new requests opens every drafter session for
+        the window that measures drafting."""
+        b.judged = True
+        if not b.predicted:
+            return
+        for k in sorted((k for k in self._buckets if k < key), reverse=True):
+            lb = self._buckets[k]
+            if lb.predicted and PLAIN in lb.rates and SPEC in lb.rates:
+                corrected = b.predicted * (lb.rates[SPEC] / lb.rates[PLAIN]) / lb.predicted
+                if corrected < 1 + self.margin:
+                    b.presumed = PLAIN
+                    b.explore_every = max(b.explore_every, 2 * self.explore_every)
+                    self.stats.presumed_plain.append(key)
+                return
 
     def speculating(self, rows: float) -> bool:
         """Whether drafting is what runs now at this load (it is measured winning, or being measured

@@ -190,6 +190,7 @@ def main() -> None:
                     if scheduler is not None:    # what the goodput scheduler's measured check held, after the wave
                         g = scheduler.guard.stats
                         row["scheduler_guard"] = {"mode": g.mode, "windows": g.windows, "rates": g.rates,
+                                                  "predicted": g.predicted, "presumed_plain": g.presumed_plain,
                                                   "setup_s_per_token": g.setup_s_per_token,
                                                   "held_back": scheduler.stats.speculation_held_back}
                     row["repeat"] = repeat

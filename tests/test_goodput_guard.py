@@ -74,7 +74,7 @@ def test_a_guard_that_ignores_measurements_would_lose():
     """The check above can fail: with a guard that always allows the model's plan, drafting runs all the
     time at 26.7 tok/s against plain decoding's 40."""
     class Credulous(ModeGuard):
-        def allow_speculation(self, rows, model_wants):
+        def allow_speculation(self, rows, model_wants, predicted_ratio=0.0):
             return model_wants
     clock = FakeClock()
     scheduler = GoodputScheduler(cost=StepCostModel(prior=(0.1, 1e-4, 0.0), prior_weight=1e6, decay=1.0),
@@ -298,3 +298,41 @@ def test_without_the_presumption_each_new_load_explores_drafting_at_once(monkeyp
     measure(guard, clock, SPEC, 12.0, 2)
     measure(guard, clock, PLAIN, 30.0, 4)
     assert guard.allow_speculation(4, True)
+
+
+def judged_at_four(predicted_at_2: float, predicted_at_4: float, spec_at_2: float = 18.0) -> ModeGuard:
+    """Drafting measured 1.2x plain decoding at 2 requests (15 -> spec_at_2 tok/s) where the model
+    predicted predicted_at_2; then a plain baseline at 4 requests with the model predicting
+    predicted_at_4. Returns the guard, about to choose its first mode after that baseline."""
+    clock = FakeClock()
+    guard = ModeGuard(clock=clock, window=4, warmup=1, explore_every=48)
+    guard.allow_speculation(2, True, predicted_at_2)
+    measure(guard, clock, PLAIN, 15.0, 2)
+    measure(guard, clock, SPEC, spec_at_2, 2)
+    guard.allow_speculation(4, True, predicted_at_4)
+    measure(guard, clock, PLAIN, 30.0, 4)
+    return guard
+
+
+def test_a_higher_load_presumes_drafting_loses_where_the_corrected_prediction_says_so():
+    """The model predicted 1.6x at 2 requests and drafting measured 1.2x (the model is 25% optimistic).
+    At 4 it predicts 1.3x: corrected, 0.975x, short of the 10% margin, so drafting is not explored after
+    the plain baseline but after twice the base interval. Predicting 1.8x at 4 (corrected 1.35x), it
+    is explored at once; so it is where the model was right at 2 (1.2 predicted, 1.2 measured)."""
+    guard = judged_at_four(1.6, 1.3)
+    assert not guard.allow_speculation(4, True, 1.3)
+    assert guard.stats.presumed_plain == [load_bucket(4)]
+    assert guard._buckets[load_bucket(4)].explore_every == 96
+    assert guard.allow_speculation(4, True, 1.3) is False   # judged once: the presumption holds
+    assert judged_at_four(1.6, 1.8).allow_speculation(4, True, 1.8)
+    assert judged_at_four(1.2, 1.3).allow_speculation(4, True, 1.3)
+    # Without a prediction at the lower load nothing is corrected: explored at once, as before.
+    assert judged_at_four(0.0, 1.3).allow_speculation(4, True, 1.3)
+
+
+def test_the_scheduler_gives_the_guard_its_predicted_ratio_over_plain_decoding():
+    """What the correction is made from: the plan's predicted goodput over plain decoding's, per bucket.
+    A plan with a nearly free draft step and 0.8 acceptance predicts well above 1."""
+    history, scheduler = run_server(2, 30, 0.1, 0.1, lambda k: k)
+    ratio = scheduler.guard.stats.predicted[load_bucket(2)]
+    assert 1.5 < ratio < 5.0, ratio
