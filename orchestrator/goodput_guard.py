@@ -138,7 +138,7 @@ class ModeGuard:
             b.predicted = predicted_ratio if not b.predicted else 0.8 * b.predicted + 0.2 * predicted_ratio
             self.stats.predicted[key] = b.predicted
         winner = b.winner(self.margin)
-        if winner == SPEC and SPEC not in b.rates and not b.judged:
+        if model_wants and winner == SPEC and SPEC not in b.rates and not b.judged:
             self._judge(key, b)
             winner = b.winner(self.margin)
         if not model_wants:
