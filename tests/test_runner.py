@@ -98,6 +98,24 @@ def test_every_linear_kernel_matches_linear():
             torch.testing.assert_close(_linear(x, layer, kernel).float(), layer(x).float(), rtol=2e-2, atol=2e-2)
 
 
+def test_converted_kernel_covers_every_block(monkeypatch):
+    """`converted` multiplies the weight block by block: a block of 7 rows over 40 (a short last block)
+    gives the float32 product of every row, as the whole weight widened does."""
+    import workers.kernels as kernels
+
+    torch.manual_seed(0)
+    weight = torch.randn(40, 48).to(torch.bfloat16)
+    monkeypatch.setattr(kernels, "CONVERT_BLOCK_BYTES", 4 * 48 * 7)
+    monkeypatch.setattr(kernels, "_scratch", __import__("threading").local())
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 48, dtype=torch.bfloat16)
+        ref = (x.double() @ weight.double().t()).to(torch.bfloat16)
+        got = kernels.matmul(x, weight, "converted")
+        assert got.shape == (rows, 40)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0.02)
+        torch.testing.assert_close(got, kernels.matmul(x, weight.float(), "widened"), rtol=0, atol=0)
+
+
 def test_both_int8_kernels_compute_the_same_layer():
     from workers.quantize import quantize_linear_int8
 
