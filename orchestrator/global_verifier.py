@@ -28,6 +28,7 @@ half of them.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -42,6 +43,7 @@ from core.cohorts import Cohorts, DraftingRequests
 from workers import monitoring
 from workers.runner import KVCache, ModelRunner
 
+log = logging.getLogger(__name__)
 PREFILL_TOKENS = 32   # inputs longer than this are batched only with each other
 
 
@@ -243,13 +245,15 @@ class GlobalVerifier:
         self._last_forward_s = time.perf_counter() - t0
         tokens = sum(int(it.input_ids.shape[1]) for it in batch)   # forward_many packs rows, no padding
         # Observers first, then the answers: the requests' next steps then plan with this forward known.
-        try:
-            for observe in self.observers:
+        # An observer that raises is logged and skipped: it must not stop the loop every request waits on.
+        for observe in self.observers:
+            try:
                 observe(len(batch), tokens, self._last_forward_s)
-        finally:
-            if outs is not None:
-                for it, out in zip(batch, outs):
-                    it.future.set_result(out)
+            except Exception:  # noqa: BLE001
+                log.exception("global verifier: observer %r failed; verification goes on", observe)
+        if outs is not None:
+            for it, out in zip(batch, outs):
+                it.future.set_result(out)
         s = self.stats
         s.batches += 1
         s.rows += len(batch)

@@ -170,6 +170,38 @@ def test_a_failing_request_fails_alone(target_model, prompts):
         verifier.close()
 
 
+def test_a_failing_observer_does_not_stop_verification(target_model, prompts):
+    """An observer (the goodput scheduler, monitoring) that raises is logged; the verifier's loop goes on,
+    so the next request is answered rather than left waiting for ever."""
+    verifier = GlobalVerifier(ModelRunner(target_model), max_batch=4)
+    seen = []
+
+    def broken(rows, tokens, seconds):
+        seen.append(tokens)
+        raise NameError("a bug in an observer")
+    verifier.observers.append(broken)
+    try:
+        cache = verifier.new_cache(1, 64)
+        verifier.prefill(cache, 0, prompts[0])
+        for token in (3, 4):
+            out = pool_result(lambda: verifier.forward(cache, torch.tensor([[token]])))
+            assert out.shape[-2] == 1
+        assert len(seen) >= 3 and cache.lengths[0] == len(prompts[0]) + 2
+    finally:
+        verifier.close()
+
+
+def pool_result(fn, timeout_s: float = 60.0):
+    """fn() on a daemon thread, failing the test (not hanging it, nor pytest's exit) where it does not
+    return in time."""
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("out", fn()), daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), "no answer: the verifier's loop stopped"
+    return box["out"]
+
+
 def test_bad_calls_are_refused(target_model):
     verifier = GlobalVerifier(ModelRunner(target_model))
     try:
