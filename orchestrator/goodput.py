@@ -62,47 +62,60 @@ def expected_tokens(accept: list[float], k: int) -> float:
 
 
 class StepCostModel:
-    """Seconds of one batched target forward: a + b * tokens + c * requests, fitted online.
+    """Seconds of one batched target forward: a + b * tokens + c * requests + d * [tokens > 1], fitted online.
+
+    d is the step from one token to several: the kernels change there (a CPU's GEMV streams the bf16
+    weight; several rows ran a float32 GEMM on an EPYC 7003 without bf16 arithmetic: 277 ms for one
+    token, 435 for two, 1,023 for sixteen), so a line through every shape over-priced a one-token step
+    1.9x and made drafting look cheaper than it was against plain decoding.
 
     Exponentially weighted least squares over (rows, tokens, seconds) of the forwards the verifier ran,
-    so the model follows the machine (and other load on it). With rows that never varied it fits
-    a + b * tokens; from a single shape, a constant; before any, the prior (a profile's coefficients)."""
+    so the model follows the machine (and other load on it). Terms the forwards seen cannot tell apart
+    (rows that never varied, never a one-token forward) are left out of the fit; from a single shape, a
+    constant; before any, the prior (a profile's coefficients; three of them: d = 0)."""
 
-    def __init__(self, prior: tuple[float, float, float] | None = None, decay: float = 0.98,
+    # Fits tried in order, by the terms kept (0: 1, 1: tokens, 2: requests, 3: [tokens > 1]).
+    _TERM_SETS = ((0, 1, 2, 3), (0, 1, 3), (0, 1, 2), (0, 1))
+
+    def __init__(self, prior: tuple[float, ...] | None = None, decay: float = 0.98,
                  prior_weight: float = 4.0):
         self.decay = decay
-        self.coef = prior                      # (a, b, c) or None
+        self.coef = None if prior is None else tuple(prior) + (0.0,) * (4 - len(prior))    # (a, b, c, d)
         # Normal equations of the weighted fit, with the prior as pseudo-observations.
-        self._xtx = [[0.0] * 3 for _ in range(3)]
-        self._xty = [0.0] * 3
+        self._xtx = [[0.0] * 4 for _ in range(4)]
+        self._xty = [0.0] * 4
         if prior is not None:
             for rows, tokens in ((1, 1), (1, 8), (8, 8), (8, 64)):
-                self._add(rows, tokens, self._linear(prior, rows, tokens), prior_weight / 4)
+                self._add(rows, tokens, self._linear(self.coef, rows, tokens), prior_weight / 4)
 
     @staticmethod
-    def _linear(coef, rows: float, tokens: float) -> float:
-        a, b, c = coef
-        return a + b * tokens + c * rows
+    def _features(rows: float, tokens: float) -> tuple[float, float, float, float]:
+        return 1.0, float(tokens), float(rows), 1.0 if tokens > 1 else 0.0
+
+    @classmethod
+    def _linear(cls, coef, rows: float, tokens: float) -> float:
+        return sum(c * x for c, x in zip(coef, cls._features(rows, tokens)))
 
     def _add(self, rows: float, tokens: float, seconds: float, weight: float = 1.0) -> None:
-        x = (1.0, float(tokens), float(rows))
-        for i in range(3):
+        x = self._features(rows, tokens)
+        for i in range(4):
             self._xty[i] = self.decay * self._xty[i] + weight * x[i] * seconds
-            for j in range(3):
+            for j in range(4):
                 self._xtx[i][j] = self.decay * self._xtx[i][j] + weight * x[i] * x[j]
 
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
         self._add(rows, tokens, seconds)
-        solved = _solve(self._xtx, self._xty, 3)
-        if solved is not None and min(solved) >= 0:
-            self.coef = solved
-            return
-        # Rows that never varied (one request at a time) are collinear with the constant: fit a + b * tokens.
-        solved = _solve(self._xtx, self._xty, 2)
-        if solved is not None and min(solved) >= 0:
-            self.coef = (solved[0], solved[1], 0.0)
-        elif self.coef is None:           # one shape seen: a constant, the weight-bound assumption above
-            self.coef = (self._xty[0] / self._xtx[0][0], 0.0, 0.0)
+        for terms in self._TERM_SETS:
+            solved = _solve([[self._xtx[i][j] for j in terms] for i in terms], [self._xty[i] for i in terms],
+                            len(terms))
+            if solved is not None and min(solved) >= 0:
+                coef = [0.0] * 4
+                for i, v in zip(terms, solved):
+                    coef[i] = v
+                self.coef = tuple(coef)
+                return
+        if self.coef is None:             # one shape seen: a constant, the weight-bound assumption above
+            self.coef = (self._xty[0] / self._xtx[0][0], 0.0, 0.0, 0.0)
 
     @classmethod
     def fitted(cls, samples) -> "StepCostModel":
@@ -142,7 +155,7 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
                          draft_fixed_s: float = 0.0) -> tuple[list[int], float]:
     """The draft length of every request maximising the batch's goodput. accepts[i]: request i's
     per-position acceptance (len >= k_max[i]); step_s(rows, tokens): predicted forward seconds, linear
-    in tokens for a given number of rows (StepCostModel); drafting L tokens takes draft_fixed_s +
+    in tokens past the first for a given number of rows (StepCostModel); drafting L tokens takes draft_fixed_s +
     draft_token_s x L seconds (a round trip to the drafter and its catch-up, then one (batched) draft
     step per token); other_rows: requests in the batch that do not draft (plain decoding), one token each;
     min_gain: drafting must beat plain decoding's predicted goodput by this fraction (a margin for what
@@ -169,11 +182,14 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
             increments.append((survive, j, i))
     increments.sort(key=lambda x: (-x[0], x[1]))
     step0 = step_s(rows, rows)
-    per_token = max(step_s(rows, rows + 1) - step0, 0.0)
+    per_token = max(step_s(rows, rows + 2) - step_s(rows, rows + 1), 0.0)
+    # A lone request's first verified token may cost more than the next ones (StepCostModel's d: the
+    # kernels change past one token): a fixed cost of drafting at all, as draft_fixed_s is.
+    jump = max(step_s(rows, rows + 1) - step0 - per_token, 0.0)
     plain = base / step0
     best_ks, best = [0] * n, plain
     for longest in range(1, max(k_max, default=0) + 1):
-        ks, out, seconds = [0] * n, base, step0 + draft_fixed_s + draft_token_s * longest
+        ks, out, seconds = [0] * n, base, step0 + jump + draft_fixed_s + draft_token_s * longest
         for delta, j, i in increments:
             if j >= longest:
                 continue

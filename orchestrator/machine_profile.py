@@ -253,10 +253,11 @@ from orchestrator.goodput import STEP_COST_SHAPES  # noqa: E402  (requests, toke
 
 
 def profile_step_cost(target, vocab: int, shapes=STEP_COST_SHAPES, context: int = 32,
-                      reps: int = 2) -> tuple[float, float, float]:
+                      reps: int = 2) -> tuple[float, float, float, float]:
     """The goodput scheduler's start-up profile (orchestrator/goodput.py): best-of-`reps` seconds of
     batched forwards of decode-step shapes on this deployment's target (a ModelRunner or a
-    PipelineTarget), fitted as a + b * tokens + c * requests. The scheduler corrects it online."""
+    PipelineTarget), fitted as a + b * tokens + c * requests + d * [tokens > 1]. The scheduler corrects it
+    online."""
     from orchestrator.goodput import StepCostModel
 
     g = torch.Generator().manual_seed(2)

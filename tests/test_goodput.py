@@ -75,6 +75,29 @@ def test_cost_model_recovers_a_linear_step_time():
     assert model.predict(1, 1) == pytest.approx(0.053, rel=0.05)
 
 
+def test_step_cost_model_learns_the_step_past_one_token():
+    """A CPU that streams bf16 for one token and runs a float32 GEMM past it (the EPYC 7003: 277 ms,
+    then 435 ms for two tokens, 1,023 for sixteen): the model prices both sides, where one line through
+    every shape over-priced the one-token step."""
+    truth = lambda rows, tokens: 0.27 + 0.02 * tokens + (0.15 if tokens > 1 else 0.0)   # noqa: E731
+    model = StepCostModel()
+    for rows, per_row in ((1, 1), (1, 2), (1, 5), (4, 1), (4, 3), (8, 1), (16, 1), (16, 2)):
+        model.observe(rows, rows * per_row, truth(rows, rows * per_row))
+    for rows, tokens in ((1, 1), (1, 2), (1, 6), (8, 8), (16, 64)):
+        assert model.predict(rows, tokens) == pytest.approx(truth(rows, tokens), rel=0.02)
+    # A lone request (rows never vary) still learns the step, and the scheduler's plan pays it: drafting
+    # 1-3 tokens at acceptance 0.8 (0.15 s each) gains less than the step costs, so it decodes plainly;
+    # priced without the step, it would draft.
+    lone = StepCostModel()
+    for tokens in (1, 2, 3, 5, 1, 2):
+        lone.observe(1, tokens, truth(1, tokens))
+    assert lone.predict(1, 1) == pytest.approx(0.29, rel=0.02) and lone.coef[3] == pytest.approx(0.15, rel=0.02)
+    ks, _ = choose_draft_lengths([[0.8] * 3], [3], lone.predict, draft_token_s=0.15)
+    assert ks == [0]
+    cheap = lambda rows, tokens: 0.27 + 0.02 * tokens                                    # noqa: E731
+    assert choose_draft_lengths([[0.8] * 3], [3], cheap, draft_token_s=0.15)[0] != [0]
+
+
 def test_acceptance_estimate_learns_per_position():
     est = AcceptanceEstimate(4, prior=0.5, prior_weight=1.0, decay=1.0)
     for _ in range(50):
@@ -335,9 +358,9 @@ def test_start_up_profile_fits_the_targets_step_cost(target_model):
     from workers.runner import ModelRunner
 
     runner = ModelRunner(target_model)
-    a, b, c = profile_step_cost(runner, runner.vocab_size)
-    assert a >= 0 and b >= 0 and c >= 0 and a + b + c > 0
-    model = StepCostModel(prior=(a, b, c))
+    a, b, c, d = profile_step_cost(runner, runner.vocab_size)
+    assert min(a, b, c, d) >= 0 and a + b + c + d > 0
+    model = StepCostModel(prior=(a, b, c, d))
     assert model.predict(8, 16) >= model.predict(1, 1) > 0
 
 

@@ -105,7 +105,8 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             if coef is not None:
                 built.scheduler.cost = StepCostModel(prior=coef)
                 print(f"goodput scheduler: step cost profiled as {coef[0] * 1e3:.1f} ms + {coef[1] * 1e3:.2f} ms "
-                      f"per token + {coef[2] * 1e3:.2f} ms per request", flush=True)
+                      f"per token + {coef[2] * 1e3:.2f} ms per request + {coef[3] * 1e3:.1f} ms past one token",
+                      flush=True)
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
         self.failed = self.cancelled = self.rejected = 0
         self.in_flight = 0                      # admitted requests (decoding or waiting); event-loop only
