@@ -79,6 +79,7 @@ def build_engines(config: EngineConfig, only: list[str] | None = None) -> Built:
                     built.drafter_models[key] = dmodel
                     runners[key] = ModelRunner(dmodel, device)
             drafter = s.make_drafter(runners[keys[0]] if keys else None, {k: runners[k] for k in keys})
+            drafter.open_at_first_draft()     # in this process: a request that never drafts prefills nothing
             engine = SpeculativeEngine(target, drafter, policy_factory(s.draft_length, built.scheduler, s.name),
                                        eos_token_ids=eos, name=s.name)
         built.engines[s.name] = engine

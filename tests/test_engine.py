@@ -39,6 +39,13 @@ def strategies(target_model, draft_model):
         "lookup-then-model": LookupThenModelDrafter(PromptLookupDrafter(3, 2),
                                                     DraftModelDrafter(ModelRunner(draft_model)), lookup_k=6),
     }
+    for name in ("draft-model", "lookup-then-model"):      # as built in the engine's process (build.py)
+        lazy = copy.copy(drafters[name])
+        if isinstance(lazy, LookupThenModelDrafter):
+            lazy.model = copy.copy(lazy.model)
+        lazy.open_at_first_draft()
+        assert lazy.opens_lazily
+        drafters[f"{name}-lazy"] = lazy
     out = {}
     for name, drafter in drafters.items():
         out[f"{name}/k4"] = SpeculativeEngine(target, drafter, lambda: FixedDraftLength(4), name=name)
@@ -299,6 +306,54 @@ def test_a_lazy_drafters_session_opens_beside_the_prefill_when_drafting_is_likel
         assert log[:3] == ["prefill", "step (unopened: True)", "open"], log
         assert set(steps[1:]) == {"step (unopened: False)"}, log
     assert log.count("open") == 1 and log[-2:] == ["close", "policy closed"]
+
+
+class _CountingRunner(ModelRunner):
+    """A drafter's runner that counts the tokens it is fed."""
+
+    fed = 0
+
+    def forward(self, cache, input_ids, *args, **kwargs):
+        type(self).fed += int(input_ids.shape[-1])
+        return super().forward(cache, input_ids, *args, **kwargs)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_session_opened_at_its_first_draft_drafts_as_one_opened_at_start(draft_model, prompts, greedy):
+    """The in-process drafter opens at its first model draft (one forward over the whole context): its
+    drafts equal an eagerly opened session's, whichever steps drafted nothing before; until then it has
+    fed the drafter nothing, and the first draft reports the opening as setup time, not drafting."""
+    params = SamplingParams() if greedy else SamplingParams(temperature=0.8, seed=3)
+    _CountingRunner.fed = 0
+    runner = _CountingRunner(draft_model)
+    eager, lazy = DraftModelDrafter(runner), DraftModelDrafter(runner)
+    lazy.open_at_first_draft()
+    prompt = prompts[2]
+    sessions = []
+    for drafter in (eager, lazy):
+        before = _CountingRunner.fed
+        s = drafter.start(prompt, params, torch.Generator().manual_seed(7))
+        sessions.append((s, _CountingRunner.fed - before))
+    (e, e_fed), (z, z_fed) = sessions
+    assert e_fed == len(prompt) and z_fed == 0 and z.unopened and not e.unopened
+    drafts = {0: [], 1: []}
+    for s in (e, z):
+        s.update([5], 0)                   # the target's first token, as the engine gives it
+    for step, k in enumerate((0, 0, 3, 0, 2, 4)):
+        for i, s in enumerate((e, z)):
+            fed_before = _CountingRunner.fed
+            d = s.propose(k)
+            drafts[i].append(list(d.tokens))
+            if i == 1 and k and step == 2:
+                assert d.setup_s > 0 and d.opening_s == d.setup_s
+                assert _CountingRunner.fed - fed_before == len(prompt) + 3 + 2     # context, then 2 draft steps
+            if i == 1 and step < 2:
+                assert _CountingRunner.fed == fed_before and z.unopened
+        accepted = drafts[0][-1][:1]
+        committed = accepted + [(step * 7) % 90]
+        for s in (e, z):
+            s.update(committed, len(accepted))
+    assert drafts[0] == drafts[1] and any(drafts[0])
 
 
 def test_a_failed_prefill_leaves_no_session_and_no_scheduler_seat(target_model, prompts):

@@ -6,6 +6,7 @@ An empty draft means "decode normally this step".
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -93,6 +94,11 @@ class Drafter(ABC):
               generator: torch.Generator | None) -> DraftSession:
         ...
 
+    def open_at_first_draft(self) -> None:
+        """Where it runs in the engine's process: let its sessions open (prefill the context) at their
+        first model draft, not at start(), if it can (then `opens_lazily`). A request that never drafts
+        (the goodput scheduler's k = 0) then costs no drafter prefill. By default: nothing changes."""
+
 
 # ------------------------------------------------------------------ draft model
 class DraftModelDrafter(Drafter):
@@ -116,9 +122,63 @@ class DraftModelDrafter(Drafter):
         self.vocab_ranking = vocab_ranking
 
     def start(self, prompt_ids, params, generator):
+        if self.opens_lazily:
+            return _LazyDraftModelSession(self, prompt_ids, params, generator)
+        return self._open(prompt_ids, params, generator)
+
+    def _open(self, prompt_ids, params, generator) -> "_DraftModelSession":
         session_class = self.session_class or _DraftModelSession
         return session_class(self.runner, prompt_ids, params, generator, self.min_confidence,
                              self.draft_vocab, self.vocab_ranking)
+
+    def open_at_first_draft(self) -> None:
+        # Not a session class of its own (a drafter reading its states learns from the prefill's).
+        self.opens_lazily = self.session_class is None
+
+
+class _LazyDraftModelSession(DraftSession):
+    """A draft-model session in the engine's process that opens at its first model draft: one forward
+    over the whole context then (prefill and catch-up together), none before. Its first draft reports
+    the opening as setup_s / opening_s, as a drafter actor's does."""
+
+    def __init__(self, drafter: DraftModelDrafter, prompt_ids, params, generator):
+        super().__init__(prompt_ids)
+        self.drafter, self.params, self.generator = drafter, params, generator
+        self.inner: _DraftModelSession | None = None
+
+    @property
+    def unopened(self) -> bool:
+        return self.inner is None
+
+    def open_ahead(self) -> None:
+        """In one process an opening ahead overlaps nothing (it would only delay the target's prefill):
+        the first draft opens the session."""
+
+    def propose(self, k: int) -> Draft:
+        if k <= 0:
+            return EMPTY_DRAFT
+        opening_s = 0.0
+        if self.inner is None:
+            t0 = time.perf_counter()
+            # Opened on all but the newest committed token, then given it as the engine gives the first:
+            # the session's first draft forward feeds it (its cache never holds the newest token).
+            self.inner = self.drafter._open(self.context[:-1], self.params, self.generator)
+            self.inner.update(self.context[-1:], 0)
+            opening_s = time.perf_counter() - t0
+        draft = self.inner.propose(k)
+        if opening_s:
+            draft.setup_s = draft.opening_s = opening_s
+        return draft
+
+    def update(self, new_tokens, num_accepted):
+        if self.inner is None:
+            super().update(new_tokens, num_accepted)
+        else:
+            self.inner.update(new_tokens, num_accepted)
+
+    def close(self):
+        if self.inner is not None:
+            self.inner.close()
 
 
 class _DraftModelSession(DraftSession):
@@ -295,6 +355,10 @@ class LookupThenModelDrafter(Drafter):
         self.name = f"{lookup.name}+{model.name}"
         # The lookup costs nothing to start; the model's session (a drafter actor's) may open lazily.
         self.opens_lazily = model.opens_lazily
+
+    def open_at_first_draft(self) -> None:
+        self.model.open_at_first_draft()
+        self.opens_lazily = self.model.opens_lazily
 
     def start(self, prompt_ids, params, generator):
         return _LookupThenModelSession(self.lookup.start(prompt_ids, params, generator),
