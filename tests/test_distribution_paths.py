@@ -227,6 +227,10 @@ def in_process(model_dir):
     # Likewise its measured check (orchestrator/goodput_guard.py) would hold drafting back behind the global
     # verifier; with a margin of -100% drafting always measures good enough once the plain baseline exists.
     built.scheduler.guard = ModeGuard(margin=-1.0)
+    # And its sessions open at start, as a drafter actor's do at their start call: opened at the first draft
+    # (build.py, in process), a request of a few tokens never pays back the measured opening, so the plan
+    # (rightly) lets none open and none would draft here.
+    built.engines["sd-goodput"].drafter.opens_lazily = False
     return built
 
 
