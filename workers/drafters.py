@@ -137,9 +137,11 @@ class DraftModelDrafter(Drafter):
 
 
 class _LazyDraftModelSession(DraftSession):
-    """A draft-model session in the engine's process that opens at its first model draft: one forward
-    over the whole context then (prefill and catch-up together), none before. Its first draft reports
-    the opening as setup_s / opening_s, as a drafter actor's does."""
+    """A draft-model session in the engine's process that opens at its first model draft: one prefill
+    over the whole context then (prompt and the tokens committed since together), none before. Its first
+    draft reports the opening as setup_s / opening_s, as a drafter actor's does. A trimmed vocabulary
+    (draft_vocab) then keeps the tokens of that context, not only the prompt's: other q, still exact
+    verification against them."""
 
     def __init__(self, drafter: DraftModelDrafter, prompt_ids, params, generator):
         super().__init__(prompt_ids)
