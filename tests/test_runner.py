@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from orchestrator.engine import tree_attention
-from workers.kernels import (LINEAR_KERNELS, ROW_BUCKETS, KernelChoice, bucket, dense_linears, fastest, timed_linears,
-                             wide_weight)
+from workers.kernels import (LINEAR_KERNELS, ROW_BUCKETS, KernelChoice, best_seconds_interleaved, bucket, dense_linears,
+                             fastest, timed_linears, wide_weight)
 from workers.runner import ModelRunner, _linear
 
 
@@ -180,6 +180,44 @@ def test_kernels_are_timed_on_weights_streamed_from_memory(target_model):
     assert len(timed) == 4 * 8 and len({id(m) for m in timed}) == 4 * len(runner.layers)
     stage = ModelRunner(copy.deepcopy(target_model).to(torch.bfloat16), layer_range=(0, 1))
     assert [m.weight.shape for m in timed_linears(stage)] == [m.weight.shape for m in timed]
+
+
+def test_a_burst_of_other_work_slows_every_candidate_not_one(monkeypatch):
+    """Candidates are timed in rounds: a burst of other work (another actor loading on the same cores)
+    that spans three calls must not hide the fastest candidate. Timed one candidate after the other
+    (warm-up, then its reps), the burst fell on all of the fast one's timed calls and the slow one won."""
+    now, calls = [0.0], [0]
+
+    def kernel(cost):
+        def run():
+            burst = 0.030 if 1 <= calls[0] <= 3 else 0.0
+            calls[0] += 1
+            now[0] += cost + burst
+        return run
+    import types
+    import workers.kernels as kernels
+    monkeypatch.setattr(kernels, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    costs = {"fast": 0.002, "slow": 0.006}
+    timings = kernels.time_candidates([1], [(4, None)], lambda rows: list(costs),
+                                      lambda x, op, k: kernel(costs[k])(), torch.float32, "cpu")
+    assert timings == {1: pytest.approx(costs)}
+    # The rule it replaced: candidate by candidate; the same burst makes "slow" look faster.
+    now[0], calls[0] = 0.0, 0
+    one_by_one = {name: best_seconds_interleaved({name: fn}, reps=3, clock=lambda: now[0])[name]
+                  for name, fn in (("fast", kernel(0.002)), ("slow", kernel(0.006)))}
+    assert one_by_one["slow"] < one_by_one["fast"]
+    # A candidate whose warm-up is long is timed once; the others still get their rounds.
+    now[0], calls[0] = 0.0, 10
+    runs = {"long": 0, "short": 0}
+
+    def counted(name, cost):
+        def run():
+            runs[name] += 1
+            now[0] += cost
+        return run
+    best_seconds_interleaved({"long": counted("long", 0.2), "short": counted("short", 0.001)}, reps=3,
+                             clock=lambda: now[0])
+    assert runs == {"long": 2, "short": 4}
 
 
 def test_float32_keeps_hf_kernels_and_reduced_precision_is_measured(target_model):

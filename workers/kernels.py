@@ -53,7 +53,7 @@ INT8_KERNELS = ("int8pack", "dequant")
 INT8_BUCKETS = (1, 8, 32, 64, 128, 256)         # above the last: the last one's choice
 STREAM_BYTES = 128 << 20       # weights per timed pass: more than a CPU's caches hold
 CONVERT_BLOCK_BYTES = 6 << 20  # `converted`'s float32 block: 1.5-14 MB measured, 7 MB the fastest
-TABLE_VERSION = 5                               # part of a stored entry's key: a new rule measures again
+TABLE_VERSION = 6                               # part of a stored entry's key: a new rule measures again
 MEASURE_ENV = "SPECORCH_KERNELS"                # "default": skip measuring, use the fixed defaults
 
 Timings = dict  # bucket -> {kernel: seconds}
@@ -211,18 +211,27 @@ def attention(q, k, v, mask, scale: float, gqa: bool, upcast: bool) -> torch.Ten
 
 
 # ------------------------------------------------------------------ timing
-def _best_seconds(fn, reps: int, long_s: float = 0.05) -> float:
-    """Best of reps timed calls after a warm-up; one timed call where the warm-up took over long_s (a
-    pass that long averages its own noise, and timing a 1.5B model's weights at 64 rows took a minute)."""
-    t0 = time.perf_counter()
-    fn()                                         # warm-up: first calls pay allocation and dispatch
-    if time.perf_counter() - t0 > long_s:
-        reps = 1
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def best_seconds_interleaved(calls: dict, reps: int, long_s: float = 0.05, clock=None) -> dict:
+    """Best seconds of each of several calls, timed in rounds: one call of each per round, reps rounds
+    after a warm-up round. A burst of other work on the machine (a drafter actor converting its model
+    while the target times its kernels, on 2 shared cores) then slows every candidate in the round it
+    falls in, not all of one candidate's runs: timed one candidate after the other, such a burst made a
+    fresh server pick bf16 `linear` over weight-major products that are 30% faster on a quiet AMX CPU.
+    A call whose warm-up took over long_s is timed once (a pass that long averages its own noise, and a
+    1.5B model's weights at 64 rows took a minute on the EPYC 7003)."""
+    clock = clock or time.perf_counter
+    rounds = {}
+    for name, fn in calls.items():                 # warm-up: first calls pay allocation and dispatch
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        rounds[name] = 1 if clock() - t0 > long_s else reps
+    best = {name: float("inf") for name in calls}
+    for r in range(max(rounds.values(), default=0)):
+        for name, fn in calls.items():
+            if r < rounds[name]:
+                t0 = clock()
+                fn()
+                best[name] = min(best[name], clock() - t0)
     return best
 
 
@@ -234,8 +243,8 @@ def time_candidates(buckets, operands, candidates, run, dtype, device, reps: int
     timings = {}
     for rows in buckets if operands else ():
         xs = [torch.randn(rows, width, dtype=dtype, device=device) for width, _ in operands]
-        timings[rows] = {k: _best_seconds(lambda k=k: [run(x, op, k) for x, (_, op) in zip(xs, operands)], reps)
-                         for k in candidates(rows)}
+        timings[rows] = best_seconds_interleaved(
+            {k: lambda k=k: [run(x, op, k) for x, (_, op) in zip(xs, operands)] for k in candidates(rows)}, reps)
     return timings
 
 
@@ -244,9 +253,9 @@ def time_attention(heads: int, kv_heads: int, head_dim: int, dtype, device, cont
     """Seconds of one query's attention over `context` cached tokens, native and in float32."""
     q = torch.randn(1, heads, 1, head_dim, dtype=dtype, device=device)
     kv = torch.randn(1, kv_heads, context, head_dim, dtype=dtype, device=device)
-    return {1: {kind: _best_seconds(lambda up=kind == "float32": attention(q, kv, kv, None, head_dim ** -0.5,
-                                                                            heads != kv_heads, up), reps)
-                for kind in ("native", "float32")}}
+    return {1: best_seconds_interleaved(
+        {kind: lambda up=kind == "float32": attention(q, kv, kv, None, head_dim ** -0.5, heads != kv_heads, up)
+         for kind in ("native", "float32")}, reps)}
 
 
 def _cpu_name() -> str:
