@@ -33,6 +33,7 @@ decides. Pure Python over floats; no Ray, no gRPC, no torch.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -275,6 +276,13 @@ class AcceptanceEstimate:
         if self.parent is not None:
             self.parent.observe(drafted, accepted)
 
+    def hypothetical(self, drafted: int, accepted: int) -> "AcceptanceEstimate":
+        """A copy that has also seen one more step (drafted, accepted); this estimate and its parent are
+        left as they are."""
+        twin = copy.deepcopy(self)          # the parent too: observe() feeds it
+        twin.observe(drafted, accepted)
+        return twin
+
     def rates(self) -> list[float]:
         if self.parent is None:
             raw = [a / t for a, t in zip(self.accepted, self.trials)]
@@ -502,8 +510,26 @@ class GoodputScheduler:
                 return False
             self._since_probe = 0
             self._probe_interval = min(2 * self._probe_interval, self.max_probe_every)
+            if self._requests[rid].drafter_unopened and not self._probe_could_open(rid, k):
+                return False
             self._probe_s, self._prober = self.draft_cost.seconds(k), rid
             return True
+
+    def _probe_could_open(self, rid: int, k: int) -> bool:
+        """Whether a probe of k tokens by a request whose drafter session is not open could pay for the
+        opening it costs: whether the plan, were the probe accepted in full, would open this request's
+        session (its gain over the tokens left weighed against the opening, _model_plan). Without probes
+        from unopened requests, a pooled estimate that fell low (one rejection at position 0 in a server's
+        warm-up: 0.6 -> 0.4) kept every later request from drafting, and so from ever measuring again: a
+        lone request on an AMX CPU, where drafting makes 1.6x, decoded plainly for good."""
+        ids = [i for i, p in self._requests.items() if p.stepping or i == rid]
+        policies = [self._requests[i] for i in ids]
+        me = ids.index(rid)
+        hopeful = copy.copy(policies[me])
+        hopeful.acceptance = policies[me].acceptance.hypothetical(k, k)
+        policies[me] = hopeful
+        ks, _, _ = self._model_plan(policies)
+        return ks[me] > 0
 
     def mark_dirty(self) -> None:
         """A request's estimates changed: replan at the next decision (with a verifier, once per forward
@@ -577,9 +603,12 @@ class GoodputDraftLength(DraftLengthPolicy):
         # With k = 0 nothing is measured again: probe now and then, alternately 1 and up to 4 tokens (two
         # lengths separate the drafter's fixed cost from its cost per token).
         probe = 1 if self._probes % 2 == 0 else min(4, self.k_max)
-        # A request whose drafter session is not open does not probe: a probe of one token would pay the
-        # whole opening (the plan opens it where the gain pays: _model_plan).
-        if k == 0 and not self.drafter_unopened and self.scheduler.take_probe(self.rid, probe):
+        # A request whose drafter session is not open probes only where a probe accepted in full would
+        # make its opening pay (take_probe), and with 4 tokens: one token would buy the opening for one
+        # position's evidence.
+        if self.drafter_unopened:
+            probe = min(4, self.k_max)
+        if k == 0 and self.scheduler.take_probe(self.rid, probe):
             self._probes += 1
             return probe
         return k

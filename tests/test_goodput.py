@@ -172,13 +172,14 @@ def opening_plan(cost_prior, accept, remaining, opening_s, requests, gate=True, 
     """Draft lengths of `requests` stepping requests whose drafter sessions are not open yet (each may
     still emit `remaining` tokens), with an opening measured at `opening_s` seconds of the drafter (a
     request waited `waited_s` for it: the same unless it opened ahead), and the probe each takes at k = 0
-    (probe_every 0: due at once)."""
+    (probe_every 0: due at once). The acceptance is known well (20 steps' evidence): a probe accepted in
+    full would not move it far enough to open a session the plan would not open."""
     scheduler = GoodputScheduler(cost=StepCostModel(prior=cost_prior), probe_every=0, min_gain=0.0)
     scheduler.drafter_shares_target = shared
     scheduler.guard.observe_setup(opening_s if waited_s is None else waited_s, opening_s)
     policies = [GoodputDraftLength(scheduler, k_max=6) for _ in range(requests)]
     for p in policies:
-        p.acceptance = AcceptanceEstimate(6, prior=accept)
+        p.acceptance = AcceptanceEstimate(6, prior=accept, prior_weight=20.0)
         p.before_step(remaining, drafter_unopened=gate)
         p.next_k()                                   # stepping: planned from now on
     scheduler.mark_dirty()
@@ -202,6 +203,39 @@ def test_a_drafter_session_opens_only_where_the_gain_left_pays_for_it():
     assert not any(opening_plan(compute_prior, 0.5, 60, 0.7, 4, waited_s=0.0))
     # A drafter on hardware of its own: the opening delays only the waiting request, a quarter of the batch.
     assert all(opening_plan(compute_prior, 0.5, 60, 0.7, 4, shared=False))
+
+
+def test_a_lone_request_probes_past_a_low_estimate_and_drafts_again():
+    """One rejection at position 0 (a server's warm-up) took the pooled estimate from 0.6 to 0.4. A new
+    request's session is not open, so the plan weighs its opening, declines, and, with no probes from
+    unopened requests, nothing was ever measured again: every later request decoded plainly (a lone
+    request on an AMX CPU where drafting makes 1.6x). A probe that could pay for its opening is taken; the
+    drafter turns out good; the request drafts from then on, and so does the next one."""
+    step = 0.13
+    scheduler = GoodputScheduler(cost=StepCostModel(prior=(step, 0.0026, 0.0)), probe_every=16)
+    scheduler.guard.observe_setup(0.17, 0.17)             # the drafter's prefill of a prompt
+    scheduler.draft_cost.observe(1, 0.037)
+    warm_up = GoodputDraftLength(scheduler, k_max=10, group="g")
+    warm_up.observe(10, 0, 0.37, step)                    # rejected at position 0
+    warm_up.close()
+
+    def run(request, tokens=64):
+        ks, unopened = [], True
+        while tokens > 0:
+            request.before_step(tokens, drafter_unopened=unopened)
+            k = request.next_k()
+            ks.append(k)
+            unopened = unopened and k == 0
+            accepted = k                                   # a drafter that is right here
+            request.observe(k, accepted, 0.037 * k, step)
+            tokens -= accepted + 1
+        request.close()
+        return ks
+    first = run(GoodputDraftLength(scheduler, k_max=10, group="g"))
+    opened = next(i for i, k in enumerate(first) if k)
+    assert 8 <= opened <= 16 and first[opened] == 4        # the probe, when due (every 16 steps), opens
+    assert all(k > 0 for k in first[opened:])              # and drafting pays from then on
+    assert run(GoodputDraftLength(scheduler, k_max=10, group="g"))[0] > 0
 
 
 def test_draft_cost_separates_the_fixed_part_from_the_per_token_part():
