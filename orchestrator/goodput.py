@@ -48,7 +48,7 @@ from orchestrator.goodput_guard import ModeGuard
 
 # Decode-step shapes (requests, tokens each) the start-up profile times (machine_profile.profile_step_cost;
 # the simulator profiles its verifier the same way).
-STEP_COST_SHAPES = ((1, 1), (1, 6), (4, 1), (4, 4), (8, 2), (16, 1), (16, 4))
+STEP_COST_SHAPES = ((1, 1), (1, 2), (1, 6), (4, 1), (4, 4), (8, 2), (16, 1), (16, 4))
 MAX_POSITIONS = 64          # draft positions a pooled acceptance estimate tracks (k_max <= 64 in the config)
 
 
@@ -73,58 +73,111 @@ class StepCostModel:
     Exponentially weighted least squares over (rows, tokens, seconds) of the forwards the verifier ran,
     so the model follows the machine (and other load on it). Terms the forwards seen cannot tell apart
     (rows that never varied, never a one-token forward) are left out of the fit; from a single shape, a
-    constant; before any, the prior (a profile's coefficients; three of them: d = 0)."""
+    constant; before any, the prior (a profile's coefficients; three of them: d = 0).
 
-    # Fits tried in order, by the terms kept (0: 1, 1: tokens, 2: requests, 3: [tokens > 1]).
+    `shape`: what a line cannot follow, (tokens, seconds) knots of the profile's residuals, interpolated
+    piecewise-linearly in the batch's tokens (flat past the outer knots). Kernels make a step concave on
+    a CPU without bf16 arithmetic (each further token adds less: 277 ms for one token, 435 for two, 744
+    for four, 969 for eight on the EPYC 7003), where one line past the first token priced a two-token
+    forward at 982 ms. With a shape, the prior and the shape make a fixed curve P(requests, tokens) (the
+    profile), and online the model fits a + e * P: an overhead and a scale (a machine that turns slower
+    everywhere, under other load, scales the kernels' curve). Five free terms over the few shapes a
+    server runs fit those exactly and priced the shapes between them 10-20% wrong."""
+
+    # Fits tried in order, by the terms kept (0: 1, 1: tokens, 2: requests, 3: [tokens > 1], 4: profile).
     _TERM_SETS = ((0, 1, 2, 3), (0, 1, 3), (0, 1, 2), (0, 1))
+    _PROFILE_TERM_SETS = ((0, 4), (4,))
 
     def __init__(self, prior: tuple[float, ...] | None = None, decay: float = 0.98,
-                 prior_weight: float = 4.0):
+                 prior_weight: float = 4.0, shape: tuple[tuple[float, float], ...] = ()):
         self.decay = decay
-        self.coef = None if prior is None else tuple(prior) + (0.0,) * (4 - len(prior))    # (a, b, c, d)
+        self.shape = tuple(sorted(shape))
+        line = None if prior is None else tuple(prior) + (0.0,) * (4 - len(prior))     # (a, b, c, d)
+        # The profile's curve (line plus shape), which online terms offset and scale; None: a line alone.
+        self.profile = line if line is not None and self.shape else None
+        self.coef = None if line is None else (0.0, 0.0, 0.0, 0.0, 1.0) if self.profile else line + (0.0,)
         # Normal equations of the weighted fit, with the prior as pseudo-observations.
-        self._xtx = [[0.0] * 4 for _ in range(4)]
-        self._xty = [0.0] * 4
+        self._xtx = [[0.0] * 5 for _ in range(5)]
+        self._xty = [0.0] * 5
         if prior is not None:
-            for rows, tokens in ((1, 1), (1, 8), (8, 8), (8, 64)):
-                self._add(rows, tokens, self._linear(self.coef, rows, tokens), prior_weight / 4)
+            points = ((1, 1), (1, 2), (1, 8), (8, 8), (8, 64), (16, 16))
+            for rows, tokens in points:
+                self._add(rows, tokens, self._linear(self.coef, rows, tokens), prior_weight / len(points))
 
-    @staticmethod
-    def _features(rows: float, tokens: float) -> tuple[float, float, float, float]:
-        return 1.0, float(tokens), float(rows), 1.0 if tokens > 1 else 0.0
+    def _features(self, rows: float, tokens: float) -> tuple[float, ...]:
+        line = (1.0, float(tokens), float(rows), 1.0 if tokens > 1 else 0.0)
+        curve = 0.0 if self.profile is None else _dot(self.profile, line) + self._shape_at(tokens)
+        return line + (curve,)
 
-    @classmethod
-    def _linear(cls, coef, rows: float, tokens: float) -> float:
-        return sum(c * x for c, x in zip(coef, cls._features(rows, tokens)))
+    def _linear(self, coef, rows: float, tokens: float) -> float:
+        return _dot(coef, self._features(rows, tokens))
 
     def _add(self, rows: float, tokens: float, seconds: float, weight: float = 1.0) -> None:
         x = self._features(rows, tokens)
-        for i in range(4):
+        for i in range(5):
             self._xty[i] = self.decay * self._xty[i] + weight * x[i] * seconds
-            for j in range(4):
+            for j in range(5):
                 self._xtx[i][j] = self.decay * self._xtx[i][j] + weight * x[i] * x[j]
+
+    def _shape_at(self, tokens: float) -> float:
+        knots = self.shape
+        if not knots:
+            return 0.0
+        if tokens <= knots[0][0]:
+            return knots[0][1]
+        for (t0, r0), (t1, r1) in zip(knots, knots[1:]):
+            if tokens <= t1:
+                return r0 + (r1 - r0) * (tokens - t0) / (t1 - t0)
+        return knots[-1][1]
 
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
         self._add(rows, tokens, seconds)
-        for terms in self._TERM_SETS:
+        for terms in self._PROFILE_TERM_SETS if self.profile else self._TERM_SETS:
             solved = _solve([[self._xtx[i][j] for j in terms] for i in terms], [self._xty[i] for i in terms],
                             len(terms))
             if solved is not None and min(solved) >= 0:
-                coef = [0.0] * 4
+                coef = [0.0] * 5
                 for i, v in zip(terms, solved):
                     coef[i] = v
                 self.coef = tuple(coef)
                 return
         if self.coef is None:             # one shape seen: a constant, the weight-bound assumption above
-            self.coef = (self._xty[0] / self._xtx[0][0], 0.0, 0.0, 0.0)
+            self.coef = (self._xty[0] / self._xtx[0][0], 0.0, 0.0, 0.0, 0.0)
 
     @classmethod
     def fitted(cls, samples) -> "StepCostModel":
-        """A model whose prior is the least-squares fit of (rows, tokens, seconds) samples (a profile)."""
-        fit = cls(decay=1.0)
+        """A model fitted to (rows, tokens, seconds) samples (a profile) as f(tokens) + c * rows, f free at
+        each token count the samples hold: c from how seconds vary with rows at equal tokens (a
+        within-group least squares; from the line's fit where rows never vary at equal tokens), then f
+        as each token count's mean of seconds - c * rows. The prior is the line a + b * tokens + c * rows
+        + d * [tokens > 1] through f, and the shape what f leaves of it (a line through concave samples
+        alone misjudges c: the rows of the 16-token shapes stood in for the tokens' curvature)."""
+        samples = [(float(r), float(t), float(s)) for r, t, s in samples]
+        groups: dict[float, list[tuple[float, float]]] = {}
         for rows, tokens, seconds in samples:
-            fit.observe(rows, tokens, seconds)
-        return cls(prior=fit.coef)
+            groups.setdefault(tokens, []).append((rows, seconds))
+        sxy = sxx = 0.0
+        for members in groups.values():
+            mean_r = sum(r for r, _ in members) / len(members)
+            mean_s = sum(s for _, s in members) / len(members)
+            sxy += sum((r - mean_r) * (s - mean_s) for r, s in members)
+            sxx += sum((r - mean_r) ** 2 for r, _ in members)
+        if sxx > 0:
+            per_row = max(sxy / sxx, 0.0)
+        else:
+            line = cls(decay=1.0)
+            for rows, tokens, seconds in samples:
+                line.observe(rows, tokens, seconds)
+            per_row = line.coef[2] if line.coef is not None else 0.0
+        level = {t: sum(s - per_row * r for r, s in m) / len(m) for t, m in groups.items()}   # f(tokens)
+        through = cls(decay=1.0)
+        for tokens, seconds in level.items():
+            through.observe(0, tokens, seconds)                 # rows 0: the requests' term left out
+        if through.coef is None:
+            return cls()
+        a, b, _, d, _ = through.coef
+        return cls(prior=(a, b, per_row, d),
+                   shape=tuple((t, f - a - b * t - d * (t > 1)) for t, f in level.items()))
 
     def predict(self, rows: int, tokens: int) -> float:
         if self.coef is None:
@@ -132,6 +185,10 @@ class StepCostModel:
             # costs the same whatever its tokens), so the first steps draft and get measured.
             return 1.0
         return max(self._linear(self.coef, rows, tokens), 1e-6)
+
+
+def _dot(xs, ys) -> float:
+    return sum(x * y for x, y in zip(xs, ys))
 
 
 def _solve(a: list[list[float]], b: list[float], n: int) -> tuple[float, ...] | None:
@@ -155,21 +212,24 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
                          other_rows: int = 0, min_gain: float = 0.0, uniform: bool = False,
                          draft_fixed_s: float = 0.0) -> tuple[list[int], float]:
     """The draft length of every request maximising the batch's goodput. accepts[i]: request i's
-    per-position acceptance (len >= k_max[i]); step_s(rows, tokens): predicted forward seconds, linear
-    in tokens past the first for a given number of rows (StepCostModel); drafting L tokens takes draft_fixed_s +
-    draft_token_s x L seconds (a round trip to the drafter and its catch-up, then one (batched) draft
-    step per token); other_rows: requests in the batch that do not draft (plain decoding), one token each;
-    min_gain: drafting must beat plain decoding's predicted goodput by this fraction (a margin for what
-    the model leaves out: requests that draft reach the verifier later, and batches can split).
-    uniform: every request drafts min(L, its k_max) for one chosen L (so they reach the verifier
+    per-position acceptance (len >= k_max[i]); step_s(rows, tokens): predicted forward seconds of a batch
+    of `rows` requests and `tokens` tokens in all (StepCostModel; any shape in tokens); drafting L tokens
+    takes draft_fixed_s + draft_token_s x L seconds (a round trip to the drafter and its catch-up, then one
+    (batched) draft step per token); other_rows: requests in the batch that do not draft (plain decoding),
+    one token each; min_gain: drafting must beat plain decoding's predicted goodput by this fraction (a
+    margin for what the model leaves out: requests that draft reach the verifier later, and batches can
+    split). uniform: every request drafts min(L, its k_max) for one chosen L (so they reach the verifier
     together); otherwise each request gets its own length.
     Returns (draft length per request, predicted goodput in tokens per second).
 
-    SmartSpec's greedy (one more draft token to the request whose increment raises goodput most, while
-    goodput rises), made exact and fast: for each longest draft L (which sets the draft time), every
-    request's next increment E_i(k + 1) - E_i(k) only shrinks with k, and a verified token costs the same
-    marginal seconds whoever it belongs to, so the best plan takes increments in decreasing order while
-    each one raises goodput. L = 0 is plain decoding, so the plan never predicts worse than it."""
+    SmartSpec's goodput rule, solved exactly: for each longest draft L (which sets the draft time), a
+    plan that verifies m draft tokens in all emits most by taking the m largest increments
+    E_i(k + 1) - E_i(k) among positions < L (each request's increments only shrink with k, so the m
+    largest are a prefix of every request's draft), and its step costs step_s(rows, rows + m) whoever
+    the tokens belong to. So every (L, m) is scored and the best kept; no stopping rule assumes a step
+    linear in tokens (on a CPU whose kernels make it concave, a greedy that stops at the first token
+    not worth its marginal cost stops too early). L = 0 is plain decoding, so the plan never predicts
+    worse than it."""
     n = len(accepts)
     rows = n + other_rows
     base = float(rows)                                  # one token per row: the target's own
@@ -182,27 +242,38 @@ def choose_draft_lengths(accepts: list[list[float]], k_max: list[int], step_s, d
             survive *= accept[j]
             increments.append((survive, j, i))
     increments.sort(key=lambda x: (-x[0], x[1]))
-    step0 = step_s(rows, rows)
-    per_token = max(step_s(rows, rows + 2) - step_s(rows, rows + 1), 0.0)
-    # A lone request's first verified token may cost more than the next ones (StepCostModel's d: the
-    # kernels change past one token): a fixed cost of drafting at all, as draft_fixed_s is.
-    jump = max(step_s(rows, rows + 1) - step0 - per_token, 0.0)
-    plain = base / step0
-    best_ks, best = [0] * n, plain
+    steps: dict[int, float] = {}                        # step seconds by draft tokens verified
+
+    def step(m: int) -> float:
+        if m not in steps:
+            steps[m] = step_s(rows, rows + m)
+        return steps[m]
+
+    plain = base / step(0)
+    best_ks, best, best_m, best_longest = [0] * n, plain, 0, 0
     for longest in range(1, max(k_max, default=0) + 1):
-        ks, out, seconds = [0] * n, base, step0 + jump + draft_fixed_s + draft_token_s * longest
-        for delta, j, i in increments:
+        drafting = draft_fixed_s + draft_token_s * longest
+        out, m, top_m = base, 0, 0
+        top = best
+        for delta, j, _ in increments:
             if j >= longest:
                 continue
-            if delta * seconds <= out * per_token:     # (out + delta) / (seconds + per_token) <= out / seconds
-                break                                  # and every later increment is smaller
-            ks[i] += 1
             out += delta
-            seconds += per_token
-        used = max(ks, default=0)                      # the draft time the plan really pays
-        value = out / (step_s(rows, rows + sum(ks)) + (draft_fixed_s + draft_token_s * used if used else 0.0))
-        if value > best * (1 + 1e-9) and value > plain * (1 + min_gain):
-            best_ks, best = ks, value
+            m += 1
+            value = out / (step(m) + drafting)
+            if value > top * (1 + 1e-9):
+                top, top_m = value, m
+        # A plan whose longest draft is shorter than L is scored (cheaper) at that L.
+        if top_m and top > plain * (1 + min_gain) and top > best * (1 + 1e-9):
+            best, best_m, best_longest = top, top_m, longest
+    if best_m:
+        taken = 0
+        for delta, j, i in increments:
+            if taken == best_m:
+                break
+            if j < best_longest:
+                best_ks[i] += 1
+                taken += 1
     return best_ks, best
 
 

@@ -253,11 +253,11 @@ from orchestrator.goodput import STEP_COST_SHAPES  # noqa: E402  (requests, toke
 
 
 def profile_step_cost(target, vocab: int, shapes=STEP_COST_SHAPES, context: int = 32,
-                      reps: int = 2) -> tuple[float, float, float, float]:
+                      reps: int = 2) -> "StepCostModel":
     """The goodput scheduler's start-up profile (orchestrator/goodput.py): best-of-`reps` seconds of
     batched forwards of decode-step shapes on this deployment's target (a ModelRunner or a
-    PipelineTarget), fitted as a + b * tokens + c * requests + d * [tokens > 1]. The scheduler corrects it
-    online."""
+    PipelineTarget), fitted as a + b * tokens + c * requests + d * [tokens > 1] plus the residuals'
+    shape in tokens (StepCostModel.fitted). The scheduler corrects the line online."""
     from orchestrator.goodput import StepCostModel
 
     g = torch.Generator().manual_seed(2)
@@ -282,4 +282,4 @@ def profile_step_cost(target, vocab: int, shapes=STEP_COST_SHAPES, context: int 
             release = getattr(c, "release", None)      # KV held by remote shards
             if release:
                 release()
-    return StepCostModel.fitted(samples).coef
+    return StepCostModel.fitted(samples)

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from orchestrator.goodput import (AcceptanceEstimate, DraftCostModel, GoodputDraftLength, GoodputScheduler,
-                                  StepCostModel, choose_draft_lengths, expected_tokens)
+from orchestrator.goodput import (STEP_COST_SHAPES, AcceptanceEstimate, DraftCostModel, GoodputDraftLength,
+                                  GoodputScheduler, StepCostModel, choose_draft_lengths, expected_tokens)
 from orchestrator.goodput_guard import ModeGuard
 
 
@@ -96,6 +96,53 @@ def test_step_cost_model_learns_the_step_past_one_token():
     assert ks == [0]
     cheap = lambda rows, tokens: 0.27 + 0.02 * tokens                                    # noqa: E731
     assert choose_draft_lengths([[0.8] * 3], [3], cheap, draft_token_s=0.15)[0] != [0]
+
+
+def _concave_step(rows, tokens):
+    """A step whose kernels make each further token cheaper (the EPYC 7003's 1.5B: 277 ms for one token,
+    435 for two, 744 for four, 969 for eight, 1,023 for sixteen), plus a little per request."""
+    knots = ((1, 0.277), (2, 0.435), (4, 0.744), (8, 0.969), (16, 1.023), (64, 1.30), (256, 2.40))
+    for (t0, s0), (t1, s1) in zip(knots, knots[1:]):
+        if tokens <= t1:
+            return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0) + 0.002 * rows
+    return knots[-1][1] + 0.002 * rows
+
+
+def test_a_profiled_step_cost_follows_a_concave_machine():
+    """Fitted on the start-up profile's shapes, the model prices a concave step's one-, two- and
+    four-token forwards within 6%; a line past the first token (no shape) priced two tokens 25% high."""
+    model = StepCostModel.fitted((r, r * t, _concave_step(r, r * t)) for r, t in STEP_COST_SHAPES)
+    for rows, tokens in ((1, 1), (1, 2), (1, 4), (4, 4), (16, 16), (1, 3)):
+        assert model.predict(rows, tokens) == pytest.approx(_concave_step(rows, tokens), rel=0.06)
+    line = StepCostModel(prior=model.profile)
+    assert line.predict(1, 2) > 1.25 * _concave_step(1, 2)
+    # Online, the line follows the machine under the shape: 20% slower everywhere is learnt.
+    for _ in range(60):
+        for rows, tokens in ((1, 1), (1, 3), (4, 4), (4, 12), (8, 8)):
+            model.observe(rows, tokens, 1.2 * _concave_step(rows, tokens))
+    for rows, tokens in ((1, 1), (1, 2), (4, 8)):
+        assert model.predict(rows, tokens) == pytest.approx(1.2 * _concave_step(rows, tokens), rel=0.06)
+
+
+def test_the_plan_is_the_best_plan_whatever_the_steps_shape():
+    """Exhaustive over every draft-length vector of small batches: the plan's predicted goodput is the
+    best one for a linear, a concave and a stepped cost (a greedy that stops at the first token not worth
+    its marginal cost misses concave steps' cheaper later tokens)."""
+    import itertools
+    import random
+
+    rng = random.Random(3)
+    stepped = lambda rows, tokens: 0.1 + 0.3 * (tokens > rows) + 0.004 * tokens   # noqa: E731
+    for step_s in (compute_bound, weight_bound, _concave_step, stepped):
+        for _ in range(12):
+            n = rng.randint(1, 3)
+            accepts = [[rng.uniform(0.3, 0.95) for _ in range(4)] for _ in range(n)]
+            draft_s = rng.choice((0.0, 0.02, 0.08))
+            ks, best = choose_draft_lengths(accepts, [4] * n, step_s, draft_token_s=draft_s)
+            assert best == pytest.approx(goodput_of(ks, accepts, step_s, draft_s))
+            brute = max(goodput_of(list(c), accepts, step_s, draft_s)
+                        for c in itertools.product(range(5), repeat=n))
+            assert best == pytest.approx(brute, rel=1e-9), (step_s, accepts, draft_s, ks)
 
 
 def test_acceptance_estimate_learns_per_position():
@@ -392,10 +439,11 @@ def test_start_up_profile_fits_the_targets_step_cost(target_model):
     from workers.runner import ModelRunner
 
     runner = ModelRunner(target_model)
-    a, b, c, d = profile_step_cost(runner, runner.vocab_size)
-    assert min(a, b, c, d) >= 0 and a + b + c + d > 0
-    model = StepCostModel(prior=(a, b, c, d))
+    model = profile_step_cost(runner, runner.vocab_size)
+    a, b, c, d = model.profile
+    assert min(b, c) >= 0 and a + b + c + d > 0
     assert model.predict(8, 16) >= model.predict(1, 1) > 0
+    assert {t for t, _ in model.shape} == {float(r * t) for r, t in STEP_COST_SHAPES}
 
 
 def test_goodput_bounds_free_lookup_drafts_too(target_model, draft_model, prompts):

@@ -98,15 +98,16 @@ class SpecDecodeService(pb_grpc.SpecDecodeServicer):
             self.verifier.observers.append(lambda *_: monitoring.record_scheduler(built.scheduler.stats))
         if self.cfg.profile_step_cost and any(getattr(getattr(s, "draft_length", None), "policy", "") == "goodput"
                                               for s in built.config.strategies if s.name in built.engines):
-            from orchestrator.goodput import StepCostModel
             from orchestrator.machine_profile import profile_step_cost
 
-            coef = profile_step_cost(built.target, built.target.vocab_size)
-            if coef is not None:
-                built.scheduler.cost = StepCostModel(prior=coef)
+            cost = profile_step_cost(built.target, built.target.vocab_size)
+            if cost.profile is not None:
+                built.scheduler.cost = cost
+                coef = cost.profile
+                shape = ", ".join(f"{t:g}: {r * 1e3:+.1f}" for t, r in cost.shape)
                 print(f"goodput scheduler: step cost profiled as {coef[0] * 1e3:.1f} ms + {coef[1] * 1e3:.2f} ms "
-                      f"per token + {coef[2] * 1e3:.2f} ms per request + {coef[3] * 1e3:.1f} ms past one token",
-                      flush=True)
+                      f"per token + {coef[2] * 1e3:.2f} ms per request + {coef[3] * 1e3:.1f} ms past one token; "
+                      f"shape by tokens (ms) {{{shape}}}", flush=True)
         self.stats: dict[str, AggregateStats] = defaultdict(AggregateStats)
         self.failed = self.cancelled = self.rejected = 0
         self.in_flight = 0                      # admitted requests (decoding or waiting); event-loop only
