@@ -147,6 +147,29 @@ def test_kernel_choice_takes_the_fastest_per_bucket():
     assert not KernelChoice.from_timings({"attention": {1: {"native": 0.1, "float32": 0.2}}}).attention_fp32
 
 
+def test_a_bucket_slower_than_a_larger_one_runs_padded_to_it():
+    """Where a larger bucket's fastest kernel beats this bucket's by more than the noise margin (the
+    EPYC 7003's float32 GEMM: 173 ms at 8 rows, 133 at 16), rows are zero-padded to it; the product of
+    the real rows is the same."""
+    from workers.kernels import padded_up
+
+    timings = {4: {"widened": 0.060}, 8: {"widened": 0.173, "converted": 0.199},
+               16: {"converted": 0.133, "widened": 0.198}, 32: {"converted": 0.216}}
+    assert padded_up(timings, fastest(timings)) == {4: "widened", 8: "converted@16", 16: "converted",
+                                                     32: "converted"}
+    close = {8: {"widened": 0.140}, 16: {"converted": 0.133}}          # within the margin: not padded
+    assert padded_up(close, fastest(close)) == {8: "widened", 16: "converted"}
+    choice = KernelChoice.from_timings({"linear": timings})
+    assert choice.linear_kernel(5) == "converted@16" and choice.linear_kernel(3) == "widened"
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40, bias=True).to(torch.bfloat16)
+    for rows in (5, 8, 16):
+        x = torch.randn(1, rows, 48, dtype=torch.bfloat16)
+        got = _linear(x, layer, "weight_major@16")
+        assert got.shape == (1, rows, 40)
+        torch.testing.assert_close(got.float(), layer(x).float(), rtol=2e-2, atol=2e-2)
+
+
 def test_float32_copies_are_made_only_where_chosen_and_fit_and_follow_a_sliced_weight(target_model, monkeypatch):
     """`widened` computes on float32 copies: made when a bucket picks it, left out where they would not
     fit in memory (the next fastest kernel instead), and remade for a weight replaced after the runner

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from workers.core_lease import NO_LEASE
-from workers.kernels import (KernelChoice, attention, choose_for, dense_linears, int8_matmul, matmul, wide_weight,
-                             widen_)
+from workers.kernels import (KernelChoice, attention, choose_for, dense_linears, int8_matmul, matmul, unpadded,
+                             wide_weight, widen_)
 
 SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral", "qwen3", "gemma3_text"}
 
@@ -48,6 +48,12 @@ def _linear(x: torch.Tensor, layer: torch.nn.Linear, kernel: str = "linear", int
         if layer.bias is not None:
             y = y + layer.bias
         return y.reshape(*x.shape[:-1], w8.shape[0])
+    kernel, _, pad_rows = kernel.partition("@")
+    if pad_rows and x.numel() // x.shape[-1] < int(pad_rows):
+        # Zero rows up to the bucket whose kernel ran faster than this one's (kernels.padded_up).
+        x2d = x.reshape(-1, x.shape[-1])
+        padded = torch.cat([x2d, x2d.new_zeros(int(pad_rows) - x2d.shape[0], x2d.shape[1])])
+        return _linear(padded, layer, kernel)[:x2d.shape[0]].reshape(*x.shape[:-1], -1)
     weight = layer.weight
     if kernel == "widened":
         weight = wide_weight(layer)
@@ -206,9 +212,10 @@ class ModelRunner:
     def widen(self) -> None:
         """Make the float32 weight copies the chosen kernels use (`widened`, workers/kernels.py) where
         missing or made from other weights (a tensor-parallel rank calls it again after slicing)."""
-        if "widened" in self.kernels.linear.values():
+        if "widened" in map(unpadded, self.kernels.linear.values()):
             widen_(dense_linears(self))
-        if self.last_stage and "widened" in self.kernels.head.values() and hasattr(self.lm_head, "weight"):
+        head_kernels = map(unpadded, self.kernels.head.values())
+        if self.last_stage and "widened" in head_kernels and hasattr(self.lm_head, "weight"):
             widen_([self.lm_head])
 
     def _kernel(self, x: torch.Tensor, head: bool = False) -> tuple[str, str]:
