@@ -441,7 +441,7 @@ def test_start_up_profile_fits_the_targets_step_cost(target_model):
     runner = ModelRunner(target_model)
     model = profile_step_cost(runner, runner.vocab_size)
     a, b, c, d = model.profile
-    assert min(b, c) >= 0 and a + b + c + d > 0
+    assert min(a, b, c, d) >= 0 and a + b + c + d > 0
     assert model.predict(8, 16) >= model.predict(1, 1) > 0
     assert {t for t, _ in model.shape} == {float(r * t) for r, t in STEP_COST_SHAPES}
 

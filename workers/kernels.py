@@ -75,7 +75,7 @@ def fastest(timings: Timings) -> dict[int, str]:
 def padded_up(timings: Timings, choice: dict[int, str], gain: float = 0.1) -> dict[int, str]:
     """`choice` with a bucket whose fastest kernel is slower than a larger bucket's fastest (by more than
     `gain`: the timings' noise) run as that kernel on rows padded with zeros to the larger bucket,
-    written "kernel@rows". On the EPYC 7003 a float32 GEMM of 8 rows of the 1.5B's layers took 173 ms
+    written "kernel@rows". On the EPYC 7003 a float32 GEMM of 8 rows of the 1.5B's output head took 173 ms
     where 16 rows took 133: oneDNN's small-M path is slower than its full tile."""
     best = {b: timings[b][k] for b, k in choice.items()}
     out = dict(choice)
