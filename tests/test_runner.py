@@ -168,6 +168,32 @@ def test_a_bucket_slower_than_a_larger_one_runs_padded_to_it():
         torch.testing.assert_close(got.float(), layer(x).float(), rtol=2e-2, atol=2e-2)
 
 
+def test_rows_inside_a_bucket_run_padded_where_its_kernel_was_slower_there():
+    """A GEMM can take longer for a few rows less than its bucket (the EPYC 7003: 26 ms for 15 rows, 16 ms
+    for 16): rows from interior_rows(b) up to b run padded to b where the timing at interior_rows(b) was
+    not more than 10% below b's own, in the same rounds; elsewhere, and below that row count, unpadded."""
+    from workers.kernels import interior_rows, padded_from
+
+    assert [interior_rows(b) for b in (4, 8, 16, 32, 64)] == [3, 6, 12, 24, 48]
+    timings = {"linear": {4: {"widened": 1.0}, 8: {"widened": 2.0}, 16: {"converted": 3.0},
+                          32: {"converted": 9.0}, 64: {"converted": 5.0}},
+               "linear-interior": {4: {"interior": 1.2, "bucket": 1.0}, 8: {"interior": 1.5, "bucket": 2.0},
+                                   16: {"interior": 4.0, "bucket": 3.1}, 32: {"interior": 9.5, "bucket": 9.0}}}
+    choice = KernelChoice.from_timings(timings)
+    assert choice.linear[32] == "converted@64"                       # padded up already: not padded inside
+    assert padded_from(timings["linear-interior"], choice.linear) == {4: 3, 16: 12}
+    assert padded_from({8: {"interior": 1.85, "bucket": 2.0}}, {8: "widened"}) == {8: 6}    # within the noise
+    assert choice.linear_kernel(3) == "widened@4" and choice.linear_kernel(4) == "widened"
+    assert [choice.linear_kernel(r) for r in (5, 6, 7)] == ["widened"] * 3          # 6 rows were faster
+    assert [choice.linear_kernel(r) for r in (9, 11, 12, 15, 16)] == ["converted"] * 2 + ["converted@16"] * 2 + [
+        "converted"]
+    assert choice.linear_kernel(20) == "converted@64" and choice.linear_kernel(2, head=True) == "linear"
+    layer = torch.nn.Linear(48, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(1, 3, 48, dtype=torch.bfloat16)
+    torch.testing.assert_close(_linear(x, layer, choice.linear_kernel(3)).float(), layer(x).float(),
+                               rtol=2e-2, atol=2e-2)
+
+
 def test_float32_copies_are_made_only_where_chosen_and_fit_and_follow_a_sliced_weight(target_model, monkeypatch):
     """`widened` computes on float32 copies: made when a bucket picks it, left out where they would not
     fit in memory (the next fastest kernel instead), and remade for a weight replaced after the runner

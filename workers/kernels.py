@@ -87,6 +87,22 @@ def padded_up(timings: Timings, choice: dict[int, str], gain: float = 0.1) -> di
     return out
 
 
+def interior_rows(b: int) -> int:
+    """The row count inside bucket b (between the bucket below and b) timed against b itself."""
+    return b - b // 4
+
+
+def padded_from(interior: Timings, choice: dict[int, str], margin: float = 0.1) -> dict[int, int]:
+    """Per bucket b, the row count from which rows below b run on rows zero-padded to b: from
+    interior_rows(b) where the bucket's kernel was not measurably faster there than at b rows (by more
+    than `margin`, the timings' noise; timed in the same rounds). Fewer rows than b then save nothing
+    measurable, and a GEMM's odd row counts can cost more than the full tile: on the EPYC 7003 a float32
+    GEMM of 15 rows on a 1536 x 8960 weight took 26 ms against 16 ms for 16 rows, and 1.5B forwards of 6
+    and 7 rows took 1.34 and 1.59 s unpadded against 1.17 and 1.12 s padded to 8."""
+    return {b: interior_rows(b) for b, t in interior.items()
+            if "@" not in choice.get(b, "@") and t["interior"] > t["bucket"] * (1 - margin)}
+
+
 def unpadded(kernel: str) -> str:
     """The kernel a choice runs ("converted@16" runs converted)."""
     return kernel.partition("@")[0]
@@ -99,6 +115,9 @@ class KernelChoice:
     linear: dict[int, str] = field(default_factory=dict)          # row bucket -> LINEAR_KERNELS member [@rows]
     head: dict[int, str] = field(default_factory=dict)            # the same for the output head
     int8: dict[int, str] = field(default_factory=dict)            # row bucket -> INT8_KERNELS member
+    # Bucket -> the row count from which fewer rows than the bucket run padded to it (padded_from).
+    linear_pad_from: dict[int, int] = field(default_factory=dict)
+    head_pad_from: dict[int, int] = field(default_factory=dict)
     # Attention in float32 for every query count, decided on one query (decoding): a verification
     # forward then computes attention as plain decoding does, so bf16 outputs of speculation and of
     # plain decoding part only where matmuls round apart.
@@ -116,15 +135,22 @@ class KernelChoice:
             t = t if allowed else {b: {k: v for k, v in per.items() if k != "widened"} for b, per in t.items()}
             return padded_up(t, fastest(t))
         att = timings.get("attention", {}).get(1)
-        return cls(linear=pick("linear", widen), head=pick("head", widen_head),
-                   int8=fastest(timings.get("int8", {})),
+        linear, head = pick("linear", widen), pick("head", widen_head)
+        return cls(linear=linear, head=head, int8=fastest(timings.get("int8", {})),
+                   linear_pad_from=padded_from(timings.get("linear-interior", {}), linear),
+                   head_pad_from=padded_from(timings.get("head-interior", {}), head),
                    attention_fp32=bool(att) and att["float32"] < att["native"], timings=timings, measured=True)
 
     def linear_kernel(self, rows: int, head: bool = False) -> str:
         """Past the last bucket, the last one's choice (a widened GEMM beat oneDNN's bf16 GEMM 4x at 64
-        rows on a CPU without bf16 arithmetic; elsewhere the last bucket picks `linear`)."""
+        rows on a CPU without bf16 arithmetic; elsewhere the last bucket picks `linear`). Inside a bucket,
+        from its padded_from row count on, the bucket's kernel on rows padded to the bucket."""
         b = bucket(rows, ROW_BUCKETS)
-        return (self.head if head else self.linear).get(b if b is not None else ROW_BUCKETS[-1], "linear")
+        kernel = (self.head if head else self.linear).get(b if b is not None else ROW_BUCKETS[-1], "linear")
+        pad_from = (self.head_pad_from if head else self.linear_pad_from).get(b)
+        if b is not None and "@" not in kernel and pad_from is not None and pad_from <= rows < b:
+            return f"{kernel}@{b}"
+        return kernel
 
     def int8_kernel(self, rows: int) -> str:
         b = bucket(rows, INT8_BUCKETS)
@@ -136,7 +162,9 @@ class KernelChoice:
         lin = ", ".join(f"{b}: {k}" for b, k in sorted(self.linear.items()))
         head = ", ".join(f"{b}: {k}" for b, k in sorted(self.head.items()))
         int8 = ", ".join(f"{b}: {k}" for b, k in sorted(self.int8.items()))
-        return (f"layer linears by rows [{lin}]; output head by rows [{head}]; attention in "
+        pads = lambda p: ", ".join(f"{r}-{b - 1} to {b}" for b, r in sorted(p.items())) or "none"  # noqa: E731
+        return (f"layer linears by rows [{lin}] (padded: {pads(self.linear_pad_from)}); output head by rows "
+                f"[{head}] (padded: {pads(self.head_pad_from)}); attention in "
                 f"{'float32' if self.attention_fp32 else 'the model dtype'}"
                 + (f"; int8 layers by rows [{int8}]" if int8 else ""))
 
@@ -268,6 +296,22 @@ def time_candidates(buckets, operands, candidates, run, dtype, device, reps: int
     return timings
 
 
+def time_interior(choice: dict[int, str], operands, run, dtype, device, reps: int = 3) -> Timings:
+    """Per bucket b of 4 rows or more, seconds of its chosen kernel at interior_rows(b) and at b rows, timed
+    in the same rounds ({b: {"interior": s, "bucket": s}}); buckets already padded up are left out."""
+    out = {}
+    for b, kernel in choice.items() if operands else ():
+        if b < 4 or "@" in kernel:
+            continue
+        xs = {n: [torch.randn(n, width, dtype=dtype, device=device) for width, _ in operands]
+              for n in (interior_rows(b), b)}
+        best = best_seconds_interleaved(
+            {name: lambda n=n: [run(x, op, kernel) for x, (_, op) in zip(xs[n], operands)]
+             for name, n in (("interior", interior_rows(b)), ("bucket", b))}, reps)
+        out[b] = best
+    return out
+
+
 def time_attention(heads: int, kv_heads: int, head_dim: int, dtype, device, context: int = 256,
                    reps: int = 9) -> Timings:
     """Seconds of one query's attention over `context` cached tokens, native and in float32."""
@@ -367,13 +411,20 @@ def choose_for(runner) -> KernelChoice:
         w = head.weight
         timings["head"] = stored("head", list(w.shape), lambda: time_candidates(
             ROW_BUCKETS, [(w.shape[1], w)], dense_kernels, run_dense, dtype, device, reps=2))
-    wide.clear()
     # Float32 copies only where they fit in half the memory available now (the layers', then the head's too).
     free = available_memory()
     layers_bytes = 4 * sum(m.weight.numel() for m in dense_linears(runner))
     head_bytes = 4 * head.weight.numel() if head is not None else 0
-    return KernelChoice.from_timings(timings, widen=free is None or layers_bytes < free / 2,
-                                     widen_head=free is None or layers_bytes + head_bytes < free / 2)
+    widen, widen_head = free is None or layers_bytes < free / 2, free is None or layers_bytes + head_bytes < free / 2
+    # Then the chosen kernels inside their buckets (stored apart: a table without them keeps its choices).
+    chosen = KernelChoice.from_timings(timings, widen=widen, widen_head=widen_head)
+    timings["linear-interior"] = stored("linear-interior", [list(w.shape) for _, w in dense], lambda: time_interior(
+        chosen.linear, dense, run_dense, dtype, device))
+    if head is not None:
+        timings["head-interior"] = stored("head-interior", list(w.shape), lambda: time_interior(
+            chosen.head, [(w.shape[1], w)], run_dense, dtype, device, reps=2))
+    wide.clear()
+    return KernelChoice.from_timings(timings, widen=widen, widen_head=widen_head)
 
 
 def timed_linears(runner) -> list[torch.nn.Module]:
