@@ -411,17 +411,20 @@ def choose_for(runner) -> KernelChoice:
         w = head.weight
         timings["head"] = stored("head", list(w.shape), lambda: time_candidates(
             ROW_BUCKETS, [(w.shape[1], w)], dense_kernels, run_dense, dtype, device, reps=2))
+    wide.clear()
     # Float32 copies only where they fit in half the memory available now (the layers', then the head's too).
     free = available_memory()
     layers_bytes = 4 * sum(m.weight.numel() for m in dense_linears(runner))
     head_bytes = 4 * head.weight.numel() if head is not None else 0
     widen, widen_head = free is None or layers_bytes < free / 2, free is None or layers_bytes + head_bytes < free / 2
-    # Then the chosen kernels inside their buckets (stored apart: a table without them keeps its choices).
+    # Then the chosen kernels inside their buckets, stored apart (a table without them keeps its choices)
+    # and under the choices they time.
     chosen = KernelChoice.from_timings(timings, widen=widen, widen_head=widen_head)
-    timings["linear-interior"] = stored("linear-interior", [list(w.shape) for _, w in dense], lambda: time_interior(
-        chosen.linear, dense, run_dense, dtype, device))
+    timings["linear-interior"] = stored(
+        "linear-interior", [[list(w.shape) for _, w in dense], chosen.linear],
+        lambda: time_interior(chosen.linear, dense, run_dense, dtype, device))
     if head is not None:
-        timings["head-interior"] = stored("head-interior", list(w.shape), lambda: time_interior(
+        timings["head-interior"] = stored("head-interior", [list(w.shape), chosen.head], lambda: time_interior(
             chosen.head, [(w.shape[1], w)], run_dense, dtype, device, reps=2))
     wide.clear()
     return KernelChoice.from_timings(timings, widen=widen, widen_head=widen_head)
